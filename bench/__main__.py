@@ -1,0 +1,22 @@
+"""``make bench``: run every benchmark module in this folder and print its table.
+
+Each module measures its own reference in the same run and prints ratios, so the numbers
+compare across machines of different speed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+
+def main(selected: list[str]) -> None:
+    names = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    for name in selected or names:
+        print(f"\n=== bench.{name} ===", flush=True)
+        importlib.import_module(f"bench.{name}").main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Ray job submission to a (KubeRay) cluster."""

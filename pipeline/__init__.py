@@ -1,0 +1,1 @@
+"""Streaming, models, losses, metrics and distributed training for EERLoss."""

@@ -1,0 +1,25 @@
+"""Streaming keystroke shards into subject-aware training batches and evaluation batches.
+
+Training: :class:`SubjectBatchLoader` (P subjects × K sessions per rank, disjoint subjects across
+ranks, equal batch counts, resumable). Evaluation: :class:`SessionLoader` (every session once).
+Both read shards only through the manifest and compute features in the loader (:mod:`.features`).
+"""
+
+from pipeline.data.batch import Batch
+from pipeline.data.evaluation import SessionLoader
+from pipeline.data.features import DEFAULT_FEATURES, FEATURES, featurize
+from pipeline.data.shards import ShardIntegrityError, ShardSet
+from pipeline.data.stream import Curriculum, SamplerConfig, SubjectBatchLoader
+
+__all__ = [
+    "Batch",
+    "Curriculum",
+    "DEFAULT_FEATURES",
+    "FEATURES",
+    "SamplerConfig",
+    "SessionLoader",
+    "ShardIntegrityError",
+    "ShardSet",
+    "SubjectBatchLoader",
+    "featurize",
+]

@@ -1,0 +1,72 @@
+"""Where the loss sees global pairs: all-gather embeddings and labels across ranks, with gradients.
+
+A pairwise loss such as EERLoss improves as the batch grows, so every rank scores every
+genuine and impostor pair of the *global* batch, not only of its local rows.
+
+Why the parameter gradients are exact
+-------------------------------------
+Let rank r hold n_r rows, W ranks, and L(G) the loss of the gathered global batch G.
+
+1. Forward: every rank gathers the same G (rank order, padding removed) and computes the
+   same L(G).
+2. Backward: ``all_gather_single_autograd`` differentiates to a sum reduce-scatter (torch
+   2.13, ``_functional_collectives.all_gather_into_tensor_backward`` calls
+   ``reduce_scatter_tensor(grad, "sum", ...)``). Each rank holds the same dL/dG, so rank r's
+   local rows receive the sum over W ranks of dL/dG_r, that is W * dL/dG_r, and its
+   parameter gradient is W times the share of dL/dtheta that flows through its own rows.
+3. Data-parallel averaging (DDP, DeepSpeed: all-reduce then divide by W) sums these shares
+   over ranks and divides by W: the result is dL/dtheta of one process holding the global
+   batch. Only the floating-point summation order differs.
+
+This holds for per-sample models; a layer that mixes rows (BatchNorm in training mode) sees
+only its local rows unless it is synchronised.
+
+Two rules keep the pairs honest: the output never contains a rank's local rows twice (local
+rows concatenated with gathered rows would pair a sample with itself as a fake genuine
+pair), and labels are gathered in the same order. Collectives need equal shapes on every
+rank, so uneven local batches are padded to the largest, gathered, and the padding rows are
+dropped again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
+
+
+def world_size() -> int:
+    """Ranks of the default process group; 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_embeddings(
+    embeddings: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather ``embeddings [n, D]`` (with gradient) and ``labels [n]`` from every rank.
+
+    Returns ``(global_embeddings [N, D], global_labels [N])`` with N the sum of the local
+    sizes, rows in rank order. Every rank must call it (it is a collective). With one rank,
+    or no process group, the inputs come back unchanged.
+    """
+    if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"expected embeddings [n, D] and labels [n], got {tuple(embeddings.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    ranks = world_size()
+    if ranks == 1:
+        return embeddings, labels
+    group = dist.group.WORLD
+    local = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+    sizes = funcol.all_gather_single(local, 0, group).tolist()
+    longest = max(sizes)
+    keep = torch.cat(
+        [torch.arange(size, device=embeddings.device) + r * longest for r, size in enumerate(sizes)]
+    )
+    padding = longest - embeddings.shape[0]
+    padded = torch.cat([embeddings, embeddings.new_zeros(padding, embeddings.shape[1])])
+    padded_labels = torch.cat([labels, labels.new_zeros(padding)])
+    gathered = funcol.all_gather_single_autograd(padded.contiguous(), 0, group)
+    gathered_labels = funcol.all_gather_single(padded_labels.contiguous(), 0, group)
+    return gathered[keep], gathered_labels[keep]

@@ -1,0 +1,68 @@
+"""Losses by name, so a training config picks ``loss.name``; every one is an ``nn.Module`` called
+as ``loss(embeddings [N, D], labels [N]) → scalar``.
+
+Classification-style losses (``arcface``, ``cosface``) hold a class-weight matrix as module
+parameters: optimise ``loss.parameters()`` together with the model's. Their ``num_classes`` is
+the number of training subjects (``SubjectBatchLoader.num_classes``; labels are global).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pytorch_metric_learning import losses, miners
+from torch import nn
+
+from pipeline.losses.eer import EERLoss
+from pipeline.losses.set2set import Set2SetLoss
+
+
+class MinedLoss(nn.Module):
+    """A pytorch-metric-learning loss applied to the tuples its miner selects from the batch."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module) -> None:
+        super().__init__()
+        self.loss, self.miner = loss, miner
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(embeddings, labels, self.miner(embeddings, labels))
+
+
+def _triplet(margin: float = 0.2, **kwargs: Any) -> nn.Module:
+    miner = miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")
+    return MinedLoss(losses.TripletMarginLoss(margin=margin, **kwargs), miner)
+
+
+def _classifier(loss: type[nn.Module]) -> Callable[..., nn.Module]:
+    def build(embedding_size: int, num_classes: int | None, **kwargs: Any) -> nn.Module:
+        if num_classes is None:
+            raise ValueError(f"{loss.__name__} needs num_classes: the number of training subjects")
+        return loss(num_classes=num_classes, embedding_size=embedding_size, **kwargs)
+
+    return build
+
+
+_PAIR_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "eer": EERLoss,
+    "set2set": Set2SetLoss,
+    "triplet": _triplet,
+    "contrastive": losses.ContrastiveLoss,
+    "multisimilarity": losses.MultiSimilarityLoss,
+    "supcon": losses.SupConLoss,
+}
+_CLASS_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "arcface": _classifier(losses.ArcFaceLoss),
+    "cosface": _classifier(losses.CosFaceLoss),
+}
+LOSSES: tuple[str, ...] = tuple(sorted(_PAIR_LOSSES | _CLASS_LOSSES))
+
+
+def build_loss(name: str, embedding_size: int, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """``build_loss("eer", 256, variant="area")``; ``kwargs`` go to the loss itself."""
+    if name in _PAIR_LOSSES:
+        return _PAIR_LOSSES[name](**kwargs)
+    if name in _CLASS_LOSSES:
+        return _CLASS_LOSSES[name](embedding_size, num_classes, **kwargs)
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")

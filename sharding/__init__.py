@@ -1,0 +1,1 @@
+"""Raw keystroke corpora → subject-grouped WebDataset shards plus a manifest."""

@@ -1,0 +1,329 @@
+"""Raw corpora as lists of subjects: KVC-onGoing, Aalto desktop, Aalto mobile and synthetic.
+
+A :class:`Source` is opened once in the sharding process (``open``: the candidate subject
+ids, unique, in a stable order, plus what was rejected while listing them) and then asked
+for one subject at a time (``load``), possibly from forked worker processes. Source specs:
+
+==========================================  ===============================================
+``kvc:DIR[:SCENARIO]``                      ``{scenario}_dev_set.npy`` in DIR or DIR/SCENARIO
+``aalto-desktop:DIR``                       every ``*_keystrokes.txt`` under DIR
+``aalto-mobile:DIR``                        DIR/keystrokes.csv joined to DIR/test_sections.csv
+``synth:N[:SEED[:DIFFICULTY[:SCENARIO]]]``  N synthetic subjects generated in memory; the
+                                            same subjects as the dev set of
+                                            ``eerpipe synth --subjects N --seed SEED ...``
+==========================================  ===============================================
+"""
+
+from __future__ import annotations
+
+import csv
+from abc import ABC, abstractmethod
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from sharding.kvc import find_files, read_dev_set
+from sharding.synth import SCENARIOS, SynthCorpus
+from sharding.validate import Rejected, dedupe
+
+SPEC_HELP = ("kvc:DIR[:SCENARIO] | aalto-desktop:DIR | aalto-mobile:DIR | "
+             "synth:N[:SEED[:DIFFICULTY[:SCENARIO]]]")
+DESKTOP_COLUMNS = ("PARTICIPANT_ID", "TEST_SECTION_ID", "SENTENCE", "USER_INPUT", "KEYSTROKE_ID",
+                   "PRESS_TIME", "RELEASE_TIME", "LETTER", "KEYCODE")
+MOBILE_KEYSTROKE_COLUMNS = ("KEYSTROKE_ID", "PRESS_TIME", "RELEASE_TIME", "LETTER",
+                            "TEST_SECTION_ID", "KEYCODE", "IKI")
+MOBILE_SECTION_COLUMNS = ("TEST_SECTION_ID", "SENTENCE_ID", "PARTICIPANT_ID", "USER_INPUT")
+_TIME_COLUMNS = ("PRESS_TIME", "RELEASE_TIME", "KEYCODE")
+
+
+class SourceError(ValueError):
+    """A source as a whole cannot be read (missing folder, unreadable required file)."""
+
+
+class Source(ABC):
+    """A corpus as subjects; see the module docstring for the protocol."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What was sharded, for the manifest (paths and parameters, never credentials)."""
+
+    @abstractmethod
+    def open(self) -> tuple[list[str], Counter]:
+        """Candidate subject ids (unique, stable order) and the rejections found listing them."""
+
+    @abstractmethod
+    def load(self, subject_id: str) -> Any:
+        """The raw ``{session id: [n_keys, 3]}`` of one subject; raises :class:`Rejected`."""
+
+
+class KVCSource(Source):
+    """The dev set of KVC-onGoing (the only part with subject labels)."""
+
+    def __init__(self, root: str | Path, scenario: str | None = None) -> None:
+        self.scenario, files = find_files(root, scenario)
+        self.path = files["dev_set"].resolve()
+        self._users: dict[str, Any] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "kvc", "path": str(self.path), "scenario": self.scenario}
+
+    def open(self) -> tuple[list[str], Counter]:
+        pairs = read_dev_set(self.path)
+        keep, duplicates = dedupe([user for user, _ in pairs])
+        self._users = dict(pairs[i] for i in keep)
+        return list(self._users), Counter({"subject:duplicate_id": duplicates} if duplicates else {})
+
+    def load(self, subject_id: str) -> Any:
+        return self._users[subject_id]
+
+
+class AaltoDesktopSource(Source):
+    """One ``<PARTICIPANT_ID>_keystrokes.txt`` per participant; malformed files are skipped."""
+
+    SUFFIX = "_keystrokes.txt"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise SourceError(f"aalto-desktop: {self.root} is not a folder")
+        self._files: dict[str, Path] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "aalto-desktop", "path": str(self.root)}
+
+    def open(self) -> tuple[list[str], Counter]:
+        files = sorted(self.root.rglob(f"*{self.SUFFIX}"))
+        if not files:
+            raise SourceError(f"aalto-desktop: no *{self.SUFFIX} files under {self.root}")
+        ids = [f.name[: -len(self.SUFFIX)] for f in files]
+        keep, duplicates = dedupe(ids)
+        self._files = {ids[i]: files[i] for i in keep}
+        return list(self._files), Counter({"subject:duplicate_id": duplicates} if duplicates else {})
+
+    def load(self, subject_id: str) -> dict[str, np.ndarray]:
+        return read_desktop_file(self._files[subject_id], subject_id)
+
+
+def read_desktop_file(path: Path, participant: str) -> dict[str, np.ndarray]:
+    """Sessions (by TEST_SECTION_ID, in file order) of one Aalto desktop file.
+
+    Raises ``Rejected("file:malformed")`` unless every row has the header's field count,
+    numeric times and keycodes, and the file's participant id.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise Rejected("file:malformed", f"{path}: {error}") from error
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    header = [name.strip().upper() for name in lines[0].split("\t")]
+    missing = [c for c in ("PARTICIPANT_ID", "TEST_SECTION_ID", *_TIME_COLUMNS) if c not in header]
+    if missing:
+        raise Rejected("file:malformed", f"{path}: header lacks {', '.join(missing)}")
+    rows = [line.split("\t") for line in lines[1:] if line]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise Rejected("file:malformed",
+                           f"{path}:{number}: {len(row)} fields, the header has {len(header)}")
+    if not rows:
+        return {}
+    columns = list(zip(*rows))
+    if {value.strip() for value in columns[header.index("PARTICIPANT_ID")]} != {participant}:
+        raise Rejected("file:malformed", f"{path}: PARTICIPANT_ID differs from the file name")
+    try:
+        table = np.array([columns[header.index(c)] for c in _TIME_COLUMNS], dtype=np.float64).T
+    except ValueError as error:
+        raise Rejected("file:malformed", f"{path}: {error}") from error
+    sections = np.array([name.strip() for name in columns[header.index("TEST_SECTION_ID")]])
+    return {str(section): block for section, block in _group(sections, table)}
+
+
+def _group(keys: np.ndarray, table: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+    """``(key, rows)`` per distinct key, keys in order of first appearance, rows in file order."""
+    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(unique)))[:-1]
+    blocks = np.split(table[order], bounds)
+    return [(unique[i], blocks[i]) for i in np.argsort(first)]
+
+
+class AaltoMobileSource(Source):
+    """typing37k: ``keystrokes.csv`` joined to ``test_sections.csv``; header rows are detected.
+
+    Both files are read whole in ``open`` (the join needs them). A row that does not parse
+    drops its session (``session:malformed_rows``), or is counted alone (``row:malformed``)
+    when even its test section id is unreadable; nothing else is lost.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        for name in ("keystrokes.csv", "test_sections.csv"):
+            if not (self.root / name).is_file():
+                raise SourceError(f"aalto-mobile: {self.root / name} does not exist")
+        self._subjects: dict[str, dict[str, np.ndarray]] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "aalto-mobile", "path": str(self.root)}
+
+    def open(self) -> tuple[list[str], Counter]:
+        rejected: Counter = Counter()
+        owner = self._section_owners(rejected)
+        sessions = self._sessions(rejected)
+        for section, table in sessions.items():
+            participant = owner.get(section)
+            if participant is None:
+                rejected["session:unknown_test_section"] += 1
+            else:
+                self._subjects.setdefault(participant, {})[section] = table
+        return sorted(self._subjects), rejected
+
+    def load(self, subject_id: str) -> Any:
+        return self._subjects[subject_id]
+
+    def _section_owners(self, rejected: Counter) -> dict[str, str]:
+        path = self.root / "test_sections.csv"
+        owner: dict[str, str] = {}
+        with _open_text(path) as stream:
+            rows, index = _table(stream, path, MOBILE_SECTION_COLUMNS,
+                                 ("TEST_SECTION_ID", "PARTICIPANT_ID"))
+            need = max(index.values())
+            for row in rows:
+                if len(row) <= need or not row[index["TEST_SECTION_ID"]].strip():
+                    rejected["row:malformed"] += 1
+                    continue
+                owner[row[index["TEST_SECTION_ID"]].strip()] = row[index["PARTICIPANT_ID"]].strip()
+        return owner
+
+    def _sessions(self, rejected: Counter) -> dict[str, np.ndarray]:
+        path = self.root / "keystrokes.csv"
+        section_of: dict[str, int] = {}
+        bad: set[int] = set()
+        sections, values = array("q"), array("d")
+        with _open_text(path) as stream:
+            rows, index = _table(stream, path, MOBILE_KEYSTROKE_COLUMNS,
+                                 ("TEST_SECTION_ID", *_TIME_COLUMNS))
+            section_column = index["TEST_SECTION_ID"]
+            value_columns = [index[c] for c in _TIME_COLUMNS]
+            need = max(index.values())
+            for row in rows:
+                name = row[section_column].strip() if len(row) > section_column else ""
+                if not name:
+                    rejected["row:malformed"] += 1
+                    continue
+                section = section_of.setdefault(name, len(section_of))
+                try:
+                    if len(row) <= need:
+                        raise ValueError("too few fields")
+                    numbers = [float(row[c]) for c in value_columns]
+                except ValueError:
+                    bad.add(section)
+                    continue
+                sections.append(section)
+                values.extend(numbers)
+        rejected["session:malformed_rows"] += len(bad)
+        names = list(section_of)
+        table = np.frombuffer(values, dtype=np.float64).reshape(-1, 3)
+        grouped = _group(np.frombuffer(sections, dtype=np.int64), table) if len(table) else []
+        return {names[i]: block for i, block in grouped if i not in bad}
+
+
+def _open_text(path: Path) -> TextIO:
+    try:
+        return open(path, newline="", encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise SourceError(f"{path}: cannot read ({error.strerror or error})") from error
+
+
+def _table(stream: TextIO, path: Path, documented: tuple[str, ...], needed: tuple[str, ...]):
+    """CSV rows and the column index of each needed name; detects delimiter and header.
+
+    A first row naming the needed columns is a header; otherwise the file is taken to be in
+    the documented column order, which its first row must then fit.
+    """
+    first = stream.readline()
+    delimiter = "\t" if "\t" in first else ","
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    head = next(csv.reader([first], delimiter=delimiter, quoting=quoting), [])
+    names = [field.strip().strip('"').upper() for field in head]
+    rows = csv.reader(stream, delimiter=delimiter, quoting=quoting)
+    if all(name in names for name in needed):
+        return rows, {name: names.index(name) for name in needed}
+    if any(name in names for name in documented):
+        missing = [name for name in needed if name not in names]
+        raise SourceError(f"{path}: the header lacks {', '.join(missing)}")
+    index = {name: documented.index(name) for name in needed}
+    if len(head) < len(documented) - 1 or not _numeric(head, index, needed):
+        raise SourceError(f"{path}: no header and the first row does not fit the documented "
+                          f"columns {', '.join(documented)}")
+    return _chain([head], rows), index
+
+
+def _numeric(row: list[str], index: dict[str, int], needed: tuple[str, ...]) -> bool:
+    try:
+        for name in needed:
+            if name in _TIME_COLUMNS:
+                float(row[index[name]])
+    except (ValueError, IndexError):
+        return False
+    return True
+
+
+def _chain(first: list[list[str]], rest):
+    yield from first
+    yield from rest
+
+
+class SynthSource(Source):
+    """``n`` synthetic subjects, generated on demand (so workers generate in parallel)."""
+
+    def __init__(self, subjects: int, seed: int = 0, difficulty: float = 1.0,
+                 scenario: str = "desktop") -> None:
+        if subjects < 1:
+            raise SourceError("synth: the number of subjects must be at least 1")
+        self.subjects = subjects
+        self.corpus = SynthCorpus(scenario, seed, difficulty)
+        self._index: dict[str, int] = {}
+
+    def describe(self) -> dict[str, Any]:
+        c = self.corpus
+        return {"kind": "synth", "subjects": self.subjects, "seed": c.seed,
+                "difficulty": c.difficulty, "scenario": c.scenario}
+
+    def open(self) -> tuple[list[str], Counter]:
+        self._index = {self.corpus.subject_id(i): i for i in range(self.subjects)}
+        return list(self._index), Counter()
+
+    def load(self, subject_id: str) -> dict[str, np.ndarray]:
+        return self.corpus.subject(self._index[subject_id])
+
+
+def parse_source(spec: str) -> Source:
+    """Build the :class:`Source` named by a spec (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise SourceError(f"bad source {spec!r}; expected {SPEC_HELP}")
+    if kind == "kvc":
+        root, _, scenario = rest.rpartition(":")
+        if scenario in SCENARIOS and root:
+            return KVCSource(root, scenario)
+        return KVCSource(rest)
+    if kind == "aalto-desktop":
+        return AaltoDesktopSource(rest)
+    if kind == "aalto-mobile":
+        return AaltoMobileSource(rest)
+    if kind == "synth":
+        parts = rest.split(":")
+        try:
+            if len(parts) > 4:
+                raise ValueError("too many fields")
+            subjects = int(parts[0])
+            seed = int(parts[1]) if len(parts) > 1 else 0
+            difficulty = float(parts[2]) if len(parts) > 2 else 1.0
+            scenario = parts[3] if len(parts) > 3 else "desktop"
+            return SynthSource(subjects, seed, difficulty, scenario)
+        except ValueError as error:
+            raise SourceError(f"bad source {spec!r} ({error}); expected "
+                              "synth:N[:SEED[:DIFFICULTY[:SCENARIO]]]") from error
+    raise SourceError(f"unknown source kind {kind!r}; expected {SPEC_HELP}")

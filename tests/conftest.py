@@ -1,0 +1,53 @@
+"""Shared fixtures: a real S3 endpoint (moto server) on 127.0.0.1.
+
+``s3_endpoint`` (session): starts the server, points the AWS environment at it (endpoint,
+dummy credentials, region) for the rest of the session, creates :data:`S3_BUCKET`, and
+yields the endpoint URL. ``s3_url`` (per test): a fresh, empty ``s3://`` prefix in it.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+S3_BUCKET = "eerpipe-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            env.delenv(name, raising=False)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """``s3://eerpipe-test/<test name>-<random>``: empty, private to the calling test."""
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40]
+    return f"s3://{S3_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,270 @@
+"""The streaming loader: features, P×K batches, rank disjointness, equal counts, determinism,
+exact resume, short subjects, curriculum, evaluation stream, integrity and S3."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import (
+    Curriculum,
+    SamplerConfig,
+    SessionLoader,
+    ShardIntegrityError,
+    SubjectBatchLoader,
+    featurize,
+)
+from tests.shards_fixture import write_shard_set
+
+P, K = 4, 3
+UNEVEN = {"train": [30, 5, 17, 9, 22, 11], "val": [10, 7, 4]}
+
+
+def config(**overrides) -> SamplerConfig:
+    return SamplerConfig(**{"subjects_per_batch": P, "sessions_per_subject": K, "shuffle_buffer": 16, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("shards")
+    # Every 7th subject has only 2 sessions (< K): exercises short_subjects.
+    _, corpus = write_shard_set(root, UNEVEN, sessions=lambda i: 2 if i % 7 == 3 else 15)
+    return root, corpus
+
+
+def epoch(loader: SubjectBatchLoader) -> list:
+    return list(loader)
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x.features, y.features) and torch.equal(x.mask, y.mask)
+        and torch.equal(x.labels, y.labels) and x.session_ids == y.session_ids
+        for x, y in zip(a, b)
+    )
+
+
+# --- features -----------------------------------------------------------------------------
+
+
+def test_type2branch_features_are_exact() -> None:
+    session = np.array([
+        [1000, 1100, 65],      # first key: flight 0
+        [1300, 1350, 300],     # keycode out of range → 0
+        [1250, 1400, 32],      # press before previous press: flight → 0
+        [61_250, 61_300, -1],  # 60 s pause: flight capped at 30 s
+    ], dtype=np.float64)
+    features, mask = featurize([session], max_len=6)
+    assert features.dtype == np.float32 and features.shape == (1, 6, 3)
+    expected = [[65 / 255, 0.1, 0.0], [0.0, 0.05, 0.3], [32 / 255, 0.15, 0.0], [0.0, 0.05, 30.0]]
+    np.testing.assert_allclose(features[0, :4], expected, rtol=1e-6)
+    assert (features[0, 4:] == 0).all() and mask.tolist() == [[True] * 4 + [False] * 2]
+
+
+def test_optional_features_and_truncation() -> None:
+    session = np.array([[0, 100, 10], [50, 300, 11], [400, 450, 12]], dtype=np.float64)
+    features, mask = featurize([session], ["inter_release", "release_press"], max_len=2)
+    # inter-release: 0, (300 − 100) ms; release-to-press: 0, (50 − 100) ms — overlap keeps its sign.
+    np.testing.assert_allclose(features[0], [[0.0, 0.0], [0.2, -0.05]], rtol=1e-6)
+    assert mask.all()
+    with pytest.raises(ValueError, match="features"):
+        featurize([session], ["keycode", "speed"])
+
+
+# --- training stream ----------------------------------------------------------------------
+
+
+def test_batches_are_p_subjects_by_k_sessions(shard_set: tuple[Path, dict]) -> None:
+    root, corpus = shard_set
+    loader = SubjectBatchLoader(str(root), config=config(max_len=50), rank=0, world_size=1)
+    batches = epoch(loader)
+    assert len(batches) == loader.batches_per_epoch > 0
+    for batch in batches:
+        assert batch.features.shape == (P * K, 50, 3) and batch.features.dtype == torch.float32
+        assert batch.mask.dtype == torch.bool and batch.labels.dtype == torch.int64
+        blocks = [batch.subject_ids[i * K : (i + 1) * K] for i in range(P)]
+        assert all(len(set(b)) == 1 for b in blocks) and len({b[0] for b in blocks}) == P
+        assert [loader.subject_ids[label] for label in batch.labels] == batch.subject_ids
+        for i in range(P):  # K distinct sessions of the subject, features computed from them
+            sessions = batch.session_ids[i * K : (i + 1) * K]
+            assert len(set(sessions)) == K
+            raw = [corpus[blocks[i][0]][s] for s in sessions]
+            expected, mask = featurize(raw, max_len=50)
+            assert torch.equal(batch.features[i * K : (i + 1) * K], torch.from_numpy(expected))
+            assert torch.equal(batch.mask[i * K : (i + 1) * K], torch.from_numpy(mask))
+
+
+def test_ranks_get_disjoint_subjects_and_equal_batch_counts(
+    shard_set: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _ = shard_set
+    subjects, counts = [], []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader = SubjectBatchLoader(str(root), config=config(short_subjects="repeat"))
+        batches = epoch(loader)
+        counts.append((len(batches), loader.batches_per_epoch))
+        subjects.append({s for b in batches for s in b.subject_ids})
+    # 94 subjects over 6 uneven shards: ranks hold different numbers, yet yield the same count.
+    assert counts[0] == counts[1] and counts[0][0] == counts[0][1]
+    assert not subjects[0] & subjects[1]
+    plan = loader.dataset.plan
+    rank_subjects = [sum(s.samples for g in rank for s in g) for rank in plan.readers]
+    assert plan.batches_per_epoch == min(n // P for n in rank_subjects)
+
+
+def test_epochs_are_deterministic_from_seed_and_epoch(shard_set: tuple[Path, dict]) -> None:
+    root, _ = shard_set
+    runs = [SubjectBatchLoader(str(root), config=config(), rank=1, world_size=2) for _ in range(2)]
+    first, second = [epoch(r) for r in runs], [epoch(r) for r in runs]
+    assert same(first[0], first[1]) and same(second[0], second[1])
+    assert not same(first[0], second[0])  # reshuffled per epoch
+    other_seed = SubjectBatchLoader(str(root), config=config(seed=1), rank=1, world_size=2)
+    assert not same(epoch(other_seed), first[0])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_gives_the_uninterrupted_batches(
+    shard_set: tuple[Path, dict], num_workers: int
+) -> None:
+    root, _ = shard_set
+    make = lambda: SubjectBatchLoader(  # noqa: E731
+        str(root), config=config(short_subjects="repeat"), rank=0, world_size=2, num_workers=num_workers
+    )
+    reference = make()
+    epoch(reference)
+    uninterrupted = epoch(reference)  # epoch 1
+
+    interrupted = make()
+    epoch(interrupted)
+    head = list(itertools.islice(interrupted, 3))
+    state = interrupted.state_dict()
+    assert (state["epoch"], state["step"]) == (1, 3)
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert same(head + epoch(resumed), uninterrupted)
+    assert resumed.state_dict()["epoch"] == 2  # finishing an epoch moves to the next
+
+
+def test_resume_refuses_a_changed_stream(shard_set: tuple[Path, dict]) -> None:
+    root, _ = shard_set
+    state = SubjectBatchLoader(str(root), config=config(), rank=0, world_size=2).state_dict()
+    other = SubjectBatchLoader(str(root), config=config(subjects_per_batch=5), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="subjects_per_batch"):
+        other.load_state_dict(state)
+
+
+def test_short_subjects_are_skipped_or_repeated(shard_set: tuple[Path, dict]) -> None:
+    root, corpus = shard_set
+    short = {s for s, sessions in corpus.items() if len(sessions) < K}
+    assert short
+    skipped = epoch(SubjectBatchLoader(str(root), config=config(), rank=0, world_size=1))
+    assert not short & {s for b in skipped for s in b.subject_ids}
+
+    repeated = epoch(SubjectBatchLoader(str(root), config=config(short_subjects="repeat"), rank=0, world_size=1))
+    seen = 0
+    for batch in repeated:
+        for i in range(P):
+            subject = batch.subject_ids[i * K]
+            if subject in short:  # K = 3 from 2 sessions: one used twice, the other once
+                seen += 1
+                assert sorted(Counter(batch.session_ids[i * K : (i + 1) * K]).values()) == [1, 2]
+    assert seen
+
+
+def test_curriculum_batches_hold_an_anchor_and_its_nearest_subjects(shard_set: tuple[Path, dict]) -> None:
+    root, _ = shard_set
+    loader = SubjectBatchLoader(str(root), config=config(shuffle_buffer=200), rank=0, world_size=1)
+    loader.set_curriculum(Curriculum(np.arange(loader.num_classes, dtype=float)[:, None], hard_subjects=P))
+    first = next(iter(loader))
+    eligible = {loader.dataset.labels[s] for b in epoch(SubjectBatchLoader(
+        str(root), config=config(shuffle_buffer=200), rank=0, world_size=1)) for s in b.subject_ids}
+    chosen = set(first.labels.tolist())
+    # The buffer holds every subject at the first batch: some chosen label is an anchor whose
+    # P − 1 companions are its nearest labels among all eligible subjects.
+    assert any(
+        max(abs(c - a) for c in chosen) <= min(abs(x - a) for x in eligible - chosen) for a in chosen
+    )
+    state = loader.state_dict()
+    loader.set_curriculum(None)
+    with pytest.raises(ValueError, match="curriculum"):
+        loader.load_state_dict(state)
+
+
+# --- evaluation stream --------------------------------------------------------------------
+
+
+def test_evaluation_yields_every_session_once_in_equal_counts(shard_set: tuple[Path, dict]) -> None:
+    root, corpus = shard_set
+    loaders = [SessionLoader(str(root), "val", batch_size=16, rank=r, world_size=2) for r in range(2)]
+    runs = [list(loader) for loader in loaders]
+    assert len(runs[0]) == len(runs[1]) == loaders[0].batches_per_rank
+    rows = [(s, sess) for run in runs for b in run for s, sess in zip(b.subject_ids, b.session_ids)]
+    val = {s for s in corpus if s in set(loaders[0].subject_ids)}
+    assert sorted(rows) == sorted((s, sess) for s in val for sess in corpus[s])
+    batch = next(b for b in runs[0] if len(b.labels))
+    subject, session = batch.subject_ids[0], batch.session_ids[0]
+    assert torch.equal(batch.features[0], torch.from_numpy(featurize([corpus[subject][session]])[0][0]))
+
+
+# --- integrity and storage ----------------------------------------------------------------
+
+
+def test_a_modified_shard_is_an_error(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, {"train": [8, 8]})
+    shard = tmp_path / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # inside the first member's payload: the tar still parses
+    shard.write_bytes(bytes(data))
+    loader = SubjectBatchLoader(str(tmp_path), config=config(shuffle_buffer=4), rank=0, world_size=1)
+    with pytest.raises(ShardIntegrityError, match="train-000001.tar"):
+        epoch(loader)
+
+
+def test_missing_manifest_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        SubjectBatchLoader(str(tmp_path))
+    write_shard_set(tmp_path, {"train": [5, 5]})
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        SubjectBatchLoader(str(tmp_path), config=config(subjects_per_batch=8), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="short_subjects"):
+        config(short_subjects="drop")
+
+
+@pytest.fixture()
+def s3_bucket(shard_set: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch):
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    s3.create_bucket(Bucket="shards")
+    for path in shard_set[0].iterdir():
+        s3.upload_file(str(path), "shards", f"set/{path.name}")
+    yield "s3://shards/set"
+    server.stop()
+
+
+@pytest.mark.slow
+def test_s3_shards_stream_like_local_ones(shard_set: tuple[Path, dict], s3_bucket: str) -> None:
+    local = SubjectBatchLoader(str(shard_set[0]), config=config(), rank=0, world_size=2, num_workers=2)
+    remote = SubjectBatchLoader(s3_bucket, config=config(), rank=0, world_size=2, num_workers=2)
+    assert same(epoch(remote), epoch(local))

@@ -1,0 +1,113 @@
+"""gather_embeddings: two gloo ranks with uneven batches train exactly like one process with the global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.distributed import gather_embeddings
+from pipeline.losses.eer import EERLoss
+
+FEATURES, EMBEDDING = 6, 4
+TOLERANCE = 1e-5
+
+
+def contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over all unordered pairs: genuine distance squared, impostor hinge at margin 1."""
+    distances = torch.cdist(embeddings, embeddings)
+    genuine = labels[:, None] == labels[None, :]
+    upper = torch.ones_like(genuine).triu(diagonal=1)
+    per_pair = torch.where(genuine, distances**2, torch.relu(1.0 - distances) ** 2)
+    return per_pair[upper].mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "contrastive": contrastive_loss,
+    "eer": EERLoss(),
+    "eer_unrolled_search": EERLoss(threshold_grad="unrolled"),
+}
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """12 rows of 4 subjects; every subject has rows on both sides of the 7/5 split."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(12, FEATURES, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])
+    return features, labels
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, 8), torch.nn.Tanh(), torch.nn.Linear(8, EMBEDDING)
+    ).double()
+
+
+def train_step(
+    features: torch.Tensor, labels: torch.Tensor, loss_fn: Callable
+) -> tuple[float, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One forward/backward through the gather; gradients averaged over ranks like data parallel."""
+    net = model()
+    global_embeddings, global_labels = gather_embeddings(net(features), labels)
+    loss = loss_fn(global_embeddings, global_labels)
+    loss.backward()
+    grads = [p.grad for p in net.parameters()]
+    if dist.is_initialized():
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+    return loss.item(), grads, global_embeddings.detach(), global_labels
+
+
+def rank_main(rank: int, splits: list[int], port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(splits))
+    try:
+        features, labels = global_batch()
+        start = sum(splits[:rank])
+        rows = slice(start, start + splits[rank])
+        results = {name: train_step(features[rows], labels[rows], fn) for name, fn in LOSSES.items()}
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("splits", [[7, 5], [0, 12]], ids=["7+5", "0+12"])
+def test_two_ranks_match_one_process_holding_the_global_batch(tmp_path: Path, splits: list[int]) -> None:
+    mp.start_processes(rank_main, args=(splits, free_port(), tmp_path), nprocs=2, start_method="spawn")
+    features, labels = global_batch()
+
+    for name, loss_fn in LOSSES.items():
+        loss, grads, _, _ = train_step(features, labels, loss_fn)
+        for rank in range(2):
+            rank_loss, rank_grads, gathered, gathered_labels = torch.load(tmp_path / f"rank{rank}.pt")[name]
+            assert rank_loss == pytest.approx(loss, abs=TOLERANCE), (name, rank)
+            for rank_grad, grad in zip(rank_grads, grads, strict=True):
+                torch.testing.assert_close(rank_grad, grad, atol=TOLERANCE, rtol=0)
+            # Padding dropped, no row twice, labels in the same order as the rows.
+            torch.testing.assert_close(gathered, model()(features).detach())
+            assert torch.equal(gathered_labels, labels)
+
+
+def test_without_a_process_group_inputs_come_back_unchanged() -> None:
+    embeddings, labels = torch.randn(3, 2), torch.tensor([1, 1, 2])
+    global_embeddings, global_labels = gather_embeddings(embeddings, labels)
+    assert global_embeddings is embeddings and global_labels is labels
+
+
+def test_mismatched_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"embeddings \[n, D\] and labels \[n\]"):
+        gather_embeddings(torch.randn(3, 2), torch.tensor([1, 2]))

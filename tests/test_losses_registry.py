@@ -1,0 +1,69 @@
+"""Every loss a training config can name runs forward and backward on a P×K batch."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from pipeline.losses.registry import LOSSES, build_loss
+from pipeline.losses.set2set import Set2SetLoss
+
+P, K, D = 8, 4, 16
+
+
+def pk_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """P subjects × K sessions, rows shuffled (losses must not rely on label order)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(100, 100 + P).repeat_interleave(K)
+    order = torch.randperm(P * K, generator=generator)
+    return torch.randn(P * K, D, generator=generator).requires_grad_(), labels[order]
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_loss_runs_forward_and_backward(name: str) -> None:
+    embeddings, labels = pk_batch()
+    loss = build_loss(name, D, num_classes=200)  # labels are global ids, below num_classes
+    value = loss(embeddings, labels)
+    value.backward()
+    assert value.ndim == 0 and torch.isfinite(value)
+    assert torch.isfinite(embeddings.grad).all() and embeddings.grad.abs().sum() > 0
+    for parameter in loss.parameters():  # classification losses: their weights learn too
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all()
+
+
+def test_classification_losses_need_a_class_count() -> None:
+    assert sum(p.numel() for p in build_loss("arcface", D, num_classes=10).parameters()) == 10 * D
+    with pytest.raises(ValueError, match="num_classes"):
+        build_loss("cosface", D)
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("softmax", D)
+
+
+def test_set2set_equals_its_definition_over_all_triplets() -> None:
+    embeddings, labels = pk_batch(1)
+    labels = labels.clone()
+    labels[labels == 107] = 106  # unequal set sizes
+    loss = Set2SetLoss(margin=1.5, beta=0.05)
+    d = torch.cdist(embeddings, embeddings)
+    hinges = [
+        torch.relu(d[a, p] - d[a, n] + 1.5)
+        for a, p, n in itertools.product(range(len(labels)), repeat=3)
+        if a != p and labels[a] == labels[p] and labels[n] != labels[a]
+    ]
+    radii = []
+    for label in labels.unique():
+        members = embeddings[labels == label]
+        radii.append((members - members.mean(0)).norm(dim=1).mean())
+    radii = torch.stack(radii)
+    expected = torch.stack(hinges).mean() + 0.05 * (radii / radii.mean() - 1).abs().mean()
+    torch.testing.assert_close(loss(embeddings, labels), expected)
+
+
+def test_set2set_survives_repeated_sessions() -> None:
+    """short_subjects='repeat' yields identical embeddings: zero distances, zero radii."""
+    embeddings = torch.randn(4, D).repeat_interleave(2, dim=0).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    Set2SetLoss()(embeddings, labels).backward()
+    assert torch.isfinite(embeddings.grad).all()

@@ -1,0 +1,220 @@
+"""The shard writer: lossless, deterministic, atomic, resumable; verify and stats; S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from s3fs import S3FileSystem
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from sharding.format import MANIFEST_NAME, SPLITS, load_manifest
+from sharding.plan import ShardingError, plan_shards
+from sharding.storage import StorageError
+from sharding.synth import SynthCorpus, write_kvc
+from sharding.verify import read_shard, shard_stats, verify_shards
+from sharding.writer import PENDING, write_shards
+
+runner = CliRunner()
+
+
+def all_subjects(url: str, **options) -> dict:
+    manifest = load_manifest(url, **options)
+    return {s.subject_id: s for info in manifest.shards for s in read_shard(url, info.name, **options)}
+
+
+def assert_lossless(url: str, corpus: SynthCorpus, n: int, **options) -> None:
+    subjects = all_subjects(url, **options)
+    assert len(subjects) == n
+    for i in range(n):
+        want = corpus.subject(i)
+        got = subjects[corpus.subject_id(i)]
+        assert got.session_ids == list(want)
+        for array, expected in zip(got.sessions, want.values()):
+            assert array.dtype == np.float64
+            np.testing.assert_array_equal(array, expected)  # exact, epoch-ms times included
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished shard set of 60 synthetic subjects, 7 per shard (read-only for tests)."""
+    out = tmp_path_factory.mktemp("finished")
+    write_shards("synth:60:5", str(out), subjects_per_shard=7, val_subjects=6, test_subjects=9)
+    return out
+
+
+def test_shards_round_trip_losslessly(finished: Path) -> None:
+    assert_lossless(str(finished), SynthCorpus(seed=5), 60)
+
+
+def test_splits_are_disjoint_sized_and_named(finished: Path) -> None:
+    manifest = load_manifest(str(finished))
+    per_split = {split: [s for s in manifest.shards if s.split == split] for split in SPLITS}
+    assert {k: sum(s.samples for s in v) for k, v in per_split.items()} == {
+        "train": 45, "val": 6, "test": 9}
+    assert [s.name for s in per_split["train"]] == [f"train-{i:06d}.tar" for i in range(7)]
+    assert [s.samples for s in per_split["train"]] == [7] * 6 + [3]
+    assert len(manifest.subjects) == 60  # one shard, hence one split, per subject
+    assert sorted(p.name for p in finished.iterdir()) == sorted(
+        [MANIFEST_NAME, *(s.name for s in manifest.shards)])
+    assert manifest.source["kind"] == "synth" and manifest.rejected == {}
+
+
+def test_plan_is_a_pure_function_of_subjects_seed_and_shard_size() -> None:
+    ids = [f"{i:08x}" for i in range(100)]
+    plan = plan_shards(ids, seed=1, subjects_per_shard=8, val_subjects=10, test_subjects=10)
+    assert plan == plan_shards(ids[::-1], seed=1, subjects_per_shard=8, val_subjects=10,
+                               test_subjects=10)
+    assert plan != plan_shards(ids, seed=2, subjects_per_shard=8, val_subjects=10, test_subjects=10)
+    assert sorted(s for shard in plan for s in shard.subjects) == ids
+    with pytest.raises(ShardingError, match="no training subjects"):
+        plan_shards(ids, seed=1, subjects_per_shard=8, val_subjects=50, test_subjects=50)
+
+
+def test_same_job_writes_identical_bytes_with_any_worker_count(finished: Path, tmp_path: Path) -> None:
+    write_shards("synth:60:5", str(tmp_path), subjects_per_shard=7, val_subjects=6,
+                 test_subjects=9, workers=2)
+    assert (tmp_path / MANIFEST_NAME).read_text() == (finished / MANIFEST_NAME).read_text()
+
+
+def test_kvc_files_shard_exactly_like_the_synth_source(tmp_path: Path) -> None:
+    write_kvc(tmp_path / "data", subjects=30, test_subjects=3, seed=2)
+    from_files = write_shards(f"kvc:{tmp_path / 'data'}:desktop", str(tmp_path / "a"),
+                              subjects_per_shard=10)
+    in_memory = write_shards("synth:30:2", str(tmp_path / "b"), subjects_per_shard=10)
+    assert [s.sha256 for s in from_files.shards] == [s.sha256 for s in in_memory.shards]
+
+
+def test_rerunning_a_finished_job_changes_nothing(finished: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in finished.iterdir()}
+    manifest = write_shards("synth:60:5", str(finished), subjects_per_shard=7, val_subjects=6,
+                            test_subjects=9)
+    assert manifest == load_manifest(str(finished))
+    assert {p.name: p.stat().st_mtime_ns for p in finished.iterdir()} == before
+
+
+def test_a_different_job_never_overwrites_a_shard_set(finished: Path) -> None:
+    with pytest.raises(ShardingError, match="already holds a different shard set"):
+        write_shards("synth:60:6", str(finished), subjects_per_shard=7, val_subjects=6,
+                     test_subjects=9)
+
+
+def test_an_unfinished_job_with_another_plan_is_not_mixed_in(tmp_path: Path) -> None:
+    (tmp_path / PENDING).mkdir()
+    (tmp_path / PENDING / "plan.json").write_text(json.dumps({"source": {"kind": "x"}, "seed": 1,
+                                                             "shards": []}))
+    with pytest.raises(ShardingError, match="unfinished job with another plan"):
+        write_shards("synth:20", str(tmp_path), subjects_per_shard=5)
+    assert not list(tmp_path.glob("*.tar"))
+
+
+def test_resume_after_sigkill_completes_keeping_verified_shards(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline.cli", "shard", "--source", "synth:600:3",
+               "--out", str(out), "--subjects-per-shard", "20", "--workers", "2", "--no-progress"]
+    job = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list((out / PENDING).glob("*.tar.json"))) < 4:
+        assert job.poll() is None, job.stderr.read().decode()
+        assert time.monotonic() < deadline, "the job never got going"
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # the whole process group: a node going down
+    job.wait()
+    assert not (out / MANIFEST_NAME).exists()
+
+    records = {p.name[: -len(".json")]: json.loads(p.read_text())
+               for p in (out / PENDING).glob("*.tar.json")}
+    kept, corrupted = sorted(records)[:-1], sorted(records)[-1]
+    kept_inodes = {name: (out / name).stat().st_ino for name in kept}
+    (out / corrupted).write_bytes((out / corrupted).read_bytes()[:-600])  # bad checksum now
+    (out / ".train-000020.tar.999.tmp").write_bytes(b"half a shard")  # left by a dead writer
+
+    manifest = write_shards("synth:600:3", str(out), subjects_per_shard=20, workers=2)
+
+    assert {name: (out / name).stat().st_ino for name in kept} == kept_inodes
+    by_name = {s.name: s for s in manifest.shards}
+    assert by_name[corrupted].sha256 == records[corrupted]["shard"]["sha256"]  # rewritten
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *by_name])
+    report = verify_shards(str(out))
+    assert report.ok and report.subjects == 600, report.problems
+
+
+def test_verify_catches_corrupted_missing_and_miscounted_shards(finished: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in finished.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    data = bytearray((broken / "train-000001.tar").read_bytes())
+    data[5000] ^= 0xFF
+    (broken / "train-000001.tar").write_bytes(bytes(data))
+    (broken / "val-000000.tar").unlink()
+    tar = (broken / "train-000003.tar").read_bytes()
+    (broken / "train-000003.tar").write_bytes(tar[: len(tar) // 2])
+
+    report = verify_shards(str(broken))
+    problems = "\n".join(report.problems)
+    assert "train-000001.tar: sha256 differs" in problems
+    assert "val-000000.tar: missing" in problems
+    assert "train-000003.tar:" in problems and "subjects of the manifest are in no shard" in problems
+    result = runner.invoke(app, ["shards", "verify", str(broken)])
+    assert result.exit_code == 1
+    assert runner.invoke(app, ["shards", "verify", str(finished)]).exit_code == 0
+
+
+def test_stats_count_subjects_sessions_and_keys_per_split(finished: Path) -> None:
+    stats = shard_stats(str(finished))
+    corpus = SynthCorpus(seed=5)
+    assert sum(row["subjects"] for row in stats["splits"].values()) == 60
+    assert sum(row["sessions"] for row in stats["splits"].values()) == 60 * 15
+    assert sum(row["keys"] for row in stats["splits"].values()) == sum(
+        len(a) for i in range(60) for a in corpus.subject(i).values())
+    result = runner.invoke(app, ["shards", "stats", str(finished), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["shard_bytes"]["count"] == 10
+
+
+def test_malicious_kvc_file_stops_the_cli_before_writing_anything(tmp_path: Path) -> None:
+    (tmp_path / "desktop").mkdir()
+    with open(tmp_path / "desktop" / "desktop_dev_set.npy", "wb") as stream:
+        np.save(stream, {"u": {"s": os.getcwd}}, allow_pickle=True)  # pickled by reference
+    result = runner.invoke(app, ["shard", "--source", f"kvc:{tmp_path}", "--out",
+                                 str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 1
+    assert "desktop_dev_set.npy" in result.stderr and "refused" in result.stderr
+    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix in (".tar", ".json")]
+
+
+@pytest.mark.slow
+def test_s3_write_verify_read_back_and_rerun(s3_url: str) -> None:
+    manifest = write_shards("synth:40:9", s3_url, subjects_per_shard=9, workers=2)
+    assert verify_shards(s3_url).ok
+    assert_lossless(s3_url, SynthCorpus(seed=9), 40)
+    assert write_shards("synth:40:9", s3_url, subjects_per_shard=9) == manifest
+    assert "endpoint" not in json.dumps(manifest.source) and "testing" not in manifest.to_json()
+    result = runner.invoke(app, ["shards", "verify", s3_url])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_unusable_storage_fails_before_any_work(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="cannot use storage"):
+        write_shards("synth:10", "s3://eerpipe-test/x",
+                     storage_options={"endpoint_url": "http://127.0.0.1:9", "skip_instance_cache": True,
+                                      "config_kwargs": {"retries": {"max_attempts": 1}}})
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    S3FileSystem.clear_instance_cache()  # as in a fresh process: credentials are looked up anew
+    result = runner.invoke(app, ["shard", "--source", "synth:10", "--out", "s3://eerpipe-test/y",
+                                 "--no-progress"])
+    assert result.exit_code == 1 and "credentials" in result.stderr
