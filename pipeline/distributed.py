@@ -10,10 +10,11 @@ Let rank r hold n_r rows, W ranks, and L(G) the loss of the gathered global batc
 1. Forward: every rank gathers the same G (rank order, padding removed) and computes the
    same L(G).
 2. Backward: ``all_gather_single_autograd`` differentiates to a sum reduce-scatter (torch
-   2.13, ``_functional_collectives.all_gather_into_tensor_backward`` calls
-   ``reduce_scatter_tensor(grad, "sum", ...)``). Each rank holds the same dL/dG, so rank r's
-   local rows receive the sum over W ranks of dL/dG_r, that is W * dL/dG_r, and its
-   parameter gradient is W times the share of dL/dtheta that flows through its own rows.
+   2.13: ``_functional_collectives.all_gather_into_tensor_backward`` calls
+   ``reduce_scatter_tensor(grad, "sum", ...)``; ``all_gather_tensor_autograd`` is a
+   deprecated alias). Every rank holds the same dL/dG, so rank r's local rows receive the
+   sum over W ranks of dL/dG_r, i.e. W * dL/dG_r, and its parameter gradient is W times the
+   share of dL/dtheta that flows through its own rows.
 3. Data-parallel averaging (DDP, DeepSpeed: all-reduce then divide by W) sums these shares
    over ranks and divides by W: the result is dL/dtheta of one process holding the global
    batch. Only the floating-point summation order differs.
@@ -54,8 +55,7 @@ def gather_embeddings(
             f"expected embeddings [n, D] and labels [n], got {tuple(embeddings.shape)} "
             f"and {tuple(labels.shape)}"
         )
-    ranks = world_size()
-    if ranks == 1:
+    if world_size() == 1:
         return embeddings, labels
     group = dist.group.WORLD
     local = torch.tensor([embeddings.shape[0]], device=embeddings.device)
@@ -67,6 +67,6 @@ def gather_embeddings(
     padding = longest - embeddings.shape[0]
     padded = torch.cat([embeddings, embeddings.new_zeros(padding, embeddings.shape[1])])
     padded_labels = torch.cat([labels, labels.new_zeros(padding)])
-    gathered = funcol.all_gather_single_autograd(padded.contiguous(), 0, group)
-    gathered_labels = funcol.all_gather_single(padded_labels.contiguous(), 0, group)
+    gathered = funcol.all_gather_single_autograd(padded, 0, group)
+    gathered_labels = funcol.all_gather_single(padded_labels, 0, group)
     return gathered[keep], gathered_labels[keep]

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_curve
 
+from pipeline.metrics import eer
 from sharding.kvc import read_comparisons, read_test_sessions
 from sharding.synth import kvc_paths
 
@@ -44,18 +44,10 @@ def baseline_scores(sessions: Mapping[str, np.ndarray],
     return -np.linalg.norm(a - b, axis=1)
 
 
-def equal_error_rate(labels: Sequence[int], scores: np.ndarray) -> float:
-    """Global EER as the official KVC metrics compute it (sklearn ROC, nanargmin |FNMR-FMR|)."""
-    fmr, tmr, _ = roc_curve(labels, scores)
-    fnmr = 1 - tmr
-    i = np.nanargmin(np.abs(fnmr - fmr))
-    return float((fmr[i] + fnmr[i]) / 2)
-
-
 def baseline_eer(root: str | Path, scenario: str) -> float:
     """Baseline EER on a synthetic corpus written by :func:`sharding.synth.write_kvc`."""
     paths = kvc_paths(root, scenario)
     labels = json.loads(paths.ground_truth.read_text())["labels"]
     comparisons = read_comparisons(paths.comparisons)
-    return equal_error_rate(labels, baseline_scores(read_test_sessions(paths.test_sessions),
-                                                    comparisons))
+    scores = baseline_scores(read_test_sessions(paths.test_sessions), comparisons)
+    return eer(labels, scores)[0]

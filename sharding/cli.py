@@ -28,18 +28,24 @@ _errors = Console(stderr=True)
 _EXPECTED = (KVCFileError, SourceError, StorageError, ShardingError, FileNotFoundError, ValueError)
 
 
-def _clean_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+def clean_errors(*expected: type[BaseException]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Expected failures end with one clear line on stderr and exit status 1, not a traceback."""
 
-    @wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except _EXPECTED as error:
-            _errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from error
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return command(*args, **kwargs)
+            except expected as error:
+                _errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from error
 
-    return run
+        return run
+
+    return decorate
+
+
+_clean_errors = clean_errors(*_EXPECTED)
 
 
 def _storage_options(endpoint_url: Optional[str], region: Optional[str]) -> dict[str, Any]:

@@ -40,6 +40,10 @@ FEATURE_SPEC: dict[str, Any] = {
 }
 
 
+class ShardIntegrityError(RuntimeError):
+    """A shard's content does not match what the manifest recorded for it."""
+
+
 @dataclass
 class Subject:
     """One subject and all their sessions, as read back from a shard."""

@@ -44,7 +44,8 @@ def check_writable(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFil
     fs, root = open_fs(url, **storage_options)
     probe = f"{root}/.eerpipe-write-probe"
     try:
-        fs.makedirs(root, exist_ok=True)
+        if not url.startswith("s3://"):  # on S3, makedirs would create a mistyped bucket
+            fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except Exception as error:  # noqa: BLE001 - any backend error means "cannot write here"

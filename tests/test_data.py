@@ -4,7 +4,7 @@ exact resume, short subjects, curriculum, evaluation stream, integrity and S3.""
 from __future__ import annotations
 
 import itertools
-import socket
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from pipeline.data import (
     SubjectBatchLoader,
     featurize,
 )
+from sharding.writer import write_shards
 from tests.shards_fixture import write_shard_set
 
 P, K = 4, 3
@@ -27,7 +28,8 @@ UNEVEN = {"train": [30, 5, 17, 9, 22, 11], "val": [10, 7, 4]}
 
 
 def config(**overrides) -> SamplerConfig:
-    return SamplerConfig(**{"subjects_per_batch": P, "sessions_per_subject": K, "shuffle_buffer": 16, **overrides})
+    defaults = {"subjects_per_batch": P, "sessions_per_subject": K, "shuffle_buffer": 16}
+    return SamplerConfig(**{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,13 @@ def test_optional_features_and_truncation() -> None:
         featurize([session], ["keycode", "speed"])
 
 
+def test_non_finite_values_become_zero_features() -> None:
+    session = np.array([[0, 100, 65], [np.nan, 300, np.inf], [400, np.nan, 66]])
+    features, _ = featurize([session], ["keycode", "hold", "flight", "inter_release", "release_press"])
+    assert np.isfinite(features).all()
+    np.testing.assert_allclose(features[0, 1], [0.0, 0.0, 0.0, 0.2, 0.0])
+
+
 # --- training stream ----------------------------------------------------------------------
 
 
@@ -108,7 +117,7 @@ def test_ranks_get_disjoint_subjects_and_equal_batch_counts(
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        loader = SubjectBatchLoader(str(root), config=config(short_subjects="repeat"))
+        loader = SubjectBatchLoader(str(root), config=config())  # skip mode: readers may re-read
         batches = epoch(loader)
         counts.append((len(batches), loader.batches_per_epoch))
         subjects.append({s for b in batches for s in b.subject_ids})
@@ -130,23 +139,27 @@ def test_epochs_are_deterministic_from_seed_and_epoch(shard_set: tuple[Path, dic
     assert not same(epoch(other_seed), first[0])
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize(
+    ("world_size", "num_workers", "stop"),
+    [(2, 0, 3), (2, 2, 3), (1, 2, 3), (1, 2, -1)],  # (1, 2): workers hold 11 and 12 batches
+)
 def test_resume_mid_epoch_gives_the_uninterrupted_batches(
-    shard_set: tuple[Path, dict], num_workers: int
+    shard_set: tuple[Path, dict], world_size: int, num_workers: int, stop: int
 ) -> None:
     root, _ = shard_set
     make = lambda: SubjectBatchLoader(  # noqa: E731
-        str(root), config=config(short_subjects="repeat"), rank=0, world_size=2, num_workers=num_workers
+        str(root), config=config(), rank=0, world_size=world_size, num_workers=num_workers
     )
     reference = make()
     epoch(reference)
     uninterrupted = epoch(reference)  # epoch 1
+    stop %= len(uninterrupted)
 
     interrupted = make()
-    epoch(interrupted)
-    head = list(itertools.islice(interrupted, 3))
+    interrupted.set_epoch(1)
+    head = list(itertools.islice(interrupted, stop))
     state = interrupted.state_dict()
-    assert (state["epoch"], state["step"]) == (1, 3)
+    assert (state["epoch"], state["step"]) == (1, stop)
 
     resumed = make()
     resumed.load_state_dict(state)
@@ -169,7 +182,8 @@ def test_short_subjects_are_skipped_or_repeated(shard_set: tuple[Path, dict]) ->
     skipped = epoch(SubjectBatchLoader(str(root), config=config(), rank=0, world_size=1))
     assert not short & {s for b in skipped for s in b.subject_ids}
 
-    repeated = epoch(SubjectBatchLoader(str(root), config=config(short_subjects="repeat"), rank=0, world_size=1))
+    repeat = config(short_subjects="repeat")
+    repeated = epoch(SubjectBatchLoader(str(root), config=repeat, rank=0, world_size=1))
     seen = 0
     for batch in repeated:
         for i in range(P):
@@ -182,29 +196,35 @@ def test_short_subjects_are_skipped_or_repeated(shard_set: tuple[Path, dict]) ->
 
 def test_curriculum_batches_hold_an_anchor_and_its_nearest_subjects(shard_set: tuple[Path, dict]) -> None:
     root, _ = shard_set
-    loader = SubjectBatchLoader(str(root), config=config(shuffle_buffer=200), rank=0, world_size=1)
-    loader.set_curriculum(Curriculum(np.arange(loader.num_classes, dtype=float)[:, None], hard_subjects=P))
-    first = next(iter(loader))
-    eligible = {loader.dataset.labels[s] for b in epoch(SubjectBatchLoader(
-        str(root), config=config(shuffle_buffer=200), rank=0, world_size=1)) for s in b.subject_ids}
-    chosen = set(first.labels.tolist())
+    make = lambda: SubjectBatchLoader(str(root), config=config(shuffle_buffer=200), rank=0, world_size=1)  # noqa: E731
+    eligible = {label for b in epoch(make()) for label in b.labels.tolist()}
+    loader = make()
+    curriculum = Curriculum(np.arange(loader.num_classes, dtype=float)[:, None], hard_subjects=P)
+    loader.set_curriculum(curriculum)  # 1-D centroids: a subject's nearest are the closest labels
+    chosen = set(next(iter(loader)).labels.tolist())
     # The buffer holds every subject at the first batch: some chosen label is an anchor whose
     # P − 1 companions are its nearest labels among all eligible subjects.
     assert any(
         max(abs(c - a) for c in chosen) <= min(abs(x - a) for x in eligible - chosen) for a in chosen
     )
-    state = loader.state_dict()
-    loader.set_curriculum(None)
+    with pytest.raises(ValueError, match="between epochs"):
+        loader.set_curriculum(None)
     with pytest.raises(ValueError, match="curriculum"):
-        loader.load_state_dict(state)
+        make().load_state_dict(loader.state_dict())  # resuming needs the same curriculum
 
 
 # --- evaluation stream --------------------------------------------------------------------
 
 
-def test_evaluation_yields_every_session_once_in_equal_counts(shard_set: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_evaluation_yields_every_session_once_in_equal_counts(
+    shard_set: tuple[Path, dict], num_workers: int
+) -> None:
     root, corpus = shard_set
-    loaders = [SessionLoader(str(root), "val", batch_size=16, rank=r, world_size=2) for r in range(2)]
+    loaders = [
+        SessionLoader(str(root), "val", batch_size=16, rank=r, world_size=2, num_workers=num_workers)
+        for r in range(2)
+    ]
     runs = [list(loader) for loader in loaders]
     assert len(runs[0]) == len(runs[1]) == loaders[0].batches_per_rank
     rows = [(s, sess) for run in runs for b in run for s, sess in zip(b.subject_ids, b.session_ids)]
@@ -239,32 +259,19 @@ def test_missing_manifest_and_bad_config_are_clear_errors(tmp_path: Path) -> Non
         config(short_subjects="drop")
 
 
-@pytest.fixture()
-def s3_bucket(shard_set: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    for name, value in {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-    s3.create_bucket(Bucket="shards")
-    for path in shard_set[0].iterdir():
-        s3.upload_file(str(path), "shards", f"set/{path.name}")
-    yield "s3://shards/set"
-    server.stop()
-
-
 @pytest.mark.slow
-def test_s3_shards_stream_like_local_ones(shard_set: tuple[Path, dict], s3_bucket: str) -> None:
+def test_s3_shards_stream_like_local_ones(shard_set: tuple[Path, dict], s3_url: str) -> None:
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=os.environ["AWS_ENDPOINT_URL"]).put(f"{shard_set[0]}/", s3_url, recursive=True)
     local = SubjectBatchLoader(str(shard_set[0]), config=config(), rank=0, world_size=2, num_workers=2)
-    remote = SubjectBatchLoader(s3_bucket, config=config(), rank=0, world_size=2, num_workers=2)
-    assert same(epoch(remote), epoch(local))
+    remote = SubjectBatchLoader(s3_url, config=config(), rank=0, world_size=2, num_workers=2)
+    assert same(epoch(remote), epoch(local))  # forked workers reopen S3 (s3fs is not fork-safe)
+
+
+def test_shards_from_the_sharding_writer_stream(tmp_path: Path) -> None:
+    manifest = write_shards("synth:48:0", str(tmp_path), subjects_per_shard=10, val_subjects=8, test_subjects=0)
+    train = epoch(SubjectBatchLoader(str(tmp_path), config=config(), rank=1, world_size=2))
+    assert len(train) == 40 // 2 // P and all(b.features.shape == (P * K, 100, 3) for b in train)
+    sessions = sum(len(b.labels) for b in SessionLoader(str(tmp_path), "val", rank=0, world_size=1))
+    assert sessions == sum(s.sessions for s in manifest.shards_of("val"))

@@ -66,14 +66,21 @@ def train_step(
     return loss.item(), grads, global_embeddings.detach(), global_labels
 
 
-def rank_main(rank: int, splits: list[int], port: int, out: Path) -> None:
+SPLITS = {"7+5": (7, 5), "0+12": (0, 12)}  # rows per rank; every subject has rows on both ranks in 7+5
+
+
+def rank_main(rank: int, port: int, out: Path) -> None:
+    """One rank: for each split, train one step on its own rows only; save what it saw."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=len(splits))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         features, labels = global_batch()
-        start = sum(splits[:rank])
-        rows = slice(start, start + splits[rank])
-        results = {name: train_step(features[rows], labels[rows], fn) for name, fn in LOSSES.items()}
+        results = {}
+        for split, sizes in SPLITS.items():
+            start = sum(sizes[:rank])
+            rows = slice(start, start + sizes[rank])
+            for name, loss_fn in LOSSES.items():
+                results[split, name] = train_step(features[rows], labels[rows], loss_fn)
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -85,21 +92,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("splits", [[7, 5], [0, 12]], ids=["7+5", "0+12"])
-def test_two_ranks_match_one_process_holding_the_global_batch(tmp_path: Path, splits: list[int]) -> None:
-    mp.start_processes(rank_main, args=(splits, free_port(), tmp_path), nprocs=2, start_method="spawn")
-    features, labels = global_batch()
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Two gloo ranks on loopback, spawned once for every split and loss."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(rank_main, args=(free_port(), out), nprocs=2, start_method="spawn")
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
-    for name, loss_fn in LOSSES.items():
-        loss, grads, _, _ = train_step(features, labels, loss_fn)
-        for rank in range(2):
-            rank_loss, rank_grads, gathered, gathered_labels = torch.load(tmp_path / f"rank{rank}.pt")[name]
-            assert rank_loss == pytest.approx(loss, abs=TOLERANCE), (name, rank)
-            for rank_grad, grad in zip(rank_grads, grads, strict=True):
-                torch.testing.assert_close(rank_grad, grad, atol=TOLERANCE, rtol=0)
-            # Padding dropped, no row twice, labels in the same order as the rows.
-            torch.testing.assert_close(gathered, model()(features).detach())
-            assert torch.equal(gathered_labels, labels)
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("split", SPLITS)
+def test_two_ranks_match_one_process_holding_the_global_batch(
+    rank_results: list[dict], split: str, name: str
+) -> None:
+    features, labels = global_batch()
+    loss, grads, _, _ = train_step(features, labels, LOSSES[name])
+
+    for rank, results in enumerate(rank_results):
+        rank_loss, rank_grads, gathered, gathered_labels = results[split, name]
+        assert rank_loss == pytest.approx(loss, abs=TOLERANCE), rank
+        for rank_grad, grad in zip(rank_grads, grads, strict=True):
+            torch.testing.assert_close(rank_grad, grad, atol=TOLERANCE, rtol=0)
+        # Padding dropped, no row twice, labels in the same order as the rows.
+        torch.testing.assert_close(gathered, model()(features).detach())
+        assert torch.equal(gathered_labels, labels)
 
 
 def test_without_a_process_group_inputs_come_back_unchanged() -> None:

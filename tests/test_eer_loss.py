@@ -210,6 +210,38 @@ def test_training_with_eer_loss_separates_subjects():
     assert batch_eer(model(embeddings), labels) < 0.7 * before
 
 
+def test_normalize_compares_directions_only():
+    embeddings, labels = clustered_batch(seed=11, spread=0.8)
+    scale = torch.rand(len(labels), 1, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * 10 + 0.1
+    loss_fn = EERLoss(normalize=True)
+    torch.testing.assert_close(loss_fn(embeddings * scale, labels), loss_fn(embeddings, labels))
+    unit = torch.nn.functional.normalize(embeddings.detach(), dim=1)
+    torch.testing.assert_close(loss_fn(embeddings, labels), EERLoss()(unit, labels))
+
+
+def separable_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every genuine distance below every impostor distance: the batch EER is exactly 0."""
+    embeddings, labels = clustered_batch(seed=12, subjects=8, per_subject=4, spread=0.05)
+    assert batch_eer(embeddings, labels) == 0
+    return embeddings, labels
+
+
+def test_hard_floor_starves_a_separable_batch_and_the_softplus_floor_does_not():
+    # With the hard floor only the pair d* lands on (the hardest genuine one) keeps a trace of gradient.
+    embeddings, labels = separable_batch()
+    (hard,) = torch.autograd.grad(EERLoss()(embeddings, labels), embeddings)
+    (smooth,) = torch.autograd.grad(EERLoss(floor="softplus", tau=0.05)(embeddings, labels), embeddings)
+    assert torch.isfinite(smooth).all()
+    assert smooth.abs().max() > 1000 * hard.abs().max()
+
+
+def test_softplus_floor_approaches_the_hard_floor_as_tau_shrinks():
+    embeddings, labels = clustered_batch(seed=13, spread=1.0)
+    hard = EERLoss(alpha=0.1)(embeddings, labels).item()
+    gaps = [abs(EERLoss(alpha=0.1, floor="softplus", tau=tau)(embeddings, labels).item() - hard) for tau in (0.1, 0.01, 0.001)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01 * hard
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -219,6 +251,8 @@ def test_training_with_eer_loss_separates_subjects():
         ({"target": "auc"}, "target"),
         ({"beta": 2.5}, "beta"),
         ({"threshold_grad": "magic"}, "threshold_grad"),
+        ({"floor": "smooth"}, "floor"),
+        ({"tau": 0.0}, "tau"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(kwargs, message):

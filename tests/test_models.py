@@ -22,7 +22,8 @@ def sessions(lengths: list[int], max_len: int, garbage: bool) -> tuple[torch.Ten
     features[..., 0] = torch.randint(0, 256, features.shape[:2], generator=real) / 255
     mask = torch.arange(max_len) < torch.tensor(lengths)[:, None]
     padded = torch.rand(len(lengths), max_len, 3) * 50 if garbage else torch.zeros(len(lengths), max_len, 3)
-    padded[:, : max(lengths)] = torch.where(mask[:, : max(lengths), None], features, padded[:, : max(lengths)])
+    head = slice(0, max(lengths))
+    padded[:, head] = torch.where(mask[:, head, None], features, padded[:, head])
     return padded, mask
 
 

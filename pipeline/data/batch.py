@@ -77,7 +77,7 @@ def iterate(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> Ite
     """The dataset itself in-process, or fanned out to DataLoader workers.
 
     The DataLoader keeps order deterministic: it asks workers round-robin and skips those that
-    are done, so step ``i`` comes from the worker a plan can compute (see ``EpochPlan.order``).
+    are done, so step ``i`` comes from the worker a plan can compute (see ``Plan.order``).
     """
     if num_workers == 0:
         return dataset

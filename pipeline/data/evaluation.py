@@ -22,7 +22,7 @@ class SessionDataset(IterableDataset):
         self, shard_set: ShardSet, split: str, batch_size: int, max_len: int,
         features: Sequence[str], rank: int, world_size: int, num_workers: int,
     ) -> None:
-        self.shard_set, self.split, self.batch_size = shard_set, split, batch_size
+        self.shard_set, self.batch_size = shard_set, batch_size
         self.max_len, self.features = max_len, check_features(features)
         self.rank, self.num_workers = rank, num_workers
         self.subject_ids = shard_set.subjects(split)
@@ -43,14 +43,8 @@ class SessionDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         rows: list[tuple[np.ndarray, int, str, str]] = []
         for shard in self.readers[self.rank][current_worker(self.num_workers)]:
-            for sample in self.shard_set.samples(shard):
+            for label, _, sample in self.shard_set.labelled_samples(shard, self.labels):
                 subject = decode_subject(sample)
-                label = self.labels.get(subject.subject_id)
-                if label is None:
-                    raise ShardIntegrityError(
-                        f"subject {subject.subject_id!r} in shard {shard.name!r} is not a "
-                        f"{self.split!r} subject of the manifest"
-                    )
                 for session_id, session in zip(subject.session_ids, subject.sessions):
                     rows.append((session, label, subject.subject_id, session_id))
                     if len(rows) == self.batch_size:

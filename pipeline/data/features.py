@@ -66,16 +66,15 @@ def featurize(
         keys = np.asarray(session, dtype=np.float64).reshape(-1, 3)[:max_len]
         raw[row, : len(keys)] = keys
         mask[row, : len(keys)] = True
-    with np.errstate(invalid="ignore"):
-        raw[~np.isfinite(raw)] = np.nan
-        press, release, keycode = raw[..., 0], raw[..., 1], raw[..., 2]
-        columns = {
-            "keycode": np.where((keycode >= 0) & (keycode <= 255), keycode / 255.0, 0.0),
-            "hold": _seconds(release - press, 0.0),
-            "flight": _seconds(_since_previous(press, press), 0.0),
-            "inter_release": _seconds(_since_previous(release, release), 0.0),
-            "release_press": _seconds(_since_previous(press, release), -MAX_SECONDS),
-        }
+    raw[~np.isfinite(raw)] = np.nan  # propagates into the features it touches, which become 0
+    press, release, keycode = raw[..., 0], raw[..., 1], raw[..., 2]
+    columns = {
+        "keycode": np.where((keycode >= 0) & (keycode <= 255), keycode / 255.0, 0.0),
+        "hold": _seconds(release - press, 0.0),
+        "flight": _seconds(_since_previous(press, press), 0.0),
+        "inter_release": _seconds(_since_previous(release, release), 0.0),
+        "release_press": _seconds(_since_previous(press, release), -MAX_SECONDS),
+    }
     out = np.stack([columns[name] for name in features], axis=-1)
     out[~mask] = 0.0
     return out.astype(np.float32), mask

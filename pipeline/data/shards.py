@@ -12,19 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from sharding.format import Manifest, ShardInfo, load_manifest
+from sharding.format import Manifest, ShardInfo, ShardIntegrityError, load_manifest
 from sharding.storage import open_fs
-
-
-class ShardIntegrityError(RuntimeError):
-    """A shard's content does not match what the manifest recorded for it."""
 
 
 class ShardSet:
@@ -66,7 +62,22 @@ class ShardSet:
             count += 1
             yield sample
         if count != shard.samples:
-            raise ShardIntegrityError(f"shard {shard.name!r} holds {count} subjects, the manifest says {shard.samples}")
+            raise ShardIntegrityError(
+                f"shard {shard.name!r} holds {count} subjects, the manifest says {shard.samples}"
+            )
+
+    def labelled_samples(
+        self, shard: ShardInfo, labels: Mapping[str, int]
+    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """``(label, subject id, raw sample)`` per subject; ``labels`` maps the split's subjects."""
+        for sample in self.samples(shard):
+            subject_id = sample["subject.txt"].decode("utf-8")
+            if subject_id not in labels:
+                raise ShardIntegrityError(
+                    f"subject {subject_id!r} in shard {shard.name!r} is not a {shard.split!r} "
+                    "subject of the manifest"
+                )
+            yield labels[subject_id], subject_id, sample
 
     def read(self, shard: ShardInfo) -> bytes:
         """A whole shard, verified (size, SHA-256) before any of it reaches a batch.
@@ -78,7 +89,9 @@ class ShardSet:
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError as error:
-            raise ShardIntegrityError(f"shard {shard.name!r} listed in the manifest is missing ({path})") from error
+            raise ShardIntegrityError(
+                f"shard {shard.name!r} listed in the manifest is missing ({path})"
+            ) from error
         if len(data) != shard.bytes:
             problem = f"{len(data)} bytes, the manifest says {shard.bytes}"
         elif hashlib.sha256(data).hexdigest() != shard.sha256:

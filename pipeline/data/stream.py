@@ -48,7 +48,7 @@ from pipeline.data.batch import (
     round_robin,
 )
 from pipeline.data.features import DEFAULT_FEATURES, check_features
-from pipeline.data.shards import ShardIntegrityError, ShardSet, assign_shards
+from pipeline.data.shards import ShardSet, assign_shards
 from sharding.format import ShardInfo, decode_subject
 
 SHORT_SUBJECT_RULES = ("skip", "repeat")
@@ -69,10 +69,12 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", check_features(self.features))
-        if self.subjects_per_batch < 2 or self.sessions_per_subject < 1:
-            raise ValueError("need subjects_per_batch ≥ 2 (impostor pairs) and sessions_per_subject ≥ 1")
+        if self.subjects_per_batch < 1 or self.sessions_per_subject < 1:
+            raise ValueError("subjects_per_batch and sessions_per_subject must be ≥ 1")
         if self.short_subjects not in SHORT_SUBJECT_RULES:
-            raise ValueError(f"short_subjects must be one of {SHORT_SUBJECT_RULES}, got {self.short_subjects!r}")
+            raise ValueError(
+                f"short_subjects must be one of {SHORT_SUBJECT_RULES}, got {self.short_subjects!r}"
+            )
         if self.shuffle_buffer < self.subjects_per_batch:
             raise ValueError("shuffle_buffer must hold at least subjects_per_batch subjects")
         if self.max_len < 1:
@@ -159,7 +161,7 @@ class _Entry:
 
     subject_id: str
     label: int
-    session_ids: list[str]
+    sessions: int
     sample: dict[str, Any]
 
 
@@ -238,7 +240,7 @@ class SubjectBatchDataset(IterableDataset):
                 labels = np.array([e.label for e in pool.entries])
                 indices = curriculum.pick(labels, cfg.subjects_per_batch, rng)
             chosen = pool.take(indices)
-            picks = [self._sessions(len(e.session_ids), rng) for e in chosen]
+            picks = [self._sessions(e.sessions, rng) for e in chosen]
             if step >= skip:
                 yield self._build(chosen, picks)
 
@@ -254,16 +256,10 @@ class SubjectBatchDataset(IterableDataset):
         rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, worker, pass_index, 0x5A])
         k, repeat = self.config.sessions_per_subject, self.config.short_subjects == "repeat"
         for i in rng.permutation(len(shards)):
-            for sample in self.shard_set.samples(shards[i]):
-                subject_id = sample["subject.txt"].decode("utf-8")
-                session_ids = json.loads(sample["sessions.json"])
-                if subject_id not in self.labels:
-                    raise ShardIntegrityError(
-                        f"subject {subject_id!r} in shard {shards[i].name!r} is not a "
-                        f"{self.split!r} subject of the manifest"
-                    )
-                if len(session_ids) >= k or (repeat and session_ids):
-                    yield _Entry(subject_id, self.labels[subject_id], session_ids, sample)
+            for label, subject_id, sample in self.shard_set.labelled_samples(shards[i], self.labels):
+                sessions = len(json.loads(sample["sessions.json"]))
+                if sessions >= k or (repeat and sessions > 0):
+                    yield _Entry(subject_id, label, sessions, sample)
 
     def _build(self, chosen: list[_Entry], picks: list[np.ndarray]) -> Batch:
         sessions, labels, subjects, session_ids = [], [], [], []
@@ -274,15 +270,20 @@ class SubjectBatchDataset(IterableDataset):
                 session_ids.append(subject.session_ids[j])
             labels += [entry.label] * len(pick)
             subjects += [entry.subject_id] * len(pick)
-        return make_batch(sessions, labels, subjects, session_ids, self.config.features, self.config.max_len)
+        cfg = self.config
+        return make_batch(sessions, labels, subjects, session_ids, cfg.features, cfg.max_len)
 
 
 class SubjectBatchLoader:
     """Iterable over this rank's training batches for the current epoch, from the saved step on.
 
     ``for batch in loader`` runs one epoch (``batches_per_epoch`` batches on every rank) and then
-    advances to the next epoch. ``state_dict()`` is the same on every rank: save it from rank 0
-    and load it everywhere.
+    advances to the next epoch. ``state_dict()`` is ``{"format": 1, "epoch": e, "step": s,
+    "fingerprint": {...}}`` — ``s`` batches of epoch ``e`` were handed out (an epoch that was
+    finished reads as ``(e + 1, 0)``); the fingerprint (config, split, world size, workers,
+    manifest and curriculum digests) must match on load. It is the same on every rank: save it
+    from rank 0, load it everywhere. A resume replays the reader's draws up to ``s`` (reading the
+    shards again, without decoding), so its cost grows with the position in the epoch.
     """
 
     def __init__(
@@ -340,7 +341,12 @@ class SubjectBatchLoader:
         self.epoch, self.step = epoch, 0
 
     def set_curriculum(self, curriculum: Curriculum | None) -> None:
-        """Use hard batches from the next iteration on (``None``: random batches again)."""
+        """Use hard batches from the next epoch on (``None``: random batches again).
+
+        Only between epochs: the saved state names the curriculum its epoch was drawn with.
+        """
+        if self.step != 0:
+            raise ValueError(f"set the curriculum between epochs, not at step {self.step}")
         if curriculum is not None and len(curriculum.centroids) != self.num_classes:
             raise ValueError(f"curriculum needs one centroid per subject ({self.num_classes})")
         self.dataset.curriculum = curriculum

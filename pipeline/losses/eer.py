@@ -161,6 +161,9 @@ class EERLoss(torch.nn.Module):
         eps: float = 1e-7,
         threshold_grad: Literal["implicit", "unrolled", "detached"] = "implicit",
         evaluate_at: Literal["threshold", "midpoint"] = "threshold",
+        normalize: bool = False,
+        floor: Literal["hard", "softplus"] = "hard",
+        tau: float = 0.05,
     ) -> None:
         super().__init__()
         if variant not in ("area", "direct"):
@@ -171,6 +174,10 @@ class EERLoss(torch.nn.Module):
             raise ValueError(f"threshold_grad must be implicit, unrolled or detached, got {threshold_grad!r}")
         if evaluate_at not in ("threshold", "midpoint"):
             raise ValueError(f"evaluate_at must be 'threshold' or 'midpoint', got {evaluate_at!r}")
+        if floor not in ("hard", "softplus"):
+            raise ValueError(f"floor must be 'hard' or 'softplus', got {floor!r}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
         if not 0 < beta < 2:
             raise ValueError(f"beta must lie in (0, 2), got {beta}")
         if k <= 0 or search_steps < 1:
@@ -180,12 +187,14 @@ class EERLoss(torch.nn.Module):
         self.target_kind, self.target_rate = _parse_target(target)
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
         self.threshold_grad, self.evaluate_at = threshold_grad, evaluate_at
+        self.normalize, self.floor, self.tau = bool(normalize), floor, float(tau)
 
     def extra_repr(self) -> str:
         target = "eer" if self.target_kind == "eer" else f"{self.target_kind}={self.target_rate:g}"
         return (
             f"variant={self.variant}, distance={self.distance}, k={self.k:g}, "
-            f"search_steps={self.search_steps}, target={target}, threshold_grad={self.threshold_grad}"
+            f"search_steps={self.search_steps}, target={target}, threshold_grad={self.threshold_grad}, "
+            f"alpha={self.alpha:g}, beta={self.beta:g}, normalize={self.normalize}, floor={self.floor}"
         )
 
     def forward(
@@ -193,6 +202,8 @@ class EERLoss(torch.nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, EERStats]:
         if embeddings.dtype not in (torch.float32, torch.float64):
             embeddings = embeddings.float()  # bf16/fp16 embeddings: the search needs fp32 resolution
+        if self.normalize:
+            embeddings = F.normalize(embeddings, dim=1)
         genuine, impostor = pair_distances(embeddings, labels, self.distance)
         if self.threshold_grad == "unrolled":
             threshold, midpoint = self._unrolled_search(genuine, impostor)
@@ -296,6 +307,8 @@ class EERLoss(torch.nn.Module):
         return 100 * sum(terms)
 
     def _power_mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.floor == "softplus":
+            x = self.tau * F.softplus(x / self.tau)
         return x.clamp_min(self.eps).pow(self.beta).mean().pow(1 / self.beta)
 
     def _stats(

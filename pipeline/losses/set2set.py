@@ -47,8 +47,8 @@ class Set2SetLoss(nn.Module):
     def radius_term(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _, index = torch.unique(labels, return_inverse=True)
         counts = torch.bincount(index).to(embeddings.dtype)
-        centroids = torch.zeros(len(counts), embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
-        centroids = centroids.index_add(0, index, embeddings) / counts[:, None]
+        sums = embeddings.new_zeros(len(counts), embeddings.shape[1]).index_add(0, index, embeddings)
+        centroids = sums / counts[:, None]
         spread = torch.linalg.vector_norm(embeddings - centroids[index], dim=1)
         radii = torch.zeros_like(counts).index_add(0, index, spread) / counts
         radii = radii[counts >= 2]

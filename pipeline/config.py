@@ -1,0 +1,185 @@
+"""Training configuration: one YAML file, overridden by ``section.key=value`` on the command line.
+
+Dataclasses rather than free dicts so that a typo in a config file or an override is an error
+that names the key, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# A local cluster (demo, tests) stays on loopback and quiet; a real cluster's settings win.
+LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP and MASTER_ADDR become 127.0.0.1
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",  # worker prints once, not twice
+}
+
+
+def use_local_ray_settings() -> None:
+    """Apply :data:`LOCAL_RAY_ENV` unless a cluster address is set.
+
+    Ray reads these when it is first imported, so entry points call this before importing it.
+    """
+    if not os.environ.get("RAY_ADDRESS"):
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+@dataclass
+class RunSection:
+    name: str = "eerpipe"  # relaunching the same name resumes from its checkpoints
+    storage: str = "runs"  # local folder or s3://bucket/prefix; checkpoints go to storage/name
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    shards: str = "shards"  # the shard set's folder or URL (its manifest.json)
+    subjects_per_batch: int = 32  # P, per rank: the global batch holds P × num_workers subjects
+    sessions_per_subject: int = 8  # K
+    max_len: int = 100
+    features: list[str] = field(default_factory=lambda: ["keycode", "hold", "flight"])
+    short_subjects: str = "skip"
+    loader_workers: int = 0
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class ModelSection:
+    name: str = "typenet"
+    embedding_size: int = 128
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
+
+
+@dataclass
+class LossSection:
+    name: str = "eer"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the loss's constructor
+
+
+@dataclass
+class TrainSection:
+    num_workers: int = 2  # Ray Train workers = data-parallel ranks
+    use_gpu: bool = False
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many steps (the schedule still spans `epochs`)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (GPU)
+    log_every: int = 10
+    val_every: int = 0  # steps between validations; 0: at each epoch end only
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at each epoch end only
+    num_to_keep: int = 2
+    max_failures: int = 0
+    stop_after_epochs: int = 0  # > 0: stop (checkpointed) after this many epochs, as if preempted
+
+
+@dataclass
+class EvalSection:
+    impostors_per_session: int = 10  # impostor comparisons drawn per session (genuine: all pairs)
+    distance: str = "euclidean"  # scores are −distance: euclidean | cosine
+
+
+@dataclass
+class WandbSection:
+    enabled: bool = True
+    project: str = "eerpipe"
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline (sync later)
+    dir: str = ""  # default: the run's folder when storage is local, else ./wandb-runs
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, data, "")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """Read a YAML file (or the defaults), then apply ``section.key=value`` overrides."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: a config file must hold a mapping of sections")
+            data = loaded
+        for override in overrides:
+            key, sep, value = override.partition("=")
+            if not sep or "." not in key:
+                raise ValueError(f"override {override!r} must look like section.key=value")
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"override {override!r}: {part!r} is not a section")
+            node[leaf] = yaml.safe_load(value)
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '(root)'} must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], value or {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, known[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, spec: dataclasses.Field, key: str) -> Any:
+    """Check ``value`` against the type of the field's default; ints may be given for floats."""
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, type(default)):
+        return value
+    raise ValueError(f"{key} must be of type {type(default).__name__}, got {value!r}")

@@ -1,0 +1,138 @@
+"""Distributed training on a real local Ray cluster: 2 DeepSpeed workers on the CPU with gloo.
+
+One straight run is shared by several specifications; each other run is compared with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.evaluate import load_model
+from pipeline.train import init_ray, train
+from sharding.writer import write_shards
+from tests.wandb_offline import history, run_config
+
+pytestmark = pytest.mark.slow
+CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards("synth:240:0", str(out), subjects_per_shard=60, val_subjects=30, test_subjects=30)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint: str):
+    """One local cluster for the module; created after the S3 variables so workers inherit them."""
+    import ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def config(shards: str, storage: str, name: str, *overrides: str) -> TrainConfig:
+    return TrainConfig.load(
+        CONFIG,
+        [f"data.shards={shards}", f"run.storage={storage}", f"run.name={name}", "train.log_every=2", *overrides],
+    )
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    storage = tmp_path_factory.mktemp("runs")
+    return train(config(shards, str(storage), "straight"), show_progress=False)
+
+
+def parameters(export: str) -> dict[str, torch.Tensor]:
+    model, _ = load_model(export)
+    return model.state_dict()
+
+
+def assert_same_parameters(left: str, right: str) -> None:
+    a, b = parameters(left), parameters(right)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def test_a_run_reports_validation_metrics_and_exports_final_and_best_models(straight_run):
+    metrics = straight_run.metrics
+    assert metrics["step"] == metrics["total_steps"] > 0
+    assert 0 <= metrics["val/eer"] < 0.5  # better than chance after 2 short epochs
+    assert {"val/auc", "val/per_subject_eer", "val/fnmr_at_fmr_1%"} <= metrics.keys()
+    for export in (straight_run.final_model, straight_run.best_model):
+        model, meta = load_model(export)
+        assert meta["model"]["name"] == "typenet"
+
+
+def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_run):
+    logs = list(Path(straight_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    rows = history(logs[0])
+    logged = set().union(*rows)
+    assert {
+        "train/loss", "train/threshold", "train/soft_far", "train/soft_frr", "train/batch_eer",
+        "train/lr", "train/grad_norm", "train/sessions_per_s", "train/step_time",
+        "val/eer", "val/auc", "val/per_subject_eer", "val/fnmr_at_fmr_0.1%",
+    } <= logged
+    assert {row["val/det/_type"] for row in rows if "val/det/_type" in row} == {"image-file"}
+    assert list(logs[0].parent.glob("files/media/images/val/det_*.png"))
+    assert run_config(logs[0])["loss"]["name"] == "eer"
+
+
+def test_stopping_after_an_epoch_and_relaunching_on_s3_matches_the_straight_run(
+    shards, ray_cluster, straight_run, s3_url
+):
+    first = train(config(shards, s3_url, "resumed", "train.stop_after_epochs=1", "wandb.enabled=false"), show_progress=False)
+    assert first.metrics["step"] == straight_run.metrics["step"] // 2
+    second = train(config(shards, s3_url, "resumed", "wandb.enabled=false"), show_progress=False)
+    assert second.metrics["step"] == straight_run.metrics["step"]
+    assert_same_parameters(second.final_model, straight_run.final_model)
+
+
+def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(run_dir.glob("checkpoint_2*")):
+        time.sleep(0.05)
+    for process in psutil.process_iter(["pid", "name", "cmdline"]):
+        title = " ".join([process.info["name"] or "", *(process.info["cmdline"] or [])])
+        if "RayTrainWorker" in title:
+            os.kill(process.info["pid"], signal.SIGKILL)
+            killed.append(process.info["pid"])
+            return
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
+    shards, ray_cluster, straight_run, tmp_path
+):
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(tmp_path / "faulty", killed))
+    killer.start()
+    result = train(
+        config(shards, str(tmp_path), "faulty", "train.checkpoint_every=2", "train.max_failures=1", "wandb.enabled=false"),
+        show_progress=False,
+    )
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    assert result.metrics["step"] == straight_run.metrics["step"]
+    assert_same_parameters(result.final_model, straight_run.final_model)
+
+
+def test_a_relaunch_with_a_different_batch_shape_is_refused(shards, ray_cluster, straight_run):
+    import ray.train
+
+    storage = str(Path(straight_run.run_dir).parent)
+    with pytest.raises(ray.train.TrainingFailedError, match="subjects_per_batch"):
+        train(config(shards, storage, "straight", "data.subjects_per_batch=12", "wandb.enabled=false"), show_progress=False)
