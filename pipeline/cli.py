@@ -25,6 +25,11 @@ _register_jobs(app)
 _expected = clean_errors(ValueError, FileNotFoundError, StorageError, ShardIntegrityError)
 
 
+_CHECKPOINT = typer.Option(
+    ..., "--checkpoint", help="model.pt, a folder holding it, or a run folder (its export/best); local or s3://."
+)
+
+
 @app.callback()
 def main() -> None:
     """eerpipe: distributed training with EERLoss."""
@@ -54,9 +59,7 @@ def train(
 @app.command()
 @_expected
 def evaluate(
-    checkpoint: str = typer.Option(
-        ..., "--checkpoint", help="model.pt, a folder holding it, or a run folder (its export/best); local or s3://."
-    ),
+    checkpoint: str = _CHECKPOINT,
     shards: str = typer.Option(..., "--shards", help="The shard set's folder or URL (its manifest.json)."),
     split: str = typer.Option("test", "--split", help="train | val | test."),
     out: Path = typer.Option(Path("evaluation"), "--out", help="Folder for metrics.json, report.md and det.png."),
@@ -77,9 +80,7 @@ def evaluate(
 @app.command()
 @_expected
 def predict(
-    checkpoint: str = typer.Option(
-        ..., "--checkpoint", help="model.pt, a folder holding it, or a run folder (its export/best); local or s3://."
-    ),
+    checkpoint: str = _CHECKPOINT,
     kvc: Path = typer.Option(
         ..., "--kvc", help="KVC data folder (or its scenario subfolder) with the test sessions and comparisons."
     ),

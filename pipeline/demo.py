@@ -41,7 +41,7 @@ def main() -> None:
         progress=True,
     )
     print("[3/4] training: Ray Train, 2 DeepSpeed workers (CPU, gloo), EERLoss on the gathered global batch", flush=True)
-    config = TrainConfig.load(CONFIG, [f"data.shards={out / 'shards'}", f"run.storage={out / 'runs'}", "run.name=demo"])
+    config = TrainConfig.load(CONFIG, [f"data.shards={out / 'shards'}", f"run.storage={out / 'runs'}", "run.name=demo", "train.epochs=6"])
     result = train(config)
     print("[4/4] evaluation on held-out test subjects", flush=True)
     report, report_dir = evaluate(result.best_model, str(out / "shards"), split="test", out_dir=out / "report")

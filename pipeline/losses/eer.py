@@ -32,6 +32,16 @@ How the gradient reaches the threshold (``threshold_grad``):
   soft moves ``c = exp(k·(rate − max))`` on percent rates), differentiated step by step.
 * ``"detached"``: ``d*`` is a constant; only the pairs move.
 
+Recipe options (issue 8, measured in ``docs/research-notes.md``):
+
+* ``normalize=True`` L2-normalises the embeddings before the (Euclidean) distance, as the
+  pytorch-metric-learning triplet baselines do: pair distances then live in ``[0, 2]``, so ``k``
+  has a fixed meaning relative to them instead of drifting with the embedding norm.
+* ``floor="softplus"`` replaces the area variant's hard floor ``max(ε, x)`` by ``τ·softplus(x/τ)``
+  (``x`` is the signed, ``d*``-relative distance to the threshold): correct pairs within a few
+  ``τ`` of ``d*`` keep a gradient, so a batch that is already separated at ``d*`` still trains
+  (with the hard floor only the pair that ``d*`` lands on does).
+
 ``evaluate_at="midpoint"`` reproduces a quirk of the authors' code, which evaluates the rates at
 the last midpoint of the search instead of at the final ``d*``; the default evaluates at ``d*``.
 
@@ -147,6 +157,8 @@ class EERLoss(torch.nn.Module):
         alpha, beta, eps: margin, power and floor of the area variant.
         threshold_grad: ``"implicit"``, ``"unrolled"`` or ``"detached"`` (see the module doc).
         evaluate_at: ``"threshold"`` (at d*) or ``"midpoint"`` (authors' last midpoint).
+        normalize: L2-normalise the embeddings first (see the module doc).
+        floor, tau: the area variant's floor, ``"hard"`` ``max(ε, x)`` or ``"softplus"`` ``τ·softplus(x/τ)``.
     """
 
     def __init__(

@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
-
-from pipeline.data.features import DEFAULT_FEATURES
 
 from pipeline.models.transformer import KeystrokeTransformer
 from pipeline.models.type2branch import SIZES, Type2Branch
@@ -36,11 +33,7 @@ def build_model(name: str, **cfg: Any) -> nn.Module:
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    model = MODELS[name](**cfg)
-    probe = torch.zeros(1, 2, len(cfg.get("features", DEFAULT_FEATURES)))
-    with torch.no_grad():
-        model.embedding_size = int(model.eval()(probe, torch.ones(1, 2, dtype=torch.bool)).shape[1])
-    return model.train()
+    return MODELS[name](**cfg)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -30,6 +30,7 @@ class KeystrokeTransformer(nn.Module):
         max_len: int = 512,
     ) -> None:
         super().__init__()
+        self.embedding_size = embedding_size  # read by evaluation for empty batches
         self.input = KeystrokeInput(features, keycode_dim=16)
         self.project_in = nn.Linear(self.input.out_features, d_model)
         self.positions = nn.Parameter(torch.randn(max_len, d_model) * 0.02)

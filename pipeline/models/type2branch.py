@@ -71,6 +71,7 @@ class Type2Branch(nn.Module):
         heads: int = 4,
     ) -> None:
         super().__init__()
+        self.embedding_size = embedding_size  # read by evaluation for empty batches
         self.input = KeystrokeInput(features, keycode_dim=8)
         channels = self.input.out_features
         self.input_norm = MaskedBatchNorm(channels)

@@ -26,6 +26,7 @@ class TypeNet(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
+        self.embedding_size = embedding_size  # read by evaluation for empty batches
         self.input_norm = MaskedBatchNorm(len(tuple(features)))
         self.lstm1 = nn.LSTM(len(tuple(features)), hidden, batch_first=True)
         self.between_norm = MaskedBatchNorm(hidden)

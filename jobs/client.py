@@ -1,0 +1,75 @@
+"""Reach a Ray cluster's job API: which address, and the token that authenticates to it.
+
+Two Ray behaviours are worked around here, both read in ray 2.60's source:
+
+* ``JobSubmissionClient`` lets ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` override the
+  address it is given (``ray.dashboard.utils.get_address_for_submission_client``); an explicit
+  ``--address`` must win, so those variables are hidden while the client is built.
+* The client sends the cluster's token (``Authorization: Bearer …``) only when
+  ``RAY_AUTH_MODE=token`` is set in this process, even when ``RAY_AUTH_TOKEN`` is; ``ray://``
+  addresses need the mode too, for their gRPC calls. Like ``ray.init`` joining an existing
+  cluster, token mode is switched on when a token can be found (``RAY_AUTH_TOKEN``, the file
+  at ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``) unless ``RAY_AUTH_MODE`` says otherwise.
+  The token travels only in that header: never in a job's entrypoint, metadata or environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+class JobError(Exception):
+    """A job operation that cannot go on; the message says why and what to do."""
+
+
+def cluster_address(address: str | None = None) -> str:
+    """The job API address: ``address`` if given, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``."""
+    for candidate in (address, *(os.environ.get(name) for name in ADDRESS_VARIABLES)):
+        if candidate:
+            return candidate.rstrip("/")
+    raise JobError(
+        "no cluster address: pass --address http://HEAD:8265 (or ray://HEAD:10001), or set RAY_ADDRESS"
+    )
+
+
+def connect(address: str | None = None) -> "JobSubmissionClient":
+    """A job client for the cluster at ``address`` (see :func:`cluster_address`), token included."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    target = cluster_address(address)
+    _use_token_if_available()
+    try:
+        with _hidden(ADDRESS_VARIABLES):
+            return JobSubmissionClient(target)
+    except AuthenticationError as error:
+        raise JobError(f"{target} refused the token: {error}") from error
+    except ConnectionError as error:
+        raise JobError(f"cannot reach a Ray job API at {target}: {error}") from error
+
+
+def _use_token_if_available() -> None:
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray caches its config: make it read the mode again
+
+
+@contextmanager
+def _hidden(names: tuple[str, ...]) -> Iterator[None]:
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

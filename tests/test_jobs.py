@@ -1,0 +1,276 @@
+"""``eerpipe job``: training runs submitted to a real Ray head on 127.0.0.1 with token auth.
+
+One head per module (``ray start --head --block`` with the dashboard and job server, stopped
+by signalling that process only: ``ray stop`` would also stop other Ray clusters on the
+machine). The CLI runs as a subprocess, as a user runs it; the job API is also read directly
+with the cluster's token to check what Ray stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from jobs.submission import CONFIG_KEY, PACKAGES, PASS_THROUGH, RESUMED_KEY, RUN_KEY, job_request
+from pipeline.cli import app
+from pipeline.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["train.num_workers=1", "train.log_every=1", "wandb.enabled=false"]
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIA-submitter-key-id-0001",
+    "AWS_SECRET_ACCESS_KEY": "submitter-secret-access-key-0002",
+    "AWS_SESSION_TOKEN": "submitter-session-token-0003",
+    "WANDB_API_KEY": "submitter-wandb-api-key-0004",
+}
+SETTINGS = {"AWS_REGION": "eu-west-3", "WANDB_PROJECT": "eerpipe-jobs-test"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    address: str  # the job API, http://127.0.0.1:PORT
+    client_address: str  # Ray Client, ray://127.0.0.1:PORT
+    token: str
+    root: Path  # scratch: shards, run storage
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A submitter's environment: the cluster's token, no address, no auth mode."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in SECRETS}
+        env.update(RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0", **extra)
+        return env
+
+    def eerpipe(self, *args: str, env: dict[str, str] | None = None, address: bool = True) -> subprocess.CompletedProcess:
+        command = [str(BIN / "eerpipe"), "job", *args] + (["--address", self.address] if address else [])
+        return subprocess.run(command, env=env or self.env(), capture_output=True, text=True, timeout=300)
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    from sharding.writer import write_shards
+
+    root = Path(tempfile.mkdtemp(prefix="eerjob-", dir="/tmp"))  # short: Ray's socket paths
+    token = secrets.token_hex(16)
+    dashboard, client_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node IP 127.0.0.1
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop at once on SIGTERM
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the jobs' `eerpipe`
+    )
+    log = open(root / "head.log", "w")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={_free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--ray-client-server-port={client_port}", "--num-cpus=2", f"--temp-dir={root / 'ray'}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    write_shards("synth:300:0", str(root / "shards"), subjects_per_shard=100, val_subjects=30, test_subjects=30)
+    ready = Cluster(f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client_port}", token, root)
+    try:
+        _wait_until_serving(ready, head)
+        yield ready
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_until_serving(cluster: Cluster, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited {head.returncode}:\n{(cluster.root / 'head.log').read_text()[-3000:]}")
+        try:
+            cluster.client().list_jobs()
+            return
+        except Exception:
+            time.sleep(1)
+    pytest.fail(f"no job API at {cluster.address} after {timeout_s} s")
+
+
+def submit_args(cluster: Cluster, name: str, *overrides: str) -> list[str]:
+    return ["submit", "--config", str(ROOT / "configs/cpu-local.yaml"), "--name", name,
+            f"data.shards={cluster.root / 'shards'}", f"run.storage={cluster.root / 'runs'}", *TINY, *overrides]
+
+
+@dataclass
+class Submitted:
+    result: subprocess.CompletedProcess
+    submission_id: str
+    info: dict
+
+
+@pytest.fixture(scope="module")
+def finished_run(cluster: Cluster) -> Submitted:
+    """Run ``tiny``: 3 steps, submitted with secrets and settings in the submitter's environment."""
+    env = cluster.env(**SECRETS, **SETTINGS)
+    result = cluster.eerpipe(*submit_args(cluster, "tiny", "train.max_steps=3"), "--follow", env=env)
+    submission_id = result.stdout.split("submitted ", 1)[1].split()[0] if "submitted " in result.stdout else ""
+    info = cluster.client().get_job_info(submission_id).model_dump() if submission_id else {}
+    return Submitted(result, submission_id, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a job is made of (no cluster)
+# ---------------------------------------------------------------------------------------------
+def test_a_job_runs_eerpipe_train_on_its_own_config_with_the_projects_code(tmp_path: Path) -> None:
+    config = TrainConfig.load(ROOT / "configs/cpu-local.yaml", ["run.storage=/abs/runs"])
+    request = job_request(config, str(tmp_path), environ={**SECRETS, **SETTINGS, "HOME": "/home/x"})
+
+    assert shlex.split(request.entrypoint) == ["eerpipe", "train", "--config", "eerpipe-job.yaml"]
+    assert request.runtime_env["working_dir"] == str(tmp_path)
+    assert [Path(p).name for p in request.runtime_env["py_modules"]] == list(PACKAGES)
+    assert TrainConfig.from_dict(yaml.safe_load(request.metadata[CONFIG_KEY])) == config
+    assert request.metadata[RUN_KEY] == "cpu-local"
+    assert request.submission_id.startswith("cpu-local-")
+
+
+def test_only_non_secret_settings_travel_from_the_submitters_environment(tmp_path: Path) -> None:
+    config = TrainConfig.load(ROOT / "configs/gpu.yaml")
+    request = job_request(config, str(tmp_path), environ={**SECRETS, **SETTINGS, "AWS_ENDPOINT_URL": "http://s3.local"})
+
+    assert request.runtime_env["env_vars"] == {
+        **SETTINGS, "AWS_ENDPOINT_URL": "http://s3.local", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    }
+    assert not set(PASS_THROUGH) & set(SECRETS)
+    assert not any(value in json.dumps(request.__dict__) for value in SECRETS.values())
+
+
+def test_cpu_runs_ask_deepspeed_for_its_cpu_accelerator(tmp_path: Path) -> None:
+    request = job_request(TrainConfig.load(ROOT / "configs/cpu-local.yaml"), str(tmp_path), environ={})
+    assert request.runtime_env["env_vars"]["DS_ACCELERATOR"] == "cpu"
+
+
+@pytest.mark.parametrize("env", [{}, {"RAY_ADDRESS": ""}])
+def test_without_an_address_the_cli_says_how_to_give_one(env: dict[str, str]) -> None:
+    result = CliRunner().invoke(app, ["job", "list"], env={"RAY_ADDRESS": None, "RAY_API_SERVER_ADDRESS": None, **env})
+    assert result.exit_code == 1
+    assert "no cluster address" in result.output and "--address" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a real Ray head
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_submitted_run_trains_to_success_and_its_logs_are_readable(cluster: Cluster, finished_run: Submitted) -> None:
+    assert finished_run.result.returncode == 0, finished_run.result.stderr + finished_run.result.stdout
+    assert "step 3/3" in finished_run.result.stdout  # --follow streamed the job's output
+    assert "status: SUCCEEDED" in finished_run.result.stderr
+    assert (cluster.root / "runs/tiny/export/final/model.pt").is_file()
+
+    logs = cluster.eerpipe("logs", "tiny")  # a run name finds its latest job
+    assert logs.returncode == 0 and "step 3/3" in logs.stdout
+    status = cluster.eerpipe("status", finished_run.submission_id)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "eerpipe train" in status.stdout
+    listing = cluster.eerpipe("list")
+    assert listing.returncode == 0 and finished_run.submission_id in listing.stdout
+
+
+@pytest.mark.slow
+def test_no_secret_of_the_submitter_reaches_the_job_table(cluster: Cluster, finished_run: Submitted) -> None:
+    stored = json.dumps(finished_run.info, default=str)
+    for value in [*SECRETS.values(), cluster.token]:
+        assert value not in stored
+    assert finished_run.info["runtime_env"]["env_vars"].items() >= SETTINGS.items()
+    assert finished_run.info["metadata"][RUN_KEY] == "tiny"
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run_from_its_checkpoint(cluster: Cluster, finished_run: Submitted) -> None:
+    result = cluster.eerpipe("resume", "tiny", "train.max_steps=5", "--follow")
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "step 4/5" in result.stdout and "step 1/5" not in result.stdout
+    resumed = cluster.client().get_job_info(result.stdout.split("submitted ", 1)[1].split()[0])
+    assert resumed.metadata[RESUMED_KEY] == finished_run.submission_id
+    first = TrainConfig.from_dict(yaml.safe_load(finished_run.info["metadata"][CONFIG_KEY]))
+    second = TrainConfig.from_dict(yaml.safe_load(resumed.metadata[CONFIG_KEY]))
+    first.train.max_steps = 5
+    assert second == first
+
+
+@pytest.mark.slow
+def test_a_failing_entrypoint_fails_the_command_with_the_jobs_error(cluster: Cluster) -> None:
+    result = cluster.eerpipe(*submit_args(cluster, "broken", f"data.shards={cluster.root / 'missing'}"), "--wait")
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr and "broken-" in result.stderr
+
+
+@pytest.mark.slow
+def test_relative_paths_are_refused_before_anything_is_submitted(cluster: Cluster) -> None:
+    result = cluster.eerpipe(*submit_args(cluster, "relative", "run.storage=runs"))
+    assert result.returncode == 1 and "run.storage='runs' is relative" in result.stderr
+    assert not [job for job in cluster.client().list_jobs() if (job.metadata or {}).get(RUN_KEY) == "relative"]
+
+
+@pytest.mark.slow
+def test_unknown_jobs_and_wrong_addresses_are_clear_errors(cluster: Cluster) -> None:
+    unknown = cluster.eerpipe("status", "no-such-run")
+    assert unknown.returncode == 1 and "no job or run named 'no-such-run'" in unknown.stderr
+
+    closed = f"http://127.0.0.1:{_free_port()}"
+    unreachable = cluster.eerpipe("list", "--address", closed, address=False)
+    assert unreachable.returncode == 1 and f"cannot reach a Ray job API at {closed}" in unreachable.stderr
+
+    wrong_token = cluster.eerpipe("list", env={**cluster.env(), "RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong_token.returncode == 1 and "refused the token" in wrong_token.stderr
+
+
+@pytest.mark.slow
+def test_the_address_may_be_ray_client_or_come_from_RAY_ADDRESS(cluster: Cluster, finished_run: Submitted) -> None:
+    via_client = cluster.eerpipe("status", "tiny", "--address", cluster.client_address, address=False)
+    assert via_client.returncode == 0 and "tiny-" in via_client.stdout, via_client.stderr
+
+    via_env = cluster.eerpipe("status", "tiny", env=cluster.env(RAY_ADDRESS=cluster.address), address=False)
+    assert via_env.returncode == 0 and "tiny-" in via_env.stdout
+
+    explicit_wins = cluster.eerpipe("list", env=cluster.env(RAY_ADDRESS="http://127.0.0.1:1"))
+    assert explicit_wins.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_running_job_can_be_stopped_and_its_run_cannot_be_doubled(cluster: Cluster) -> None:
+    submitted = cluster.eerpipe(*submit_args(cluster, "long", "train.epochs=1000"))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split("submitted ", 1)[1].split()[0]
+
+    doubled = cluster.eerpipe(*submit_args(cluster, "long", "train.epochs=1000"))
+    assert doubled.returncode == 1 and f"already has job {job_id}" in doubled.stderr
+
+    stopped = cluster.eerpipe("stop", "long", "--wait")
+    assert stopped.returncode == 0 and f"stopping {job_id}" in stopped.stdout
+    assert str(cluster.client().get_job_status(job_id)) == "STOPPED"
