@@ -125,7 +125,7 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
     run_dir = f"{config.run.storage}/{config.run.name}"
     return TrainResult(
         run_dir=run_dir,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=_checkpoint_url(result.checkpoint, config.run.storage),
         metrics=dict(result.metrics or {}),
         final_model=f"{run_dir}/{EXPORT_DIR}/final/model.pt",
         best_model=f"{run_dir}/{EXPORT_DIR}/best/model.pt",
@@ -148,6 +148,13 @@ def init_ray(use_gpu: bool = False) -> None:
         logging_config=ray.LoggingConfig(log_level="ERROR"),
         runtime_env=None if use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
     )
+
+
+def _checkpoint_url(checkpoint: Any, storage: str) -> str | None:
+    """The checkpoint as a URL that ``--resume-from`` accepts (Ray drops ``s3://``)."""
+    if checkpoint is None:
+        return None
+    return f"s3://{checkpoint.path}" if storage.startswith("s3://") else checkpoint.path
 
 
 def ray_storage(url: str) -> tuple[str, Any]:

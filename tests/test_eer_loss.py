@@ -37,7 +37,7 @@ def batch_eer(embeddings: torch.Tensor, labels: torch.Tensor, distance: str = "e
 def test_direct_variant_converges_to_the_exact_batch_eer(seed, spread, distance):
     # Documented setting: k = 5000 (1/distance), 40 search steps, ~1,700 genuine pairs.
     embeddings, labels = clustered_batch(seed, subjects=48, per_subject=10, spread=spread)
-    loss = EERLoss(variant="direct", distance=distance, k=5000, search_steps=40)(embeddings, labels)
+    loss = EERLoss(variant="direct", distance=distance, k=5000, search_steps=40, normalize=False)(embeddings, labels)
     assert abs(loss.item() - 100 * batch_eer(embeddings, labels, distance)) <= 0.1
 
 
@@ -97,7 +97,7 @@ def test_a_batch_without_genuine_or_impostor_pairs_is_refused(labels, missing):
 def test_operating_point_targets_land_at_the_requested_rate(target):
     embeddings, labels = clustered_batch(seed=3, subjects=60, per_subject=8, spread=1.0)
     (kind, rate), = target.items()
-    _, stats = EERLoss(variant="direct", k=5000, search_steps=40, target=target)(
+    _, stats = EERLoss(variant="direct", k=5000, search_steps=40, target=target, normalize=False)(
         embeddings, labels, return_stats=True
     )
     genuine, impostor = pair_distances(embeddings.detach(), labels)
@@ -115,7 +115,7 @@ def test_fmr_target_loss_is_the_soft_fnmr_at_that_threshold():
 
 def test_stats_report_threshold_soft_rates_and_exact_eer():
     embeddings, labels = clustered_batch(seed=5, spread=0.8)
-    loss, stats = EERLoss(variant="direct")(embeddings, labels, return_stats=True)
+    loss, stats = EERLoss(variant="direct", normalize=False)(embeddings, labels, return_stats=True)
     assert stats.exact_eer == pytest.approx(batch_eer(embeddings, labels))
     assert loss.item() == pytest.approx(100 * (stats.soft_far + stats.soft_frr) / 2)
     assert stats.soft_far == pytest.approx(stats.soft_frr, abs=2e-3)  # d* sits at the EER point
@@ -137,7 +137,7 @@ def exact_root_loss(embeddings: torch.Tensor, labels: torch.Tensor, k: float) ->
 
 def test_implicit_threshold_gradient_is_the_derivative_of_the_exact_root():
     embeddings, labels = clustered_batch(seed=6, subjects=6, per_subject=4, spread=1.0, dim=3)
-    loss = EERLoss(variant="direct", k=5, search_steps=60)(embeddings, labels)
+    loss = EERLoss(variant="direct", k=5, search_steps=60, normalize=False)(embeddings, labels)
     (gradient,) = torch.autograd.grad(loss, embeddings)
     numeric = torch.zeros_like(embeddings)
     step = 1e-6
@@ -181,7 +181,7 @@ def authors_area_loss(embeddings, labels, k=100.0, steps=16, alpha=0.0, beta=0.8
 
 def test_unrolled_mode_reproduces_the_authors_area_loss_and_gradients():
     embeddings, labels = clustered_batch(seed=8, subjects=6, per_subject=5, spread=0.8)
-    ours = EERLoss(threshold_grad="unrolled")(embeddings, labels)
+    ours = EERLoss(threshold_grad="unrolled", normalize=False)(embeddings, labels)
     theirs = authors_area_loss(embeddings, labels)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(torch.autograd.grad(ours, embeddings)[0], torch.autograd.grad(theirs, embeddings)[0])
@@ -202,12 +202,13 @@ def test_training_with_eer_loss_separates_subjects():
     model = torch.nn.Linear(16, 8, dtype=torch.float64)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     loss_fn = EERLoss()
-    before = batch_eer(model(embeddings), labels)
+    # Measured in the loss's own geometry: the default normalises, so directions are what it separates.
+    before = batch_eer(model(embeddings), labels, "cosine")
     for _ in range(40):
         optimizer.zero_grad()
         loss_fn(model(embeddings.detach()), labels).backward()
         optimizer.step()
-    assert batch_eer(model(embeddings), labels) < 0.7 * before
+    assert batch_eer(model(embeddings), labels, "cosine") < 0.7 * before
 
 
 def test_normalize_compares_directions_only():
@@ -216,7 +217,7 @@ def test_normalize_compares_directions_only():
     loss_fn = EERLoss(normalize=True)
     torch.testing.assert_close(loss_fn(embeddings * scale, labels), loss_fn(embeddings, labels))
     unit = torch.nn.functional.normalize(embeddings.detach(), dim=1)
-    torch.testing.assert_close(loss_fn(embeddings, labels), EERLoss()(unit, labels))
+    torch.testing.assert_close(loss_fn(embeddings, labels), EERLoss(normalize=False)(unit, labels))
 
 
 def separable_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,16 +230,16 @@ def separable_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_hard_floor_starves_a_separable_batch_and_the_softplus_floor_does_not():
     # With the hard floor only the pair d* lands on (the hardest genuine one) keeps a trace of gradient.
     embeddings, labels = separable_batch()
-    (hard,) = torch.autograd.grad(EERLoss()(embeddings, labels), embeddings)
-    (smooth,) = torch.autograd.grad(EERLoss(floor="softplus", tau=0.05)(embeddings, labels), embeddings)
+    (hard,) = torch.autograd.grad(EERLoss(normalize=False)(embeddings, labels), embeddings)
+    (smooth,) = torch.autograd.grad(EERLoss(normalize=False, floor="softplus", tau=0.05)(embeddings, labels), embeddings)
     assert torch.isfinite(smooth).all()
     assert smooth.abs().max() > 1000 * hard.abs().max()
 
 
 def test_softplus_floor_approaches_the_hard_floor_as_tau_shrinks():
     embeddings, labels = clustered_batch(seed=13, spread=1.0)
-    hard = EERLoss(alpha=0.1)(embeddings, labels).item()
-    gaps = [abs(EERLoss(alpha=0.1, floor="softplus", tau=tau)(embeddings, labels).item() - hard) for tau in (0.1, 0.01, 0.001)]
+    hard = EERLoss(alpha=0.1, normalize=False)(embeddings, labels).item()
+    gaps = [abs(EERLoss(alpha=0.1, normalize=False, floor="softplus", tau=tau)(embeddings, labels).item() - hard) for tau in (0.1, 0.01, 0.001)]
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01 * hard
 
 

@@ -215,6 +215,9 @@ def test_unusable_storage_fails_before_any_work(s3_endpoint: str, monkeypatch: p
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     S3FileSystem.clear_instance_cache()  # as in a fresh process: credentials are looked up anew
-    result = runner.invoke(app, ["shard", "--source", "synth:10", "--out", "s3://eerpipe-test/y",
-                                 "--no-progress"])
+    try:
+        result = runner.invoke(app, ["shard", "--source", "synth:10", "--out", "s3://eerpipe-test/y",
+                                     "--no-progress"])
+    finally:
+        S3FileSystem.clear_instance_cache()  # later tests must not reuse the credential-less client
     assert result.exit_code == 1 and "credentials" in result.stderr

@@ -92,14 +92,19 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     assert run_config(logs[0])["loss"]["name"] == "eer"
 
 
-def test_stopping_after_an_epoch_and_relaunching_on_s3_matches_the_straight_run(
+def test_stopping_after_an_epoch_and_relaunching_or_resuming_from_it_on_s3_matches_the_straight_run(
     shards, ray_cluster, straight_run, s3_url
 ):
     first = train(config(shards, s3_url, "resumed", "train.stop_after_epochs=1", "wandb.enabled=false"), show_progress=False)
     assert first.metrics["step"] == straight_run.metrics["step"] // 2
+    assert first.checkpoint.startswith("s3://")
     second = train(config(shards, s3_url, "resumed", "wandb.enabled=false"), show_progress=False)
     assert second.metrics["step"] == straight_run.metrics["step"]
     assert_same_parameters(second.final_model, straight_run.final_model)
+    forked = train(
+        config(shards, s3_url, "forked", "wandb.enabled=false"), resume_from=first.checkpoint, show_progress=False
+    )
+    assert_same_parameters(forked.final_model, straight_run.final_model)
 
 
 def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
