@@ -96,5 +96,72 @@ def predict(
     typer.echo(f"predictions: {text}\nupload:      {text.with_suffix('.zip')}")
 
 
+experiment = typer.Typer(help="Same budget, one varied setting: losses, batch sizes, operating points.", no_args_is_help=True)
+app.add_typer(experiment, name="experiment")
+_SHARDS = typer.Option(..., "--shards", help="The shard set's folder or URL (its manifest.json).")
+_CONFIG = typer.Option(None, "--config", "-c", help="YAML training config shared by every arm.")
+_OUT = typer.Option(Path("experiment"), "--out", help="Folder for results.md/json, det.png and val_eer.png.")
+_OVERRIDES = typer.Argument(None, help="section.key=value overrides applied to every arm.")
+
+
+def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]], prefix: str,
+              overrides: Optional[list[str]]) -> None:
+    from pipeline.config import use_local_ray_settings
+
+    use_local_ray_settings()
+    from pipeline.experiment import run_experiment
+
+    run_experiment(str(config) if config else None, shards, out, arms, prefix=prefix, overrides=overrides or [])
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
+
+
+@experiment.command()
+@_expected
+def ablation(
+    shards: str = _SHARDS,
+    config: Optional[Path] = _CONFIG,
+    out: Path = _OUT,
+    arms: str = typer.Option("", "--arms", help="Comma-separated subset of the arms (default: all)."),
+    overrides: Optional[list[str]] = _OVERRIDES,
+) -> None:
+    """Every loss with the same model, batches, optimizer, seed and steps."""
+    from pipeline.experiment import ABLATION_ARMS
+
+    chosen = [a for a in arms.split(",") if a] or list(ABLATION_ARMS)
+    unknown = sorted(set(chosen) - set(ABLATION_ARMS))
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ABLATION_ARMS)}")
+    _run_arms(config, shards, out, {a: ABLATION_ARMS[a] for a in chosen}, "ablation", overrides)
+
+
+@experiment.command("batch-size")
+@_expected
+def batch_size(
+    shards: str = _SHARDS,
+    config: Optional[Path] = _CONFIG,
+    out: Path = _OUT,
+    subjects: str = typer.Option("4,8,16,32", "--subjects", help="Subjects per rank per batch (P), comma-separated."),
+    overrides: Optional[list[str]] = _OVERRIDES,
+) -> None:
+    """EER against the number of subjects per global batch (P × ranks, gathered)."""
+    arms = {f"P{p}": [f"data.subjects_per_batch={int(p)}"] for p in subjects.split(",")}
+    _run_arms(config, shards, out, arms, "batch-size", overrides)
+
+
+@experiment.command("operating-point")
+@_expected
+def operating_point(
+    shards: str = _SHARDS,
+    config: Optional[Path] = _CONFIG,
+    out: Path = _OUT,
+    fmr: float = typer.Option(1e-3, "--fmr", help="The FMR the second arm trains for."),
+    overrides: Optional[list[str]] = _OVERRIDES,
+) -> None:
+    """EERLoss at the EER point vs at a fixed FMR: FNMR there and EER for both."""
+    arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": ["loss.name=eer", f"loss.options={{target: {{fmr: {fmr}}}}}"]}
+    _run_arms(config, shards, out, arms, "operating-point", overrides)
+
+
 if __name__ == "__main__":
     app()

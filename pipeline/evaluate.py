@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -226,16 +227,20 @@ def _progress(show: bool) -> Progress:
     return Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not show)
 
 
-def evaluate(
-    checkpoint: str,
-    shards: str,
-    *,
-    split: str = "test",
-    out_dir: str | Path = "evaluation",
-    batch_size: int = 1024,
-    progress: bool = False,
-) -> tuple[dict[str, Any], Path]:
-    """Embed every session of ``split`` with an exported model; write and return its report.
+@dataclass
+class Scored:
+    """A model's verification of one split: the report and the comparisons behind it."""
+
+    report: dict[str, Any]
+    truth: np.ndarray
+    scores: np.ndarray
+    name: str
+
+
+def score_split(
+    checkpoint: str, shards: str, *, split: str = "test", batch_size: int = 1024, progress: bool = False
+) -> Scored:
+    """Embed every session of ``split`` with an exported model and run the protocol.
 
     Features, ``max_len``, distance and impostors per session come from the export, so the
     numbers are those the training run's validation computed for the same model and sessions.
@@ -255,7 +260,21 @@ def evaluate(
         embeddings, labels,
         impostors_per_session=settings["impostors_per_session"], distance=settings["distance"],
     )
-    return report, write_report(out_dir, report, truth, scores, f"{export['model']['name']} on {split}")
+    return Scored(report, truth, scores, f"{export['model']['name']} on {split}")
+
+
+def evaluate(
+    checkpoint: str,
+    shards: str,
+    *,
+    split: str = "test",
+    out_dir: str | Path = "evaluation",
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> tuple[dict[str, Any], Path]:
+    """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
+    scored = score_split(checkpoint, shards, split=split, batch_size=batch_size, progress=progress)
+    return scored.report, write_report(out_dir, scored.report, scored.truth, scored.scores, scored.name)
 
 
 def embed_sessions(

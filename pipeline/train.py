@@ -78,6 +78,7 @@ class TrainResult:
     metrics: dict[str, Any]
     final_model: str
     best_model: str
+    curve: list[tuple[int, float]]  # (step, val EER) of every kept checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +130,7 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
         metrics=dict(result.metrics or {}),
         final_model=f"{run_dir}/{EXPORT_DIR}/final/model.pt",
         best_model=f"{run_dir}/{EXPORT_DIR}/best/model.pt",
+        curve=sorted((m["step"], m["val/eer"]) for _, m in result.best_checkpoints if "val/eer" in m),
     )
 
 
@@ -196,22 +198,22 @@ class _ForwardReports(ray.train.UserCallback):
 
 
 def _show_progress(queue: Any, enabled: bool) -> None:
-    """Driver-side progress: step, loss, val EER, sessions/s, ETA."""
+    """Driver-side progress: step, loss, val EER, sessions/s, ETA (latest known values)."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    val_eer = float("nan")
+    latest: dict[str, Any] = {"train/loss": float("nan"), "val/eer": float("nan"), "train/sessions_per_s": 0.0}
     for metrics in iter(queue.get, None):
+        latest.update(metrics)
         if not enabled or "step" not in metrics:
             continue
-        val_eer = metrics.get("val/eer", val_eer)
-        remaining = metrics.get("total_steps", 0) - metrics["step"]
-        rate = metrics.get("train/step_time")
-        eta = f"{remaining * rate / 60:.1f} min" if rate else "?"
+        remaining = latest.get("total_steps", 0) - latest["step"]
+        step_time = latest.get("train/step_time")
+        eta = f"{remaining * step_time / 60:.1f} min" if step_time else "?"
         console.print(
-            f"step {metrics['step']}/{metrics.get('total_steps', '?')}  epoch {metrics.get('epoch', 0)}  "
-            f"loss {metrics.get('train/loss', float('nan')):.4f}  val EER {100 * val_eer:.2f}%  "
-            f"{metrics.get('train/sessions_per_s', 0):.0f} sessions/s  ETA {eta}",
+            f"step {latest['step']}/{latest.get('total_steps', '?')}  epoch {latest.get('epoch', 0)}  "
+            f"loss {latest['train/loss']:.4f}  val EER {100 * latest['val/eer']:.2f}%  "
+            f"{latest['train/sessions_per_s']:.0f} sessions/s  ETA {eta}",
             highlight=False,
         )
 

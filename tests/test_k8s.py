@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import re
 import shlex
-import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -32,10 +31,6 @@ KUSTOMIZATIONS = [*RAYJOB_KUSTOMIZATIONS, "interactive"]
 SECRET_NAMES = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
 GPU = "nvidia.com/gpu"
 
-requires_kubectl = pytest.mark.skipif(
-    shutil.which("kubectl") is None,
-    reason="kubectl (with its built-in kustomize) renders k8s/: apt-get install -y kubectl",
-)
 # The object metadata this project writes; the CRDs leave it open (the API server checks it).
 OBJECT_META = {
     "type": "object",
@@ -123,7 +118,6 @@ def entrypoint_config(entrypoint: str) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------------
-@requires_kubectl
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_every_rendered_manifest_is_valid_for_kuberay(kustomization: str) -> None:
     kinds = sorted(doc["kind"] for doc in rendered(kustomization))
@@ -136,7 +130,6 @@ def test_every_rendered_manifest_is_valid_for_kuberay(kustomization: str) -> Non
             assert errors(manifest) == []
 
 
-@requires_kubectl
 @pytest.mark.parametrize(
     "path, misspelling",
     [
@@ -159,7 +152,6 @@ def test_a_misspelled_field_is_rejected(path: tuple, misspelling: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Semantics
 # ---------------------------------------------------------------------------------------------
-@requires_kubectl
 @pytest.mark.parametrize("kustomization", RAYJOB_KUSTOMIZATIONS)
 def test_the_entrypoint_trains_with_one_worker_per_gpu(kustomization: str) -> None:
     job = one(kustomization, "RayJob")
@@ -180,7 +172,6 @@ def test_the_entrypoint_trains_with_one_worker_per_gpu(kustomization: str) -> No
     assert config.run.storage.startswith("s3://") and config.data.shards.startswith("s3://")  # outlive the pods
 
 
-@requires_kubectl
 @pytest.mark.parametrize("kustomization", ["base", "overlays/gpu-4node-8x", "interactive"])
 def test_gpu_workers_request_their_gpus_tolerate_gpu_nodes_and_get_a_memory_shm(kustomization: str) -> None:
     manifest = one(kustomization, "RayCluster" if kustomization == "interactive" else "RayJob")
@@ -194,14 +185,12 @@ def test_gpu_workers_request_their_gpus_tolerate_gpu_nodes_and_get_a_memory_shm(
         assert {"name": shm["name"], "mountPath": "/dev/shm"} in template["spec"]["containers"][0]["volumeMounts"]
 
 
-@requires_kubectl
 @pytest.mark.parametrize("kustomization", RAYJOB_KUSTOMIZATIONS)
 def test_the_rayjob_tears_its_cluster_down_after_the_job(kustomization: str) -> None:
     spec = one(kustomization, "RayJob")["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
 
 
-@requires_kubectl
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_the_dashboard_and_job_api_stay_inside_the_cluster_behind_a_token(kustomization: str) -> None:
     for manifest in rendered(kustomization):
@@ -213,7 +202,6 @@ def test_the_dashboard_and_job_api_stay_inside_the_cluster_behind_a_token(kustom
             assert spec["authOptions"]["mode"] == "token"
 
 
-@requires_kubectl
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_credentials_come_only_from_the_secret_templates_which_hold_no_values(kustomization: str) -> None:
     templates = {doc["metadata"]["name"]: doc for doc in (yaml.safe_load(p.read_text()) for p in (K8S / "secrets").glob("*.yaml"))}
@@ -241,14 +229,12 @@ def test_no_file_under_k8s_holds_a_credential() -> None:
             assert not credential.search(path.read_text()), path
 
 
-@requires_kubectl
 def test_the_interactive_cluster_runs_the_pods_of_the_batch_job() -> None:
     batch, interactive = cluster_spec(one("base", "RayJob")), cluster_spec(one("interactive", "RayCluster"))
     for key in ("rayVersion", "headGroupSpec", "workerGroupSpecs"):
         assert interactive[key] == batch[key]
 
 
-@requires_kubectl
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_the_image_is_the_projects_on_this_ray_version(kustomization: str) -> None:
     dockerfile = (K8S / "Dockerfile").read_text()

@@ -5,6 +5,7 @@ One straight run is shared by several specifications; each other run is compared
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -141,3 +142,25 @@ def test_a_relaunch_with_a_different_batch_shape_is_refused(shards, ray_cluster,
     storage = str(Path(straight_run.run_dir).parent)
     with pytest.raises(ray.train.TrainingFailedError, match="subjects_per_batch"):
         train(config(shards, storage, "straight", "data.subjects_per_batch=12", "wandb.enabled=false"), show_progress=False)
+
+
+def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_figures(shards, ray_cluster, tmp_path):
+    from pipeline.experiment import ABLATION_ARMS, run_experiment
+
+    arms = {name: ABLATION_ARMS[name] for name in ("eer-area", "triplet")}
+    run_experiment(
+        str(CONFIG), shards, tmp_path / "out", arms, prefix="ablation",
+        overrides=[f"run.storage={tmp_path / 'runs'}", "train.max_steps=4", "wandb.enabled=false"],
+        validations=2, show_progress=False,
+    )
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["best_baseline"] == "triplet"
+    rows = {row["arm"]: row for row in results["arms"]}
+    assert rows.keys() == {"eer-area", "triplet"}
+    assert {row["steps"] for row in rows.values()} == {4}
+    validated = [step for step, _ in rows["triplet"]["val_curve"]]
+    assert validated == [2, 3, 4]  # every 2 steps, and at the end of the 3-batch epoch
+    assert rows["triplet"]["steps_to_best_baseline"] in validated  # it reaches its own final EER
+    assert all(0 <= row["eer"] <= 1 for row in rows.values())
+    for figure in ("det.png", "val_eer.png", "results.md"):
+        assert (tmp_path / "out" / figure).stat().st_size > 0

@@ -1,0 +1,184 @@
+"""Experiments: the same training budget, one varied setting, compared on held-out subjects.
+
+Every arm is a training run (Ray Train + DeepSpeed, :func:`pipeline.train.train`) named
+``{prefix}-{arm}`` in the same storage, so an interrupted experiment resumes arm by arm and a
+finished arm is only re-scored. All arms share the config file, the shards, the seed, the
+steps and the optimizer; an arm changes only what its overrides say. Each arm validates and
+checkpoints at the same steps, which gives the validation-EER-vs-step curves.
+
+Outputs in ``out``: ``results.md`` and ``results.json`` (test split: global EER, mean
+per-subject EER, AUC, FNMR at FMR 1 % and 0.1 %, steps to reach the best baseline's final
+validation EER, wall time), ``det.png`` (one DET curve per arm) and ``val_eer.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import TrainConfig
+
+# The losses compared by `eerpipe experiment ablation`; classification and cosine-trained
+# losses are scored by cosine distance, the pair losses by the distance they train.
+ABLATION_ARMS: dict[str, list[str]] = {
+    "eer-area": ["loss.name=eer"],
+    "eer-direct": ["loss.name=eer", "loss.options={variant: direct}"],
+    "set2set": ["loss.name=set2set"],
+    "triplet": ["loss.name=triplet"],
+    "contrastive": ["loss.name=contrastive"],
+    "multisimilarity": ["loss.name=multisimilarity", "eval.distance=cosine"],
+    "arcface": ["loss.name=arcface", "eval.distance=cosine"],
+}
+OURS = "eer"  # arms whose loss.name is this are "ours"; the others are baselines
+
+
+@dataclass
+class Arm:
+    """One trained and scored arm of an experiment."""
+
+    name: str
+    overrides: list[str]
+    loss: str
+    curve: list[tuple[int, float]]  # (step, validation EER)
+    seconds: float
+    report: dict[str, Any]
+    truth: np.ndarray
+    scores: np.ndarray
+
+
+def run_experiment(
+    config_path: str | None,
+    shards: str,
+    out: str | Path,
+    arms: dict[str, list[str]],
+    *,
+    prefix: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    validations: int = 10,
+    show_progress: bool = True,
+) -> list[Arm]:
+    """Train and score every arm; write the tables and figures; return the arms."""
+    from pipeline.evaluate import score_split
+    from pipeline.train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, arm_overrides in arms.items():
+        config = _arm_config(config_path, shards, prefix, name, [*overrides, *arm_overrides], validations)
+        started = time.perf_counter()
+        result = train(config, show_progress=show_progress)
+        seconds = time.perf_counter() - started
+        scored = score_split(result.best_model, shards, split="test")
+        results.append(
+            Arm(name, arm_overrides, config.loss.name, result.curve, seconds, scored.report, scored.truth, scored.scores)
+        )
+    _write(out, results)
+    return results
+
+
+def _arm_config(
+    config_path: str | None, shards: str, prefix: str, name: str, overrides: list[str], validations: int
+) -> TrainConfig:
+    base = TrainConfig.load(config_path, [f"data.shards={shards}", *overrides])
+    from pipeline.data import SubjectBatchLoader  # the schedule length needs the manifest
+
+    loader = SubjectBatchLoader(
+        shards, "train", _sampler(base), rank=0, world_size=base.train.num_workers
+    )
+    total = base.train.epochs * loader.batches_per_epoch
+    if base.train.max_steps > 0:
+        total = min(total, base.train.max_steps)
+    every = max(1, total // validations)
+    return TrainConfig.load(
+        config_path,
+        [
+            f"data.shards={shards}", *overrides, f"run.name={prefix}-{name}",
+            f"train.val_every={every}", f"train.checkpoint_every={every}", "train.num_to_keep=1000",
+        ],
+    )
+
+
+def _sampler(config: TrainConfig) -> Any:
+    from pipeline.data import SamplerConfig
+
+    return SamplerConfig(
+        subjects_per_batch=config.data.subjects_per_batch,
+        sessions_per_subject=config.data.sessions_per_subject,
+        max_len=config.data.max_len,
+        features=tuple(config.data.features),
+        short_subjects=config.data.short_subjects,
+        seed=config.run.seed,
+    )
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """First validated step whose EER is at or below ``target``; ``None`` if never."""
+    return next((step for step, value in curve if value <= target), None)
+
+
+def _write(out: Path, arms: list[Arm]) -> None:
+    from matplotlib.figure import Figure
+
+    from pipeline.metrics import plot_det
+
+    baselines = [arm for arm in arms if arm.loss != OURS and arm.curve]
+    best_baseline = min(baselines, key=lambda arm: arm.curve[-1][1]) if baselines else None
+    rows = []
+    for arm in arms:
+        glob, per_subject = arm.report["global"], arm.report.get("mean_per_subject", {})
+        reached = steps_to_reach(arm.curve, best_baseline.curve[-1][1]) if best_baseline else None
+        rows.append(
+            {
+                "arm": arm.name,
+                "loss": arm.loss,
+                "overrides": arm.overrides,
+                "eer": glob["eer"],
+                "per_subject_eer": per_subject.get("eer"),
+                "auc": glob["auc"],
+                "fnmr_at_fmr_1%": glob["fnmr_at_fmr_1%"],
+                "fnmr_at_fmr_0.1%": glob["fnmr_at_fmr_0.1%"],
+                "final_val_eer": arm.curve[-1][1] if arm.curve else None,
+                "steps_to_best_baseline": reached,
+                "steps": arm.curve[-1][0] if arm.curve else None,
+                "wall_s": arm.seconds,
+                "val_curve": arm.curve,
+            }
+        )
+    (out / "results.json").write_text(json.dumps({"best_baseline": best_baseline and best_baseline.name, "arms": rows}, indent=2))
+    (out / "results.md").write_text(_markdown(rows, best_baseline.name if best_baseline else None))
+    plot_det({arm.name: (arm.truth, arm.scores) for arm in arms}, out / "det.png")
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.subplots()
+    for arm in arms:
+        steps, values = zip(*arm.curve) if arm.curve else ((), ())
+        axes.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=arm.name)
+    axes.set(xlabel="step", ylabel="validation EER (%)", title="Validation EER during training")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(out / "val_eer.png", dpi=120)
+
+
+def _markdown(rows: list[dict[str, Any]], best_baseline: str | None) -> str:
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.2f}"
+
+    lines = [
+        "| arm | loss | test EER % | mean per-subject EER % | AUC % | FNMR@1%FMR % | FNMR@0.1%FMR % "
+        f"| steps to {best_baseline or 'best baseline'}'s final val EER | steps | wall s |",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        reached = "–" if row["steps_to_best_baseline"] is None else str(row["steps_to_best_baseline"])
+        lines.append(
+            f"| {row['arm']} | {row['loss']} | {pct(row['eer'])} | {pct(row['per_subject_eer'])} | {pct(row['auc'])} "
+            f"| {pct(row['fnmr_at_fmr_1%'])} | {pct(row['fnmr_at_fmr_0.1%'])} | {reached} | {row['steps']} "
+            f"| {row['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
