@@ -92,7 +92,7 @@ class TrainSection:
 @dataclass
 class EvalSection:
     impostors_per_session: int = 10  # impostor comparisons drawn per session (genuine: all pairs)
-    distance: str = "euclidean"  # scores are −distance: euclidean | cosine
+    distance: str = "cosine"  # scores are −distance: cosine (EERLoss and PML losses normalise) | euclidean
 
 
 @dataclass

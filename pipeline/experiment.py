@@ -23,16 +23,17 @@ import numpy as np
 
 from pipeline.config import TrainConfig
 
-# The losses compared by `eerpipe experiment ablation`; classification and cosine-trained
-# losses are scored by cosine distance, the pair losses by the distance they train.
+# The losses compared by `eerpipe experiment ablation`, scored by cosine distance (the geometry
+# EERLoss and pytorch-metric-learning's losses train) except Set2set, which trains raw distances.
 ABLATION_ARMS: dict[str, list[str]] = {
     "eer-area": ["loss.name=eer"],
     "eer-direct": ["loss.name=eer", "loss.options={variant: direct}"],
-    "set2set": ["loss.name=set2set"],
-    "triplet": ["loss.name=triplet"],
+    "set2set": ["loss.name=set2set", "eval.distance=euclidean"],
+    "triplet-all": ["loss.name=triplet_all"],
+    "triplet-semihard": ["loss.name=triplet"],
     "contrastive": ["loss.name=contrastive"],
-    "multisimilarity": ["loss.name=multisimilarity", "eval.distance=cosine"],
-    "arcface": ["loss.name=arcface", "eval.distance=cosine"],
+    "multisimilarity": ["loss.name=multisimilarity"],
+    "arcface": ["loss.name=arcface"],
 }
 OURS = "eer"  # arms whose loss.name is this are "ours"; the others are baselines
 

@@ -181,7 +181,7 @@ def authors_area_loss(embeddings, labels, k=100.0, steps=16, alpha=0.0, beta=0.8
 
 def test_unrolled_mode_reproduces_the_authors_area_loss_and_gradients():
     embeddings, labels = clustered_batch(seed=8, subjects=6, per_subject=5, spread=0.8)
-    ours = EERLoss(threshold_grad="unrolled", normalize=False)(embeddings, labels)
+    ours = EERLoss(threshold_grad="unrolled", normalize=False, floor="hard")(embeddings, labels)
     theirs = authors_area_loss(embeddings, labels)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(torch.autograd.grad(ours, embeddings)[0], torch.autograd.grad(theirs, embeddings)[0])
@@ -230,7 +230,7 @@ def separable_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_hard_floor_starves_a_separable_batch_and_the_softplus_floor_does_not():
     # With the hard floor only the pair d* lands on (the hardest genuine one) keeps a trace of gradient.
     embeddings, labels = separable_batch()
-    (hard,) = torch.autograd.grad(EERLoss(normalize=False)(embeddings, labels), embeddings)
+    (hard,) = torch.autograd.grad(EERLoss(normalize=False, floor="hard")(embeddings, labels), embeddings)
     (smooth,) = torch.autograd.grad(EERLoss(normalize=False, floor="softplus", tau=0.05)(embeddings, labels), embeddings)
     assert torch.isfinite(smooth).all()
     assert smooth.abs().max() > 1000 * hard.abs().max()
@@ -238,7 +238,7 @@ def test_hard_floor_starves_a_separable_batch_and_the_softplus_floor_does_not():
 
 def test_softplus_floor_approaches_the_hard_floor_as_tau_shrinks():
     embeddings, labels = clustered_batch(seed=13, spread=1.0)
-    hard = EERLoss(alpha=0.1, normalize=False)(embeddings, labels).item()
+    hard = EERLoss(alpha=0.1, normalize=False, floor="hard")(embeddings, labels).item()
     gaps = [abs(EERLoss(alpha=0.1, normalize=False, floor="softplus", tau=tau)(embeddings, labels).item() - hard) for tau in (0.1, 0.01, 0.001)]
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01 * hard
 

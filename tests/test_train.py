@@ -147,20 +147,20 @@ def test_a_relaunch_with_a_different_batch_shape_is_refused(shards, ray_cluster,
 def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_figures(shards, ray_cluster, tmp_path):
     from pipeline.experiment import ABLATION_ARMS, run_experiment
 
-    arms = {name: ABLATION_ARMS[name] for name in ("eer-area", "triplet")}
+    arms = {name: ABLATION_ARMS[name] for name in ("eer-area", "triplet-all")}
     run_experiment(
         str(CONFIG), shards, tmp_path / "out", arms, prefix="ablation",
         overrides=[f"run.storage={tmp_path / 'runs'}", "train.max_steps=4", "wandb.enabled=false"],
         validations=2, show_progress=False,
     )
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["best_baseline"] == "triplet"
+    assert results["best_baseline"] == "triplet-all"
     rows = {row["arm"]: row for row in results["arms"]}
-    assert rows.keys() == {"eer-area", "triplet"}
+    assert rows.keys() == {"eer-area", "triplet-all"}
     assert {row["steps"] for row in rows.values()} == {4}
-    validated = [step for step, _ in rows["triplet"]["val_curve"]]
+    validated = [step for step, _ in rows["triplet-all"]["val_curve"]]
     assert validated == [2, 3, 4]  # every 2 steps, and at the end of the 3-batch epoch
-    assert rows["triplet"]["steps_to_best_baseline"] in validated  # it reaches its own final EER
+    assert rows["triplet-all"]["steps_to_best_baseline"] in validated  # it reaches its own final EER
     assert all(0 <= row["eer"] <= 1 for row in rows.values())
     for figure in ("det.png", "val_eer.png", "results.md"):
         assert (tmp_path / "out" / figure).stat().st_size > 0

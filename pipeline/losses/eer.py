@@ -42,7 +42,8 @@ Recipe options (issue 8, measured in ``docs/research-notes.md``):
 * ``floor="softplus"`` replaces the area variant's hard floor ``max(ε, x)`` by ``τ·softplus(x/τ)``
   (``x`` is the signed, ``d*``-relative distance to the threshold): correct pairs within a few
   ``τ`` of ``d*`` keep a gradient, so a batch that is already separated at ``d*`` still trains
-  (with the hard floor only the pair that ``d*`` lands on does).
+  (with the hard floor only the pair that ``d*`` lands on does). The default: it lowered the
+  held-out EER in all three paired runs of the study; ``floor="hard"`` is the authors' form.
 
 ``evaluate_at="midpoint"`` reproduces a quirk of the authors' code, which evaluates the rates at
 the last midpoint of the search instead of at the final ``d*``; the default evaluates at ``d*``.
@@ -176,7 +177,7 @@ class EERLoss(torch.nn.Module):
         threshold_grad: Literal["implicit", "unrolled", "detached"] = "implicit",
         evaluate_at: Literal["threshold", "midpoint"] = "threshold",
         normalize: bool = True,
-        floor: Literal["hard", "softplus"] = "hard",
+        floor: Literal["hard", "softplus"] = "softplus",
         tau: float = 0.05,
     ) -> None:
         super().__init__()

@@ -35,6 +35,12 @@ def _triplet(margin: float = 0.2, **kwargs: Any) -> nn.Module:
     return MinedLoss(losses.TripletMarginLoss(margin=margin, **kwargs), miner)
 
 
+def _triplet_all(margin: float = 0.2, **kwargs: Any) -> nn.Module:
+    """Every valid triplet of the batch on L2-normalised embeddings: the strongest baseline of
+    docs/research-notes.md (the semi-hard miner finds too few triplets in small batches)."""
+    return losses.TripletMarginLoss(margin=margin, **kwargs)
+
+
 def _classifier(loss: type[nn.Module]) -> Callable[..., nn.Module]:
     def build(embedding_size: int, num_classes: int | None, **kwargs: Any) -> nn.Module:
         if num_classes is None:
@@ -48,6 +54,7 @@ _PAIR_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "eer": EERLoss,
     "set2set": Set2SetLoss,
     "triplet": _triplet,
+    "triplet_all": _triplet_all,
     "contrastive": losses.ContrastiveLoss,
     "multisimilarity": losses.MultiSimilarityLoss,
     "supcon": losses.SupConLoss,
