@@ -358,6 +358,9 @@ def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
     train = config.train
     if train.precision not in ("fp32", "bf16"):
         raise ValueError(f"train.precision must be fp32 or bf16, got {train.precision!r}")
+    if train.zero_stage not in (0, 1, 2):
+        # Stage 3 partitions the weights themselves; the exports read them whole from rank 0.
+        raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {train.zero_stage}")
     micro_batch = config.data.subjects_per_batch * config.data.sessions_per_subject
     return {
         "train_micro_batch_size_per_gpu": micro_batch,

@@ -1,0 +1,29 @@
+"""Experiment plumbing that needs no training run (the runs themselves: tests/test_train.py)."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.experiment import ABLATION_ARMS, steps_to_reach
+
+
+def test_steps_to_reach_is_the_first_validated_step_at_or_below_the_target():
+    curve = [(100, 0.30), (200, 0.21), (300, 0.19), (400, 0.20)]
+    assert steps_to_reach(curve, 0.20) == 300
+    assert steps_to_reach(curve, 0.30) == 100
+    assert steps_to_reach(curve, 0.10) is None
+
+
+def test_the_ablation_compares_eer_loss_with_every_kind_of_baseline():
+    losses = {override.split("=")[1] for arm in ABLATION_ARMS.values() for override in arm if override.startswith("loss.name=")}
+    assert {"eer", "set2set", "triplet_all", "triplet", "contrastive", "arcface", "multisimilarity"} <= losses
+
+
+def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(
+        app, ["experiment", "ablation", "--shards", str(tmp_path), "--out", str(tmp_path / "out"), "--arms", "eer-area,hinge"]
+    )
+    assert result.exit_code == 1
+    assert "unknown arm(s) ['hinge']" in result.output
+    assert not (tmp_path / "out").exists()
