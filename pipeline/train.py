@@ -99,6 +99,8 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
     if not manifest.shards_of("train") or not manifest.shards_of("val"):
         raise ValueError(f"{config.data.shards}: training needs train and val shards")
     check_writable(config.run.storage)
+    deepspeed_config(config, config.train.num_workers)  # bad settings fail here, not in the workers
+    lr_factor(0, config.train.warmup_steps, 1, config.train.schedule)
     storage_path, storage_filesystem = ray_storage(config.run.storage)
 
     init_ray(config.train.use_gpu)
