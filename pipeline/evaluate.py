@@ -116,7 +116,7 @@ def embed(model: nn.Module, loader: Any, gather: bool = False) -> tuple[torch.Te
         output = (
             model(batch.features.to(device), batch.mask.to(device)).float()
             if rows
-            else torch.zeros(0, _embedding_size(model), device=device)
+            else torch.zeros(0, model.embedding_size, device=device)  # a rank's trailing empty batch
         )
         batch_labels = batch.labels.to(device)
         if gather:
@@ -126,13 +126,6 @@ def embed(model: nn.Module, loader: Any, gather: bool = False) -> tuple[torch.Te
         sessions.extend(batch.session_ids)
     model.train(was_training)
     return torch.cat(chunks), np.concatenate(labels), sessions
-
-
-def _embedding_size(model: nn.Module) -> int:
-    size = getattr(model, "embedding_size", None)
-    if size is None:
-        raise AttributeError(f"{type(model).__name__} must expose .embedding_size")
-    return int(size)
 
 
 def save_model(path: str, model: nn.Module, config: dict[str, Any]) -> None:

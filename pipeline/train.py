@@ -36,6 +36,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig, use_local_ray_settings
 from pipeline.distributed import gather_embeddings
+from pipeline.losses import EERLoss
 
 EXPORT_DIR = "export"  # {storage}/{name}/export/{best,final}/model.pt
 
@@ -55,8 +56,6 @@ class Verifier(nn.Module):
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
     ) -> tuple[torch.Tensor, Any]:
-        from pipeline.losses import EERLoss
-
         start = time.perf_counter()
         embeddings = self.model(features, mask)
         middle = time.perf_counter()
