@@ -104,14 +104,14 @@ _OUT = typer.Option(Path("experiment"), "--out", help="Folder for results.md/jso
 _OVERRIDES = typer.Argument(None, help="section.key=value overrides applied to every arm.")
 
 
-def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]], prefix: str,
+def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]],
               overrides: Optional[list[str]]) -> None:
     from pipeline.config import use_local_ray_settings
 
     use_local_ray_settings()
     from pipeline.experiment import run_experiment
 
-    run_experiment(str(config) if config else None, shards, out, arms, prefix=prefix, overrides=overrides or [])
+    run_experiment(str(config) if config else None, shards, out, arms, overrides=overrides or [])
     typer.echo((out / "results.md").read_text())
     typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
 
@@ -132,7 +132,7 @@ def ablation(
     unknown = sorted(set(chosen) - set(ABLATION_ARMS))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ABLATION_ARMS)}")
-    _run_arms(config, shards, out, {a: ABLATION_ARMS[a] for a in chosen}, "ablation", overrides)
+    _run_arms(config, shards, out, {a: ABLATION_ARMS[a] for a in chosen}, overrides)
 
 
 @experiment.command("batch-size")
@@ -146,7 +146,7 @@ def batch_size(
 ) -> None:
     """EER against the number of subjects per global batch (P × ranks, gathered)."""
     arms = {f"P{p}": [f"data.subjects_per_batch={int(p)}"] for p in subjects.split(",")}
-    _run_arms(config, shards, out, arms, "batch-size", overrides)
+    _run_arms(config, shards, out, arms, overrides)
 
 
 @experiment.command("operating-point")
@@ -160,7 +160,7 @@ def operating_point(
 ) -> None:
     """EERLoss at the EER point vs at a fixed FMR: FNMR there and EER for both."""
     arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": ["loss.name=eer", f"loss.options={{target: {{fmr: {fmr}}}}}"]}
-    _run_arms(config, shards, out, arms, "operating-point", overrides)
+    _run_arms(config, shards, out, arms, overrides)
 
 
 if __name__ == "__main__":

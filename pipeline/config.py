@@ -87,6 +87,7 @@ class TrainSection:
     num_to_keep: int = 2
     max_failures: int = 0
     stop_after_epochs: int = 0  # > 0: stop (checkpointed) after this many epochs, as if preempted
+    init_from: str = ""  # an exported model (file, folder or run) whose weights start a fresh run
 
 
 @dataclass

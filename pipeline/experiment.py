@@ -1,20 +1,22 @@
 """Experiments: the same training budget, one varied setting, compared on held-out subjects.
 
-Every arm is a training run (Ray Train + DeepSpeed, :func:`pipeline.train.train`) named
-``{prefix}-{arm}`` in the same storage, so an interrupted experiment resumes arm by arm and a
-finished arm is only re-scored. All arms share the config file, the shards, the seed, the
-steps and the optimizer; an arm changes only what its overrides say. Each arm validates and
-checkpoints at the same steps, which gives the validation-EER-vs-step curves.
+Every arm is a training run (Ray Train + DeepSpeed, :func:`pipeline.train.train`) named after
+its loss and the digest of its whole config, in the same storage. So an interrupted experiment
+resumes arm by arm, a finished arm is only re-scored, an arm whose settings changed is trained
+afresh (never continued from a stale run), and experiments share identical arms (the ablation's
+``eer-area`` is the batch-size experiment's ``P16`` at the default batch). All arms share the
+config file, the shards, the seed, the steps and the optimizer; an arm changes only what its
+overrides say. Each arm validates and checkpoints at the same steps, which gives the
+validation-EER-vs-step curves.
 
 Outputs in ``out``: ``results.md`` and ``results.json`` (test split: global EER, mean
 per-subject EER, AUC, FNMR at FMR 1 % and 0.1 %, steps to reach the best baseline's final
-validation EER, wall time), ``det.png`` (one DET curve per arm) and ``val_eer.png``.
+validation EER, training wall time), ``det.png`` (one DET curve per arm) and ``val_eer.png``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ from pipeline.config import TrainConfig
 # EERLoss and pytorch-metric-learning's losses train) except Set2set, which trains raw distances.
 ABLATION_ARMS: dict[str, list[str]] = {
     "eer-area": ["loss.name=eer"],
+    "eer-area-authors": [  # the authors' form: raw embeddings, hard floor (docs/research-notes.md)
+        "loss.name=eer", "loss.options={normalize: false, floor: hard}", "eval.distance=euclidean"
+    ],
     "eer-direct": ["loss.name=eer", "loss.options={variant: direct}"],
     "set2set": ["loss.name=set2set", "eval.distance=euclidean"],
     "triplet-all": ["loss.name=triplet_all"],
@@ -45,8 +50,9 @@ class Arm:
     name: str
     overrides: list[str]
     loss: str
+    run_dir: str
     curve: list[tuple[int, float]]  # (step, validation EER)
-    seconds: float
+    seconds: float  # training wall time, summed over the launches of the run
     report: dict[str, Any]
     truth: np.ndarray
     scores: np.ndarray
@@ -58,7 +64,6 @@ def run_experiment(
     out: str | Path,
     arms: dict[str, list[str]],
     *,
-    prefix: str,
     overrides: list[str] | tuple[str, ...] = (),
     validations: int = 10,
     show_progress: bool = True,
@@ -71,51 +76,32 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name, arm_overrides in arms.items():
-        config = _arm_config(config_path, shards, prefix, name, [*overrides, *arm_overrides], validations)
-        started = time.perf_counter()
+        config = _arm_config(config_path, shards, [*overrides, *arm_overrides], validations)
         result = train(config, show_progress=show_progress)
-        seconds = time.perf_counter() - started
         scored = score_split(result.best_model, shards, split="test")
         results.append(
-            Arm(name, arm_overrides, config.loss.name, result.curve, seconds, scored.report, scored.truth, scored.scores)
+            Arm(name, arm_overrides, config.loss.name, result.run_dir, result.curve, result.metrics["time/train_s"],
+                scored.report, scored.truth, scored.scores)
         )
     _write(out, results)
     return results
 
 
-def _arm_config(
-    config_path: str | None, shards: str, prefix: str, name: str, overrides: list[str], validations: int
-) -> TrainConfig:
-    base = TrainConfig.load(config_path, [f"data.shards={shards}", *overrides])
+def _arm_config(config_path: str | None, shards: str, overrides: list[str], validations: int) -> TrainConfig:
     from pipeline.data import SubjectBatchLoader  # the schedule length needs the manifest
+    from pipeline.train import sampler_config
 
-    loader = SubjectBatchLoader(
-        shards, "train", _sampler(base), rank=0, world_size=base.train.num_workers
-    )
-    total = base.train.epochs * loader.batches_per_epoch
-    if base.train.max_steps > 0:
-        total = min(total, base.train.max_steps)
+    config = TrainConfig.load(config_path, [f"data.shards={shards}", *overrides])
+    loader = SubjectBatchLoader(shards, "train", sampler_config(config), rank=0, world_size=config.train.num_workers)
+    total = config.train.epochs * loader.batches_per_epoch
+    if config.train.max_steps > 0:
+        total = min(total, config.train.max_steps)
     every = max(1, total // validations)
-    return TrainConfig.load(
-        config_path,
-        [
-            f"data.shards={shards}", *overrides, f"run.name={prefix}-{name}",
-            f"train.val_every={every}", f"train.checkpoint_every={every}", "train.num_to_keep=1000",
-        ],
-    )
-
-
-def _sampler(config: TrainConfig) -> Any:
-    from pipeline.data import SamplerConfig
-
-    return SamplerConfig(
-        subjects_per_batch=config.data.subjects_per_batch,
-        sessions_per_subject=config.data.sessions_per_subject,
-        max_len=config.data.max_len,
-        features=tuple(config.data.features),
-        short_subjects=config.data.short_subjects,
-        seed=config.run.seed,
-    )
+    config.train.val_every = config.train.checkpoint_every = every
+    config.train.num_to_keep = 1000  # every validated checkpoint is a point of the curve
+    config.run.name = ""
+    config.run.name = f"{config.loss.name}-{config.digest()}"
+    return config
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -139,6 +125,7 @@ def _write(out: Path, arms: list[Arm]) -> None:
                 "arm": arm.name,
                 "loss": arm.loss,
                 "overrides": arm.overrides,
+                "run_dir": arm.run_dir,
                 "eer": glob["eer"],
                 "per_subject_eer": per_subject.get("eer"),
                 "auc": glob["auc"],

@@ -99,6 +99,8 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
         raise ValueError(f"{config.data.shards}: training needs train and val shards")
     check_writable(config.run.storage)
     deepspeed_config(config, config.train.num_workers)  # bad settings fail here, not in the workers
+    if config.train.init_from:
+        warm_start_weights(config)
     lr_factor(0, config.train.warmup_steps, 1, config.train.schedule)
     storage_path, storage_filesystem = ray_storage(config.run.storage)
 
@@ -133,6 +135,36 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
         best_model=f"{run_dir}/{EXPORT_DIR}/best/model.pt",
         curve=sorted((m["step"], m["val/eer"]) for _, m in result.best_checkpoints if "val/eer" in m),
     )
+
+
+def sampler_config(config: TrainConfig) -> Any:
+    """The subject-aware sampler's settings (a ``SamplerConfig``) of a training config."""
+    from pipeline.data import SamplerConfig
+
+    return SamplerConfig(
+        subjects_per_batch=config.data.subjects_per_batch,
+        sessions_per_subject=config.data.sessions_per_subject,
+        max_len=config.data.max_len,
+        features=tuple(config.data.features),
+        short_subjects=config.data.short_subjects,
+        seed=config.run.seed,
+    )
+
+
+def warm_start_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights of ``config.train.init_from``, refused unless they were trained for the same
+    model and features: fine-tuning changes the loss or the data, never the architecture."""
+    from pipeline.evaluate import load_model
+
+    model, export = load_model(config.train.init_from)
+    wanted = {
+        "model": {"name": config.model.name, "embedding_size": config.model.embedding_size, "options": config.model.options},
+        "features": list(config.data.features),
+    }
+    found = {"model": {"options": {}, **export["model"]}, "features": export["data"]["features"]}
+    if found != wanted:
+        raise ValueError(f"train.init_from={config.train.init_from}: exported for {found}, this run trains {wanted}")
+    return model.state_dict()
 
 
 def init_ray(use_gpu: bool = False) -> None:
@@ -179,7 +211,7 @@ def ray_storage(url: str) -> tuple[str, Any]:
 def _absolute_paths(config: TrainConfig) -> TrainConfig:
     """Workers run in other folders: local paths must be absolute before they travel."""
     data = config.to_dict()
-    for section, key in (("run", "storage"), ("data", "shards"), ("wandb", "dir")):
+    for section, key in (("run", "storage"), ("data", "shards"), ("wandb", "dir"), ("train", "init_from")):
         value = data[section][key]
         if value and "://" not in value:
             data[section][key] = str(Path(value).resolve())
@@ -203,7 +235,7 @@ def _show_progress(queue: Any, enabled: bool) -> None:
     from rich.console import Console
 
     console = Console(stderr=True)
-    latest: dict[str, Any] = {"train/loss": float("nan"), "val/eer": float("nan"), "train/sessions_per_s": 0.0}
+    latest: dict[str, Any] = {"train/loss": float("nan"), "train/sessions_per_s": 0.0}
     for metrics in iter(queue.get, None):
         latest.update(metrics)
         if not enabled or "step" not in metrics:
@@ -211,9 +243,10 @@ def _show_progress(queue: Any, enabled: bool) -> None:
         remaining = latest.get("total_steps", 0) - latest["step"]
         step_time = latest.get("train/step_time")
         eta = f"{remaining * step_time / 60:.1f} min" if step_time else "?"
+        val_eer = f"{100 * latest['val/eer']:.2f}%" if "val/eer" in latest else "–"
         console.print(
             f"step {latest['step']}/{latest.get('total_steps', '?')}  epoch {latest.get('epoch', 0)}  "
-            f"loss {latest['train/loss']:.4f}  val EER {100 * latest['val/eer']:.2f}%  "
+            f"loss {latest['train/loss']:.4f}  val EER {val_eer}  "
             f"{latest['train/sessions_per_s']:.0f} sessions/s  ETA {eta}",
             highlight=False,
         )
@@ -226,7 +259,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
     """The training function every Ray Train worker runs."""
     import deepspeed
 
-    from pipeline.data import SamplerConfig, SessionLoader, SubjectBatchLoader
+    from pipeline.data import SessionLoader, SubjectBatchLoader
     from pipeline.evaluate import embed, save_model, verify
     from pipeline.losses.registry import build_loss
     from pipeline.models import build_model
@@ -240,14 +273,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
     loader = SubjectBatchLoader(
         config.data.shards,
         "train",
-        SamplerConfig(
-            subjects_per_batch=config.data.subjects_per_batch,
-            sessions_per_subject=config.data.sessions_per_subject,
-            max_len=config.data.max_len,
-            features=features,
-            short_subjects=config.data.short_subjects,
-            seed=config.run.seed,
-        ),
+        sampler_config(config),
         rank=rank,
         world_size=world,
         num_workers=config.data.loader_workers,
@@ -264,6 +290,8 @@ def worker_loop(payload: dict[str, Any]) -> None:
     model = build_model(
         config.model.name, features=features, embedding_size=config.model.embedding_size, **config.model.options
     )
+    if config.train.init_from:  # a checkpoint of this run, if any, still wins in _restore
+        model.load_state_dict(warm_start_weights(config))
     criterion = build_loss(config.loss.name, config.model.embedding_size, loader.num_classes, **config.loss.options)
     schedule_steps = config.train.epochs * loader.batches_per_epoch
     stop_step = schedule_steps
@@ -281,7 +309,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
         ),
     )
 
-    state = {"step": 0, "best_val_eer": math.inf}
+    state = {"step": 0, "best_val_eer": math.inf, "train_seconds": 0.0}
     restored = _restore(engine, loader, rank, payload.get("resume_from"))
     if restored:
         state.update(restored)
@@ -305,7 +333,8 @@ def worker_loop(payload: dict[str, Any]) -> None:
         return results
 
     sessions_per_step = config.data.subjects_per_batch * config.data.sessions_per_subject * world
-    fetched = time.perf_counter()
+    fetched = launched = time.perf_counter()
+    seconds_before = state["train_seconds"]  # training time of earlier launches of this run
     while state["step"] < stop_step:
         for batch in loader:
             data_time = time.perf_counter() - fetched
@@ -328,7 +357,10 @@ def worker_loop(payload: dict[str, Any]) -> None:
                 epoch_end or step == stop_step
                 or (config.train.checkpoint_every > 0 and step % config.train.checkpoint_every == 0)
             )
-            metrics: dict[str, Any] = {"step": step, "epoch": loader.epoch, "total_steps": stop_step}
+            state["train_seconds"] = seconds_before + time.perf_counter() - launched
+            metrics: dict[str, Any] = {
+                "step": step, "epoch": loader.epoch, "total_steps": stop_step, "time/train_s": state["train_seconds"]
+            }
             if log_now:
                 metrics.update(
                     _train_metrics(
@@ -458,7 +490,7 @@ def _restore(engine: Any, loader: Any, rank: int, resume_from: str | None) -> di
         rng = Path(directory, "rng", f"rank{rank}.pt")
         if rng.exists():
             torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
-    return {"step": client_state["step"], "best_val_eer": client_state["best_val_eer"]}
+    return {key: client_state[key] for key in ("step", "best_val_eer", "train_seconds")}
 
 
 def wandb_run_id(config: TrainConfig) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.experiment import ABLATION_ARMS, steps_to_reach
+
+CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
 
 
 def test_steps_to_reach_is_the_first_validated_step_at_or_below_the_target():
@@ -27,3 +31,20 @@ def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
     assert result.exit_code == 1
     assert "unknown arm(s) ['hinge']" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_arm_is_named_by_its_whole_config_so_changed_settings_never_continue_a_stale_run(tmp_path):
+    from pipeline.experiment import _arm_config
+    from sharding.writer import write_shards
+
+    write_shards("synth:80:0", str(tmp_path), subjects_per_shard=40, val_subjects=5, test_subjects=5)
+
+    def name(*overrides: str) -> str:
+        return _arm_config(str(CONFIG), str(tmp_path), ["run.storage=runs", *overrides], validations=4).run.name
+
+    default = name("loss.name=eer")
+    assert default.startswith("eer-")
+    assert name("loss.name=eer") == default  # a relaunch resumes or re-scores the same run
+    assert name("loss.name=eer", "data.subjects_per_batch=16") == default  # = cpu-local's P: the same arm
+    assert name("loss.name=eer", "train.lr=0.01") != default
+    assert name("loss.name=triplet_all").startswith("triplet_all-")

@@ -144,12 +144,29 @@ def test_a_relaunch_with_a_different_batch_shape_is_refused(shards, ray_cluster,
         train(config(shards, storage, "straight", "data.subjects_per_batch=12", "wandb.enabled=false"), show_progress=False)
 
 
+def test_a_warm_started_run_begins_from_the_exported_weights(shards, ray_cluster, straight_run, tmp_path):
+    frozen = train(
+        config(shards, str(tmp_path), "warm", f"train.init_from={straight_run.best_model}", "train.lr=0",
+               "train.max_steps=1", "wandb.enabled=false"),
+        show_progress=False,
+    )
+    (start, _), (end, _) = load_model(straight_run.best_model), load_model(frozen.final_model)
+    weights = dict(end.named_parameters())  # (BatchNorm's running statistics move even at lr 0)
+    assert all(torch.equal(weights[name], value) for name, value in start.named_parameters())
+
+
+def test_a_warm_start_from_another_architecture_is_refused_before_training(shards, straight_run, tmp_path):
+    with pytest.raises(ValueError, match="init_from.*exported for"):
+        train(config(shards, str(tmp_path), "wrong", f"train.init_from={straight_run.run_dir}",
+                     "model.embedding_size=32"), show_progress=False)
+
+
 def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_figures(shards, ray_cluster, tmp_path):
     from pipeline.experiment import ABLATION_ARMS, run_experiment
 
     arms = {name: ABLATION_ARMS[name] for name in ("eer-area", "triplet-all")}
     run_experiment(
-        str(CONFIG), shards, tmp_path / "out", arms, prefix="ablation",
+        str(CONFIG), shards, tmp_path / "out", arms,
         overrides=[f"run.storage={tmp_path / 'runs'}", "train.max_steps=4", "wandb.enabled=false"],
         validations=2, show_progress=False,
     )
@@ -158,6 +175,8 @@ def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_f
     rows = {row["arm"]: row for row in results["arms"]}
     assert rows.keys() == {"eer-area", "triplet-all"}
     assert {row["steps"] for row in rows.values()} == {4}
+    assert Path(rows["eer-area"]["run_dir"]).name.startswith("eer-")  # runs are named by loss and config
+    assert all(row["wall_s"] > 0 for row in rows.values())
     validated = [step for step, _ in rows["triplet-all"]["val_curve"]]
     assert validated == [2, 3, 4]  # every 2 steps, and at the end of the 3-batch epoch
     assert rows["triplet-all"]["steps_to_best_baseline"] in validated  # it reaches its own final EER
