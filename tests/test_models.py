@@ -10,6 +10,7 @@ from pipeline.models import MODELS, build_model, count_parameters
 # Small widths keep the test fast; the masking code paths are those of the full configs.
 CONFIGS = {
     "type2branch": {"size": "small", "width": 32, "filters": 16, "dropout": 0.0},
+    "bigru": {"hidden": 16},
     "typenet": {"hidden": 32, "dropout": 0.0},
     "transformer": {"d_model": 32, "feedforward": 64, "dropout": 0.0},
 }
@@ -59,3 +60,13 @@ def test_registry_configs_and_parameter_counts() -> None:
         build_model("resnet")
     with pytest.raises(ValueError, match="size"):
         build_model("type2branch", size="huge")
+
+
+def test_reversing_real_keys_leaves_padding_in_place_and_undoes_itself() -> None:
+    from pipeline.models.bigru import reverse_real_keys
+
+    x = torch.arange(8.0).reshape(2, 4, 1)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    reversed_ = reverse_real_keys(x, mask)
+    assert reversed_[..., 0].tolist() == [[2, 1, 0, 3], [4, 5, 6, 7]]
+    assert torch.equal(reverse_real_keys(reversed_, mask), x)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.models.bigru import BiGRU
 from pipeline.models.transformer import KeystrokeTransformer
 from pipeline.models.type2branch import SIZES, Type2Branch
 from pipeline.models.typenet import TypeNet
@@ -19,6 +20,7 @@ def _type2branch(size: str = "small", **cfg: Any) -> Type2Branch:
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "bigru": BiGRU,
     "type2branch": _type2branch,
     "typenet": TypeNet,
     "transformer": KeystrokeTransformer,
