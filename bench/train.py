@@ -39,7 +39,8 @@ def main() -> None:
             rows.append((workers, metrics))
         ray.shutdown()
 
-    print("typenet (hidden 64, length 50), EERLoss, P×K = 16×8 per rank, fp32, gloo; last of 20 steps")
+    print(f"{config.model.name} {config.model.options}, length {config.data.max_len}, {config.loss.name} loss, "
+          f"P×K = {config.data.subjects_per_batch}×{config.data.sessions_per_subject} per rank, fp32, gloo; last of 20 steps")
     print(f"{'workers':>7} {'sessions/s':>11} {'step s':>7} " + " ".join(f"{p:>12}" for p in PHASES))
     for workers, metrics in rows:
         split = " ".join(f"{metrics[f'time/{p}']:12.3f}" for p in PHASES)

@@ -144,7 +144,11 @@ class TrainConfig:
         return asdict(self)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Digest of every setting that can change what training produces: not the run's name,
+        how many worker failures it tolerates (resuming is exact) or where it logs."""
+        settings = self.to_dict()
+        del settings["run"]["name"], settings["train"]["max_failures"], settings["wandb"]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

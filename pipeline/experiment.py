@@ -3,7 +3,8 @@
 Every arm is a training run (Ray Train + DeepSpeed, :func:`pipeline.train.train`) named after
 its loss and the digest of its whole config, in the same storage. So an interrupted experiment
 resumes arm by arm, a finished arm is only re-scored, an arm whose settings changed is trained
-afresh (never continued from a stale run), and experiments share identical arms (the ablation's
+afresh (never continued from a stale run), a crashed worker resumes its arm from the last
+checkpoint (up to 3 times; resuming is exact), and experiments share identical arms (the ablation's
 ``eer-area`` is the batch-size experiment's ``P16`` at the default batch). All arms share the
 config file, the shards, the seed, the steps and the optimizer; an arm changes only what its
 overrides say. Each arm validates and checkpoints at the same steps, which gives the
@@ -99,7 +100,7 @@ def _arm_config(config_path: str | None, shards: str, overrides: list[str], vali
     every = max(1, total // validations)
     config.train.val_every = config.train.checkpoint_every = every
     config.train.num_to_keep = 1000  # every validated checkpoint is a point of the curve
-    config.run.name = ""
+    config.train.max_failures = max(config.train.max_failures, 3)  # a crashed worker resumes the arm
     config.run.name = f"{config.loss.name}-{config.digest()}"
     return config
 

@@ -46,5 +46,6 @@ def test_an_arm_is_named_by_its_whole_config_so_changed_settings_never_continue_
     assert default.startswith("eer-")
     assert name("loss.name=eer") == default  # a relaunch resumes or re-scores the same run
     assert name("loss.name=eer", "data.subjects_per_batch=16") == default  # = cpu-local's P: the same arm
+    assert name("loss.name=eer", "train.max_failures=5", "wandb.enabled=false") == default  # outcome unchanged
     assert name("loss.name=eer", "train.lr=0.01") != default
     assert name("loss.name=triplet_all").startswith("triplet_all-")

@@ -75,7 +75,7 @@ def test_a_run_reports_validation_metrics_and_exports_final_and_best_models(stra
     assert {"val/auc", "val/per_subject_eer", "val/fnmr_at_fmr_1%"} <= metrics.keys()
     for export in (straight_run.final_model, straight_run.best_model):
         model, meta = load_model(export)
-        assert meta["model"]["name"] == "typenet"
+        assert meta["model"]["name"] == "bigru"
 
 
 def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_run):
