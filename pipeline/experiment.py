@@ -150,7 +150,7 @@ def _write(out: Path, arms: list[Arm]) -> None:
         axes.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=arm.name)
     axes.set(xlabel="step", ylabel="validation EER (%)", title="Validation EER during training")
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize="small", ncols=2)
     figure.savefig(out / "val_eer.png", dpi=120)
 
 
