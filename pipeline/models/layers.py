@@ -3,7 +3,7 @@
 Every model takes ``features [B, L, F]`` and a prefix ``mask [B, L]`` (real keys first, as the
 loader yields them). Padded positions are zeroed on entry and after every layer that could
 write to them, batch statistics are taken over real keys only, recurrent layers run on packed
-sequences, and pooling averages real keys only — so an embedding does not depend on how much
+sequences (or, in ``bigru``, unpacked on the real keys in order and reversed in place), and pooling averages real keys only — so an embedding does not depend on how much
 padding follows a session or on what the padded positions contain.
 """
 
