@@ -11,11 +11,16 @@ Two Ray behaviours are worked around here, both read in ray 2.60's source:
   cluster, token mode is switched on when a token can be found (``RAY_AUTH_TOKEN``, the file
   at ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``) unless ``RAY_AUTH_MODE`` says otherwise.
   The token travels only in that header: never in a job's entrypoint, metadata or environment.
+* A ``ray://`` address reaches the job API through a Ray Client server that the head forks per
+  connection; the fork intermittently dies in gRPC (ray-project/ray#63202, measured here: 2 in
+  10 connections), and the head answers "Initialization failure from server". That refusal
+  is retried; every other error is not.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -24,6 +29,7 @@ if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+RAY_CLIENT_RETRIES = 3
 
 
 class JobError(Exception):
@@ -43,17 +49,30 @@ def cluster_address(address: str | None = None) -> str:
 def connect(address: str | None = None) -> "JobSubmissionClient":
     """A job client for the cluster at ``address`` (see :func:`cluster_address`), token included."""
     from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
 
     target = cluster_address(address)
     _use_token_if_available()
     try:
-        with _hidden(ADDRESS_VARIABLES):
-            return JobSubmissionClient(target)
+        return _job_client(target)
     except AuthenticationError as error:
         raise JobError(f"{target} refused the token: {error}") from error
     except ConnectionError as error:
         raise JobError(f"cannot reach a Ray job API at {target}: {error}") from error
+
+
+def _job_client(target: str) -> "JobSubmissionClient":
+    from ray.job_submission import JobSubmissionClient
+
+    retries = RAY_CLIENT_RETRIES if target.startswith("ray://") else 0
+    while True:
+        try:
+            with _hidden(ADDRESS_VARIABLES):
+                return JobSubmissionClient(target)
+        except ConnectionAbortedError:  # the head's per-connection server died starting
+            if retries == 0:
+                raise
+            retries -= 1
+            time.sleep(1)
 
 
 def _use_token_if_available() -> None:

@@ -182,6 +182,33 @@ def test_without_an_address_the_cli_says_how_to_give_one(env: dict[str, str]) ->
     assert "no cluster address" in result.output and "--address" in result.output
 
 
+def test_a_ray_client_connection_the_head_fails_to_start_is_retried_and_others_are_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ray-project/ray#63202: the head's per-connection server dies in fork about 1 time in 10."""
+    import ray.job_submission
+
+    from jobs import client
+
+    attempts: list[str] = []
+
+    def head_that_fails_twice(address: str) -> str:
+        attempts.append(address)
+        if len(attempts) <= 2:
+            raise ConnectionAbortedError("Initialization failure from server: Starting Ray client server failed")
+        return "connected"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", head_that_fails_twice)
+    monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert client.connect("ray://127.0.0.1:10001") == "connected" and len(attempts) == 3
+
+    attempts.clear()
+    with pytest.raises(client.JobError, match="cannot reach a Ray job API at http://127.0.0.1:8265"):
+        client.connect("http://127.0.0.1:8265")
+    assert len(attempts) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Against a real Ray head
 # ---------------------------------------------------------------------------------------------
