@@ -41,6 +41,22 @@ def test_classification_losses_need_a_class_count() -> None:
         build_loss("softmax", D)
 
 
+def test_losses_joined_by_plus_are_their_weighted_sum_with_options_per_term() -> None:
+    embeddings, labels = pk_batch(2)
+    summed = build_loss("eer+triplet_all", D, eer={"tau": 0.1}, triplet_all={"margin": 0.5}, weights={"triplet_all": 3})
+    expected = build_loss("eer", D, tau=0.1)(embeddings, labels) + 3 * build_loss("triplet_all", D, margin=0.5)(
+        embeddings, labels
+    )
+    torch.testing.assert_close(summed(embeddings, labels), expected)
+
+    with pytest.raises(ValueError, match="'triplet' is not one of its terms"):
+        build_loss("eer+multisimilarity", D, weights={"triplet": 1})
+    with pytest.raises(ValueError, match="distinct loss names"):
+        build_loss("eer+eer", D)
+    with pytest.raises(ValueError, match="unknown loss 'softmax'"):
+        build_loss("eer+softmax", D)
+
+
 def test_set2set_equals_its_definition_over_all_triplets() -> None:
     embeddings, labels = pk_batch(1)
     labels = labels.clone()

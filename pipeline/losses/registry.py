@@ -4,6 +4,11 @@ as ``loss(embeddings [N, D], labels [N]) → scalar``.
 Classification-style losses (``arcface``, ``cosface``) hold a class-weight matrix as module
 parameters: optimise ``loss.parameters()`` together with the model's. Their ``num_classes`` is
 the number of training subjects (``SubjectBatchLoader.num_classes``; labels are global).
+
+Losses add up with ``+``: ``build_loss("eer+multisimilarity", D, eer={...},
+multisimilarity={...}, weights={"multisimilarity": 2.0})`` is the weighted sum of the two (each
+term's options under its own name, weights default to 1): the EER surrogate with a dense
+metric-learning term beside it (issue 8).
 """
 
 from __future__ import annotations
@@ -66,10 +71,40 @@ _CLASS_LOSSES: dict[str, Callable[..., nn.Module]] = {
 LOSSES: tuple[str, ...] = tuple(sorted(_PAIR_LOSSES | _CLASS_LOSSES))
 
 
+class WeightedSum(nn.Module):
+    """``Σ wᵢ · lossᵢ(embeddings, labels)``."""
+
+    def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float]) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(terms)
+        self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return sum(self.weights[name] * term(embeddings, labels) for name, term in self.terms.items())
+
+
 def build_loss(name: str, embedding_size: int, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
-    """``build_loss("eer", 256, variant="area")``; ``kwargs`` go to the loss itself."""
+    """``build_loss("eer", 256, variant="area")``; ``kwargs`` go to the loss itself (for a sum
+    ``a+b``: ``a={...}, b={...}, weights={...}``)."""
+    if "+" in name:
+        return _build_sum(name.split("+"), embedding_size, num_classes, kwargs)
     if name in _PAIR_LOSSES:
         return _PAIR_LOSSES[name](**kwargs)
     if name in _CLASS_LOSSES:
         return _CLASS_LOSSES[name](embedding_size, num_classes, **kwargs)
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def _build_sum(names: list[str], embedding_size: int, num_classes: int | None, options: dict[str, Any]) -> nn.Module:
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"a loss sum joins distinct loss names with '+', got {'+'.join(names)!r}")
+    weights = dict(options.pop("weights", None) or {})
+    strays = sorted((set(options) | set(weights)) - set(names))
+    if strays:
+        raise ValueError(
+            f"loss {'+'.join(names)!r}: {', '.join(map(repr, strays))} is not one of its terms; give each "
+            f"term's options under its name ({', '.join(f'{n}: {{...}}' for n in names)}) and weights as "
+            "weights: {name: w}"
+        )
+    terms = {name: build_loss(name, embedding_size, num_classes, **(options.get(name) or {})) for name in names}
+    return WeightedSum(terms, weights)
