@@ -41,7 +41,7 @@ ABLATION_ARMS: dict[str, list[str]] = {
     "multisimilarity": ["loss.name=multisimilarity"],
     "arcface": ["loss.name=arcface"],
 }
-OURS = "eer"  # arms whose loss.name is this are "ours"; the others are baselines
+OURS = "eer"  # arms whose loss is this, or a sum with it, are "ours"; the others are baselines
 
 
 @dataclass
@@ -115,7 +115,7 @@ def _write(out: Path, arms: list[Arm]) -> None:
 
     from pipeline.metrics import plot_det
 
-    baselines = [arm for arm in arms if arm.loss != OURS and arm.curve]
+    baselines = [arm for arm in arms if OURS not in arm.loss.split("+") and arm.curve]
     best_baseline = min(baselines, key=lambda arm: arm.curve[-1][1]) if baselines else None
     rows = []
     for arm in arms:
