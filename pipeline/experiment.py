@@ -34,6 +34,9 @@ ABLATION_ARMS: dict[str, list[str]] = {
         "loss.name=eer", "loss.options={normalize: false, floor: hard}", "eval.distance=euclidean"
     ],
     "eer-direct": ["loss.name=eer", "loss.options={variant: direct}"],
+    "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/results.md §2)
+        "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
+    ],
     "set2set": ["loss.name=set2set", "eval.distance=euclidean"],
     "triplet-all": ["loss.name=triplet_all"],
     "triplet-semihard": ["loss.name=triplet"],
