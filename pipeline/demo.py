@@ -43,8 +43,10 @@ def main() -> None:
     print("[3/4] training: Ray Train, 2 DeepSpeed workers (CPU, gloo), EERLoss on the gathered global batch", flush=True)
     # A worker that dies (a native heap-corruption abort in a gloo worker: 2 in some 50 runs here,
     # cause not found: docs/results.md) restarts from the last checkpoint; resuming is exact.
-    overrides = [f"data.shards={out / 'shards'}", f"run.storage={out / 'runs'}", "run.name=demo", "train.epochs=6"]
-    config = TrainConfig.load(CONFIG, [*overrides, "train.max_failures=2"])
+    config = TrainConfig.load(CONFIG, [
+        f"data.shards={out / 'shards'}", f"run.storage={out / 'runs'}", "run.name=demo", "train.epochs=6",
+        "train.max_failures=2",
+    ])
     result = train(config)
     print("[4/4] evaluation on held-out test subjects", flush=True)
     report, report_dir = evaluate(result.best_model, str(out / "shards"), split="test", out_dir=out / "report")

@@ -37,6 +37,7 @@ from torch import nn
 from pipeline.config import TrainConfig, use_local_ray_settings
 from pipeline.distributed import gather_embeddings
 from pipeline.losses import EERLoss
+from pipeline.losses.registry import build_loss
 
 EXPORT_DIR = "export"  # {storage}/{name}/export/{best,final}/model.pt
 
@@ -101,6 +102,7 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
     deepspeed_config(config, config.train.num_workers)  # bad settings fail here, not in the workers
     if config.train.init_from:
         warm_start_weights(config)
+    build_loss(config.loss.name, config.model.embedding_size, num_classes=1, **config.loss.options)  # name, options
     lr_factor(0, config.train.warmup_steps, 1, config.train.schedule)
     storage_path, storage_filesystem = ray_storage(config.run.storage)
 
@@ -261,7 +263,6 @@ def worker_loop(payload: dict[str, Any]) -> None:
 
     from pipeline.data import SessionLoader, SubjectBatchLoader
     from pipeline.evaluate import embed, save_model, verify
-    from pipeline.losses.registry import build_loss
     from pipeline.models import build_model
 
     config = TrainConfig.from_dict(payload["config"])

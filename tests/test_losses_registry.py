@@ -55,6 +55,9 @@ def test_losses_joined_by_plus_are_their_weighted_sum_with_options_per_term() ->
         build_loss("eer+eer", D)
     with pytest.raises(ValueError, match="unknown loss 'softmax'"):
         build_loss("eer+softmax", D)
+    for malformed in ({"eer": 3}, {"weights": {"multisimilarity": "abc"}}, {"weights": [1, 2]}):
+        with pytest.raises(ValueError, match="must be a mapping"):
+            build_loss("eer+multisimilarity", D, **malformed)
 
 
 def test_set2set_equals_its_definition_over_all_triplets() -> None:

@@ -164,6 +164,13 @@ def test_a_warm_start_from_another_architecture_is_refused_before_training(shard
                      "model.embedding_size=32"), show_progress=False)
 
 
+def test_a_loss_that_cannot_be_built_is_refused_before_training(shards, tmp_path):
+    with pytest.raises(ValueError, match="'triplet' is not one of its terms"):
+        train(config(shards, str(tmp_path), "bad-loss", "loss.name=eer+multisimilarity",
+                     "loss.options.weights.triplet=1"), show_progress=False)
+    assert not (tmp_path / "bad-loss").exists()
+
+
 def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_figures(shards, ray_cluster, tmp_path):
     from pipeline.experiment import ABLATION_ARMS, run_experiment
 

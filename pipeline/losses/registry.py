@@ -98,7 +98,15 @@ def build_loss(name: str, embedding_size: int, num_classes: int | None = None, *
 def _build_sum(names: list[str], embedding_size: int, num_classes: int | None, options: dict[str, Any]) -> nn.Module:
     if len(set(names)) != len(names) or "" in names:
         raise ValueError(f"a loss sum joins distinct loss names with '+', got {'+'.join(names)!r}")
-    weights = dict(options.pop("weights", None) or {})
+    weights = options.pop("weights", None) or {}
+    malformed = [f"{n}: {v!r}" for n, v in options.items() if not isinstance(v, dict)]
+    if not (isinstance(weights, dict) and all(type(w) in (int, float) for w in weights.values())):
+        malformed.append(f"weights: {weights!r}")
+    if malformed:
+        raise ValueError(
+            f"loss {'+'.join(names)!r}: each term's options must be a mapping and weights a mapping "
+            f"of term to number; got {', '.join(malformed)}"
+        )
     strays = sorted((set(options) | set(weights)) - set(names))
     if strays:
         raise ValueError(
