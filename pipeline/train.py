@@ -37,7 +37,7 @@ from torch import nn
 from pipeline.config import TrainConfig, use_local_ray_settings
 from pipeline.distributed import gather_embeddings
 from pipeline.losses import EERLoss
-from pipeline.losses.registry import build_loss
+from pipeline.losses.registry import WeightedSum, build_loss
 
 EXPORT_DIR = "export"  # {storage}/{name}/export/{best,final}/model.pt
 
@@ -61,7 +61,7 @@ class Verifier(nn.Module):
         embeddings = self.model(features, mask)
         middle = time.perf_counter()
         embeddings, labels = gather_embeddings(embeddings.float(), labels)
-        if return_stats and isinstance(self.criterion, EERLoss):
+        if return_stats and isinstance(self.criterion, (EERLoss, WeightedSum)):
             loss, stats = self.criterion(embeddings, labels, return_stats=True)
         else:
             loss, stats = self.criterion(embeddings, labels), None

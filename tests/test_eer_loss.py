@@ -113,6 +113,20 @@ def test_fmr_target_loss_is_the_soft_fnmr_at_that_threshold():
     assert loss.item() == pytest.approx(100 * stats.soft_frr)
 
 
+def test_an_operating_point_area_loss_keeps_one_side_unless_asked_for_both():
+    embeddings, labels = clustered_batch(seed=4, spread=1.0)
+    target = {"fmr": 0.01}
+    one_side = EERLoss(target=target)(embeddings, labels)
+    both = EERLoss(target=target, both_sides=True)(embeddings, labels)
+    assert both > one_side > 0
+    with torch.no_grad():  # the difference is the impostor term at the FMR target's threshold
+        _, stats = EERLoss(target=target)(embeddings, labels, return_stats=True)
+        _, impostor = pair_distances(torch.nn.functional.normalize(embeddings, dim=1), labels)
+        d = torch.tensor(stats.threshold)
+        impostor_term = 100 * EERLoss(target=target)._power_mean((d - impostor) / d)
+    torch.testing.assert_close(both, one_side + impostor_term)
+
+
 def test_stats_report_threshold_soft_rates_and_exact_eer():
     embeddings, labels = clustered_batch(seed=5, spread=0.8)
     loss, stats = EERLoss(variant="direct", normalize=False)(embeddings, labels, return_stats=True)

@@ -60,6 +60,17 @@ def test_losses_joined_by_plus_are_their_weighted_sum_with_options_per_term() ->
             build_loss("eer+multisimilarity", D, **malformed)
 
 
+def test_a_sum_reports_the_batch_statistics_of_its_eer_term() -> None:
+    """So a run trained with ``eer+…`` logs the threshold and soft rates, like plain EERLoss."""
+    embeddings, labels = pk_batch(3)
+    summed = build_loss("multisimilarity+eer", D, weights={"multisimilarity": 2})
+    value, stats = summed(embeddings, labels, return_stats=True)
+    alone, expected = build_loss("eer", D)(embeddings, labels, return_stats=True)
+    torch.testing.assert_close(value, alone + 2 * build_loss("multisimilarity", D)(embeddings, labels))
+    assert stats == expected
+    assert build_loss("triplet_all+contrastive", D)(embeddings, labels, return_stats=True)[1] is None
+
+
 def test_set2set_equals_its_definition_over_all_triplets() -> None:
     embeddings, labels = pk_batch(1)
     labels = labels.clone()

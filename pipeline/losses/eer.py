@@ -17,7 +17,8 @@ and the loss is evaluated at ``d*``:
     variant="direct"   EER target: (FAR_s + FRR_s)/2;  FMR target: FRR_s;  FNMR target: FAR_s
     variant="area"     100 · [ P_β( max(ε, (ℓ − (1−α)d*)/d*) ) + P_β( max(ε, ((1+α)d* − i)/d*) ) ]
                        with the power mean P_β(x) = (mean x^β)^(1/β); an FMR target keeps only the
-                       genuine term, an FNMR target only the impostor term.
+                       genuine term, an FNMR target only the impostor term (``both_sides=True``
+                       keeps both: the pairs on the wrong side of d* move whichever side they are).
 
 Both are in percent, as in the authors' code. As ``k`` and the search precision grow, the direct
 EER loss converges to the exact EER of the batch (tested to 0.1 percentage points).
@@ -162,6 +163,8 @@ class EERLoss(torch.nn.Module):
         evaluate_at: ``"threshold"`` (at d*) or ``"midpoint"`` (authors' last midpoint).
         normalize: L2-normalise the embeddings first (the default: it won in the issue-8 study).
         floor, tau: the area variant's floor, ``"hard"`` ``max(ε, x)`` or ``"softplus"`` ``τ·softplus(x/τ)``.
+        both_sides: with an FMR or FNMR target, keep both area terms instead of only the one the
+            target does not fix (the authors' form; docs/results.md §5 measures both).
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class EERLoss(torch.nn.Module):
         normalize: bool = True,
         floor: Literal["hard", "softplus"] = "softplus",
         tau: float = 0.05,
+        both_sides: bool = False,
     ) -> None:
         super().__init__()
         if variant not in ("area", "direct"):
@@ -203,13 +207,15 @@ class EERLoss(torch.nn.Module):
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
         self.threshold_grad, self.evaluate_at = threshold_grad, evaluate_at
         self.normalize, self.floor, self.tau = bool(normalize), floor, float(tau)
+        self.both_sides = bool(both_sides)
 
     def extra_repr(self) -> str:
         target = "eer" if self.target_kind == "eer" else f"{self.target_kind}={self.target_rate:g}"
         return (
             f"variant={self.variant}, distance={self.distance}, k={self.k:g}, "
             f"search_steps={self.search_steps}, target={target}, threshold_grad={self.threshold_grad}, "
-            f"alpha={self.alpha:g}, beta={self.beta:g}, normalize={self.normalize}, floor={self.floor}"
+            f"alpha={self.alpha:g}, beta={self.beta:g}, normalize={self.normalize}, floor={self.floor}, "
+            f"both_sides={self.both_sides}"
         )
 
     def forward(
@@ -315,9 +321,9 @@ class EERLoss(torch.nn.Module):
 
     def _area(self, genuine: torch.Tensor, impostor: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         terms = []
-        if self.target_kind != "fnmr":
+        if self.target_kind != "fnmr" or self.both_sides:
             terms.append(self._power_mean((genuine - (1 - self.alpha) * d) / d))
-        if self.target_kind != "fmr":
+        if self.target_kind != "fmr" or self.both_sides:
             terms.append(self._power_mean(((1 + self.alpha) * d - impostor) / d))
         return 100 * sum(terms)
 

@@ -20,7 +20,7 @@ import torch
 from pytorch_metric_learning import losses, miners
 from torch import nn
 
-from pipeline.losses.eer import EERLoss
+from pipeline.losses.eer import EERLoss, EERStats
 from pipeline.losses.set2set import Set2SetLoss
 
 
@@ -72,15 +72,28 @@ LOSSES: tuple[str, ...] = tuple(sorted(_PAIR_LOSSES | _CLASS_LOSSES))
 
 
 class WeightedSum(nn.Module):
-    """``Σ wᵢ · lossᵢ(embeddings, labels)``."""
+    """``Σ wᵢ · lossᵢ(embeddings, labels)``.
+
+    ``return_stats=True`` also returns the batch statistics of its EERLoss term (None without
+    one), so a run trained with a sum logs the same threshold and soft rates as plain EERLoss.
+    """
 
     def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float]) -> None:
         super().__init__()
         self.terms = nn.ModuleDict(terms)
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sum(self.weights[name] * term(embeddings, labels) for name, term in self.terms.items())
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, EERStats | None]:
+        total, stats = torch.zeros((), device=embeddings.device), None
+        for name, term in self.terms.items():
+            if return_stats and stats is None and isinstance(term, EERLoss):
+                value, stats = term(embeddings, labels, return_stats=True)
+            else:
+                value = term(embeddings, labels)
+            total = total + self.weights[name] * value
+        return (total, stats) if return_stats else total
 
 
 def build_loss(name: str, embedding_size: int, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
