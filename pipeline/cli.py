@@ -101,7 +101,7 @@ app.add_typer(experiment, name="experiment")
 _SHARDS = typer.Option(..., "--shards", help="The shard set's folder or URL (its manifest.json).")
 _CONFIG = typer.Option(None, "--config", "-c", help="YAML training config shared by every arm.")
 _OUT = typer.Option(Path("experiment"), "--out", help="Folder for results.md/json, det.png and val_eer.png.")
-_OVERRIDES = typer.Argument(None, help="section.key=value overrides applied to every arm.")
+_OVERRIDES = typer.Argument(None, help="section.key=value overrides applied to every arm (an arm's own keys win).")
 
 
 def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]],
@@ -159,7 +159,7 @@ def operating_point(
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """EERLoss at the EER point vs at a fixed FMR: FNMR there and EER for both."""
-    arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": ["loss.name=eer", f"loss.options={{target: {{fmr: {fmr}}}}}"]}
+    arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": ["loss.name=eer", f"loss.options.target.fmr={fmr}"]}
     _run_arms(config, shards, out, arms, overrides)
 
 

@@ -28,12 +28,14 @@ from pipeline.config import TrainConfig
 
 # The losses compared by `eerpipe experiment ablation`, scored by cosine distance (the geometry
 # EERLoss and pytorch-metric-learning's losses train) except Set2set, which trains raw distances.
+# Arms set single keys, never a whole section, so the shared overrides (applied first) survive
+# wherever the arm does not set the same key.
 ABLATION_ARMS: dict[str, list[str]] = {
     "eer-area": ["loss.name=eer"],
     "eer-area-authors": [  # the authors' form: raw embeddings, hard floor (docs/research-notes.md)
-        "loss.name=eer", "loss.options={normalize: false, floor: hard}", "eval.distance=euclidean"
+        "loss.name=eer", "loss.options.normalize=false", "loss.options.floor=hard", "eval.distance=euclidean"
     ],
-    "eer-direct": ["loss.name=eer", "loss.options={variant: direct}"],
+    "eer-direct": ["loss.name=eer", "loss.options.variant=direct"],
     "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/results.md §2)
         "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
     ],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import TrainConfig
 from pipeline.experiment import ABLATION_ARMS, steps_to_reach
 
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
@@ -22,6 +23,12 @@ def test_steps_to_reach_is_the_first_validated_step_at_or_below_the_target():
 def test_the_ablation_compares_eer_loss_with_every_kind_of_baseline():
     losses = {override.split("=")[1] for arm in ABLATION_ARMS.values() for override in arm if override.startswith("loss.name=")}
     assert {"eer", "set2set", "triplet_all", "triplet", "contrastive", "arcface", "multisimilarity"} <= losses
+
+
+def test_an_option_given_to_every_arm_survives_the_arms_that_set_options_of_their_own():
+    for arm, own in (("eer-direct", {"variant": "direct"}), ("eer-area-authors", {"normalize": False, "floor": "hard"})):
+        config = TrainConfig.load(CONFIG, ["loss.options.beta=0.9", *ABLATION_ARMS[arm]])
+        assert config.loss.options == {"beta": 0.9, **own}
 
 
 def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
