@@ -36,7 +36,7 @@ ABLATION_ARMS: dict[str, list[str]] = {
         "loss.name=eer", "loss.options.normalize=false", "loss.options.floor=hard", "eval.distance=euclidean"
     ],
     "eer-direct": ["loss.name=eer", "loss.options.variant=direct"],
-    "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/results.md §2)
+    "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/results.md §3)
         "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
     ],
     "set2set": ["loss.name=set2set", "eval.distance=euclidean"],
