@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	# k8s/ is rendered with kubectl's built-in kustomize (DESIGN.md §6).
+	# k8s/ is rendered with kubectl's built-in kustomize (docs/design.md §6).
 	command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubectl)
 	$(BIN)/python -m pytest
 

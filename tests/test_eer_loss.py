@@ -173,7 +173,7 @@ def test_unrolled_gradient_is_exact_autograd_of_the_smooth_search():
 
 
 def authors_area_loss(embeddings, labels, k=100.0, steps=16, alpha=0.0, beta=0.85, eps=1e-7):
-    """The authors' algorithm as DESIGN.md §5 describes it, written plainly (N×N×D, loops)."""
+    """The authors' algorithm as docs/design.md §5 describes it, written plainly (N×N×D, loops)."""
     n = len(labels)
     distances = (embeddings[:, None, :] - embeddings[None, :, :]).pow(2).sum(-1).clamp_min(1e-12).sqrt()
     genuine = torch.stack([distances[i, j] for i in range(n) for j in range(i + 1, n) if labels[i] == labels[j]])

@@ -25,7 +25,7 @@ from pipeline.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = K8S / "crds"  # KubeRay v1.7.0, vendored (k8s/crds/README.md)
 RAYJOB_KUSTOMIZATIONS = ["base", "overlays/gpu-1node-8x", "overlays/gpu-4node-8x", "overlays/cpu-smoke"]
 KUSTOMIZATIONS = [*RAYJOB_KUSTOMIZATIONS, "interactive"]
 SECRET_NAMES = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)

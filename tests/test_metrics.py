@@ -1,6 +1,6 @@
 """Specification of pipeline.metrics: every metric equals the official KVC formula written out plainly.
 
-The reference functions below restate DESIGN.md §4 (official `utils/metrics.py`) as directly as
+The reference functions below restate docs/design.md §4 (official `utils/metrics.py`) as directly as
 possible: one `roc_curve` per metric, one sort per genuine score for rank-N, one Python loop over
 subjects for the per-subject block. Integer-valued scores make ties frequent on purpose.
 """

@@ -1,6 +1,6 @@
 """Per-keystroke model inputs, computed in the loader from the raw ``[press_ms, release_ms, keycode]``.
 
-Normalisation (Type2Branch's, DESIGN.md §3), one column per feature in the order requested:
+Normalisation (Type2Branch's, docs/design.md §3), one column per feature in the order requested:
 
 =================  ====================================================  ===============
 ``keycode``        ``keycode / 255``; keycodes outside 0–255 (or not      [0, 1]

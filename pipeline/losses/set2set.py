@@ -1,4 +1,4 @@
-"""Set2set loss (Type2Branch's, DESIGN.md §3): within-set vs cross-set triplet hinge plus a
+"""Set2set loss (Type2Branch's, docs/design.md §3): within-set vs cross-set triplet hinge plus a
 penalty that keeps every set's radius near the mean radius.
 
     L = mean over all (a, p, n) of max(0, d(a, p) − d(a, n) + margin)  +  β · mean_i |r_i / r̄ − 1|

@@ -1,4 +1,4 @@
-"""Official KVC verification metrics (DESIGN.md §4): EER, FNMR@FMR, AUC, accuracy, rank-N, DET plots.
+"""Official KVC verification metrics (docs/design.md §4): EER, FNMR@FMR, AUC, accuracy, rank-N, DET plots.
 
     from pipeline.metrics import verification_report, report_to_markdown
     print(report_to_markdown(verification_report(labels, scores, subjects)))

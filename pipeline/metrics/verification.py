@@ -1,4 +1,4 @@
-"""The official KVC verification metrics (DESIGN.md §4), computed exactly and fast.
+"""The official KVC verification metrics (docs/design.md §4), computed exactly and fast.
 
 Source of the definitions: `utils/metrics.py` of gstrag/Keystroke-Verification-Challenge
 (read at commit 1a73518). Labels are 1 = genuine and 0 = impostor comparison, a higher

@@ -1,4 +1,4 @@
-"""Type2Branch (the KVC winner), ported to PyTorch from its description in DESIGN.md §3.
+"""Type2Branch (the KVC winner), ported to PyTorch from its description in docs/design.md §3.
 
 keycode → Embedding(256, 8) ⊕ timing features → BN, then two branches:
 
