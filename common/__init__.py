@@ -1,0 +1,1 @@
+"""Helpers every stage uses (sharding, pipeline, jobs), so that no stage imports another's CLI."""
