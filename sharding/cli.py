@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from functools import wraps
+import shlex
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,35 +17,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common.cli import clean_errors, print_error
+from sharding.format import SPLITS
 from sharding.kvc import KVCFileError
-from sharding.plan import DEFAULT_SUBJECTS_PER_SHARD, ShardingError
+from sharding.plan import MAX_SUBJECTS_PER_SHARD, MIN_SHARDS, ShardingError
 from sharding.sources import SPEC_HELP, SourceError
 from sharding.storage import StorageError
 from sharding.synth import ENROL_SESSIONS, SCENARIOS, write_kvc
 
+# clean_errors is re-exported for pipeline/cli.py and jobs/cli.py until they import common.cli.
+__all__ = ["clean_errors", "register"]
+
 _console = Console()
-_errors = Console(stderr=True)
 _EXPECTED = (KVCFileError, SourceError, StorageError, ShardingError, FileNotFoundError, ValueError)
-
-
-def clean_errors(*expected: type[BaseException]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Expected failures end with one clear line on stderr and exit status 1, not a traceback."""
-
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        @wraps(command)
-        def run(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return command(*args, **kwargs)
-            except expected as error:
-                _errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from error
-
-        return run
-
-    return decorate
-
-
 _clean_errors = clean_errors(*_EXPECTED)
+_SHOWN_REJECTS = 3
+
+Split = Enum("Split", {name: name for name in SPLITS}, type=str)  # choices for --split
 
 
 def _storage_options(endpoint_url: Optional[str], region: Optional[str]) -> dict[str, Any]:
@@ -85,25 +73,55 @@ def synth(
 def shard(
     source: str = typer.Option(..., "--source", help=SPEC_HELP),
     out: str = typer.Option(..., "--out", help="Folder, file:// or s3://bucket/prefix."),
-    subjects_per_shard: int = typer.Option(DEFAULT_SUBJECTS_PER_SHARD, help="Subjects per tar."),
-    workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes."),
+    subjects_per_shard: Optional[int] = typer.Option(
+        None, min=1, help=f"Subjects per tar (default: automatic, at most {MAX_SUBJECTS_PER_SHARD}, "
+        f"at least {MIN_SHARDS['train']} train and {MIN_SHARDS['val']} val/test shards when "
+        "the subjects allow)."),
+    workers: int = typer.Option(os.cpu_count() or 1, min=1, help="Worker processes."),
     seed: int = typer.Option(0, help="Seed of the subject split and shard assignment."),
-    val_subjects: Optional[int] = typer.Option(None, help="Default: 10 % of the subjects, at most 1000."),
-    test_subjects: Optional[int] = typer.Option(None, help="Default: 10 % of the subjects, at most 1000."),
+    val_subjects: Optional[int] = typer.Option(None, min=0, help="Default: 10 % of the subjects, at most 1000."),
+    test_subjects: Optional[int] = typer.Option(None, min=0, help="Default: 10 % of the subjects, at most 1000."),
+    split: Optional[Split] = typer.Option(
+        None, help="Put every subject in this split (e.g. a test-only set to evaluate on)."),
+    participants: Optional[Path] = typer.Option(
+        None, help="aalto-desktop: read only the participants listed in this file "
+        "(one id per line, # comments)."),
     endpoint_url: Optional[str] = _ENDPOINT,
     region: Optional[str] = _REGION,
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
 ) -> None:
-    """Shard a corpus into subject-grouped WebDataset tars plus manifest.json (resumable)."""
-    from sharding.writer import write_shards
+    """Shard a corpus into subject-grouped WebDataset tars plus manifest.json.
 
-    manifest = write_shards(source, out, seed=seed, subjects_per_shard=subjects_per_shard,
-                            val_subjects=val_subjects, test_subjects=test_subjects,
-                            workers=workers, progress=progress,
-                            storage_options=_storage_options(endpoint_url, region))
-    counts = {split: sum(s.samples for s in manifest.shards_of(split)) for split in ("train", "val", "test")}
-    _console.print(f"{out}: {len(manifest.shards)} shards, subjects {counts}, "
+    Resumable; re-run on a finished set, it rewrites exactly its missing or corrupt shards.
+    """
+    from sharding.sources import parse_source
+    from sharding.writer import read_rejects, write_shards
+
+    options = _storage_options(endpoint_url, region)
+    manifest = write_shards(parse_source(source, participants), out, seed=seed,
+                            subjects_per_shard=subjects_per_shard, val_subjects=val_subjects,
+                            test_subjects=test_subjects, split=split.value if split else None,
+                            workers=workers, progress=progress, storage_options=options,
+                            log=lambda message: _console.print(message, highlight=False))
+    counts = {name: sum(s.samples for s in manifest.shards_of(name)) for name in SPLITS}
+    shards = {name: len(manifest.shards_of(name)) for name in SPLITS}
+    _console.print(f"{out}: {len(manifest.shards)} shards {shards}, subjects {counts}, "
                    f"rejected {manifest.rejected or 'none'}", highlight=False)
+    _show_rejects(out, read_rejects(out, **options))
+
+
+def _show_rejects(out: str, rejects: Optional[dict[str, Any]]) -> None:
+    """The first few rejected subjects and where the rest are listed."""
+    from sharding.writer import MAX_LISTED_REJECTS, REJECTS_NAME, format_reject
+
+    if not rejects or not rejects.get("rejected_subjects"):
+        return
+    total, listed = rejects["rejected_subjects"], rejects["listed"]
+    _console.print(f"{total} subjects rejected, e.g.:", highlight=False)
+    for entry in listed[:_SHOWN_REJECTS]:
+        _console.print(f"  {format_reject(entry)}", highlight=False, soft_wrap=True)
+    scope = "all" if total <= MAX_LISTED_REJECTS else f"the first {MAX_LISTED_REJECTS}"
+    _console.print(f"{scope} listed in {out.rstrip('/')}/{REJECTS_NAME}", highlight=False)
 
 
 shards_app = typer.Typer(help="Inspect a committed shard set.", no_args_is_help=True)
@@ -116,13 +134,27 @@ def verify(url: str = typer.Argument(..., help="Folder, file:// or s3:// URL of 
     """Decode every shard and check counts and sha256 against the manifest (exit 1 on mismatch)."""
     from sharding.verify import verify_shards
 
-    report = verify_shards(url, **_storage_options(endpoint_url, region))
+    options = _storage_options(endpoint_url, region)
+    report = verify_shards(url, **options)
     for problem in report.problems:
-        _errors.print(f"[red]✗[/] {problem}", highlight=False, soft_wrap=True)
+        print_error(problem)
     if not report.ok:
+        _print_repair(report.repair, endpoint_url, region)
         raise typer.Exit(1)
     _console.print(f"[green]✓[/] {report.shards} shards, {report.subjects} subjects, "
                    f"{report.sessions} sessions: all verify", highlight=False)
+
+
+def _print_repair(command: Optional[str], endpoint_url: Optional[str], region: Optional[str]) -> None:
+    """Say exactly which command repairs the set (the one that wrote it, re-run)."""
+    if command is None:
+        typer.echo("this set's source cannot be named by `eerpipe shard`: restore the listed "
+                   "shards from a copy", err=True)
+        return
+    flags = "".join(f" {flag} {shlex.quote(value)}" for flag, value in (
+        ("--endpoint-url", endpoint_url), ("--region", region)) if value)
+    typer.echo(f"to repair, re-run the command that wrote the set (it rewrites exactly the bad "
+               f"shards): {command}{flags}", err=True)
 
 
 @shards_app.command("stats")

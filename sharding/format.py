@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,29 +144,116 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
-        version = data.get("schema_version")
+    def from_json(cls, text: str | bytes, origin: str = MANIFEST_NAME) -> "Manifest":
+        """Parse and check a manifest; any problem is a :class:`ManifestError` naming ``origin``.
+
+        The shard names are checked to be plain file names: the pipeline joins them to the
+        set's folder, and ``../x.tar`` would read (or a re-run write) outside it. Unknown
+        top-level keys are ignored, so that later additive fields do not break older readers.
+        """
+        data = _parse_json(text, origin)
+        version = data.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"manifest schema version {version} is not supported (expected {SCHEMA_VERSION})"
-            )
-        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-        return cls(**data)
+            raise ManifestError(f"{origin}: schema version {version!r} is not supported "
+                                f"(expected {SCHEMA_VERSION})")
+        missing = [key for key in _REQUIRED if key not in data]
+        if missing:
+            raise ManifestError(f"{origin}: lacks {', '.join(map(repr, missing))}")
+        for key, kind in _MANIFEST_FIELDS.items():
+            if key in data and not _is(data[key], kind):
+                raise ManifestError(f"{origin}: {key!r} must be a JSON {_JSON_NAMES[kind]}")
+        shards = [_shard_info(entry, i, origin) for i, entry in enumerate(data["shards"])]
+        _check_names(shards, data["subjects"], origin)
+        fields = {key: data[key] for key in _MANIFEST_FIELDS if key in data}
+        return cls(**{**fields, "shards": shards})
+
+
+class ManifestError(ValueError):
+    """A manifest that is not valid JSON or not shaped like one; the message names the file."""
+
+
+_REQUIRED = ("schema_version", "source", "seed", "shards", "subjects")
+_MANIFEST_FIELDS: dict[str, type] = {"source": dict, "seed": int, "shards": list, "subjects": dict,
+                                     "rejected": dict, "feature_spec": dict, "schema_version": int}
+_SHARD_FIELDS: dict[str, type] = {"name": str, "split": str, "samples": int, "sessions": int,
+                                  "bytes": int, "sha256": str}
+_JSON_NAMES = {dict: "object", list: "array", int: "integer", str: "string"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is(value: Any, kind: type) -> bool:
+    """JSON type check; ``true`` is not an integer here although Python's bool is an int."""
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _parse_json(text: str | bytes, origin: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{origin}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{origin}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ManifestError(f"{origin}: expected a JSON object, found a JSON "
+                            f"{_JSON_NAMES.get(type(data), type(data).__name__)}")
+    return data
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` is one file name, not a path: no separator, not ``.``/``..``, no NUL."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _shard_info(entry: Any, index: int, origin: str) -> ShardInfo:
+    where = f"{origin}: shard {index}"
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where} is not a JSON object")
+    for key, kind in _SHARD_FIELDS.items():
+        if not _is(entry.get(key), kind):
+            raise ManifestError(f"{where}: {key!r} must be a JSON {_JSON_NAMES[kind]}")
+    info = ShardInfo(**{key: entry[key] for key in _SHARD_FIELDS})
+    if not is_plain_name(info.name):
+        raise ManifestError(f"{where}: name {info.name!r} is not a plain file name "
+                            "(shards must sit in the manifest's folder)")
+    if info.split not in SPLITS:
+        raise ManifestError(f"{where} ({info.name}): unknown split {info.split!r}")
+    if min(info.samples, info.sessions, info.bytes) < 0 or not _SHA256.fullmatch(info.sha256):
+        raise ManifestError(f"{where} ({info.name}): negative count or malformed sha256")
+    return info
+
+
+def _check_names(shards: list[ShardInfo], subjects: dict[str, Any], origin: str) -> None:
+    names = [info.name for info in shards]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ManifestError(f"{origin}: shard {repeated[0]!r} is listed twice")
+    listed = set(names)
+    for subject, name in subjects.items():
+        if name not in listed:
+            raise ManifestError(f"{origin}: subject {subject!r} maps to {name!r}, "
+                                "which is not a listed shard")
+
+
+def manifest_location(url: str) -> str:
+    """Where a set's manifest is, as a user would write it (for messages)."""
+    return f"{url.rstrip('/')}/{MANIFEST_NAME}"
 
 
 def load_manifest(url: str, **storage_options: Any) -> Manifest:
-    """Read the manifest of the shard set at ``url`` (folder, ``file://`` or ``s3://``)."""
+    """Read and check the manifest of the shard set at ``url`` (folder, ``file://`` or ``s3://``).
+
+    Raises ``FileNotFoundError`` if there is none, :class:`ManifestError` if it is malformed.
+    """
     from sharding.storage import StorageError, open_fs
 
     fs, root = open_fs(url, **storage_options)
     path = f"{root}/{MANIFEST_NAME}"
     try:
-        text = fs.cat_file(path).decode("utf-8")
+        data = fs.cat_file(path)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} at {url!r}: not a shard set, or sharding has not finished"
         ) from error
     except Exception as error:  # noqa: BLE001
         raise StorageError(f"cannot read {path!r}: {error}") from error
-    return Manifest.from_json(text)
+    return Manifest.from_json(data, manifest_location(url))

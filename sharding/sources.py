@@ -6,7 +6,8 @@ for one subject at a time (``load``), possibly from forked worker processes. Sou
 
 ==========================================  ===============================================
 ``kvc:DIR[:SCENARIO]``                      ``{scenario}_dev_set.npy`` in DIR or DIR/SCENARIO
-``aalto-desktop:DIR``                       every ``*_keystrokes.txt`` under DIR
+``aalto-desktop:DIR``                       every ``*_keystrokes.txt`` under DIR (only the
+                                            listed ones with ``participants=FILE``)
 ``aalto-mobile:DIR``                        DIR/keystrokes.csv joined to DIR/test_sections.csv
 ``synth:N[:SEED[:DIFFICULTY[:SCENARIO]]]``  N synthetic subjects generated in memory; the
                                             same subjects as the dev set of
@@ -17,6 +18,7 @@ for one subject at a time (``load``), possibly from forked worker processes. Sou
 from __future__ import annotations
 
 import csv
+import hashlib
 from abc import ABC, abstractmethod
 from array import array
 from collections import Counter
@@ -81,30 +83,87 @@ class KVCSource(Source):
 
 
 class AaltoDesktopSource(Source):
-    """One ``<PARTICIPANT_ID>_keystrokes.txt`` per participant; malformed files are skipped."""
+    """One ``<PARTICIPANT_ID>_keystrokes.txt`` per participant; malformed files are skipped.
+
+    ``participants`` (a file, see :func:`read_participants`) restricts the source to the
+    listed participants, so that a benchmark subset can be rebuilt from the public download;
+    a listed participant without a file is an error.
+    """
 
     SUFFIX = "_keystrokes.txt"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, participants: str | Path | None = None) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise SourceError(f"aalto-desktop: {self.root} is not a folder")
+        self.participants_file = Path(participants).resolve() if participants else None
+        self.participants = read_participants(participants) if participants else None
         self._files: dict[str, Path] = {}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "aalto-desktop", "path": str(self.root)}
+        description: dict[str, Any] = {"kind": "aalto-desktop", "path": str(self.root)}
+        if self.participants is not None:
+            listed = "\n".join(sorted(self.participants)).encode("utf-8")
+            description["participants"] = {"file": str(self.participants_file),
+                                            "count": len(self.participants),
+                                            "sha256": hashlib.sha256(listed).hexdigest()}
+        return description
 
     def open(self) -> tuple[list[str], Counter]:
         files = sorted(self.root.rglob(f"*{self.SUFFIX}"))
         if not files:
             raise SourceError(f"aalto-desktop: no *{self.SUFFIX} files under {self.root}")
         ids = [f.name[: -len(self.SUFFIX)] for f in files]
+        if self.participants is not None:
+            files, ids = self._listed(files, ids)
         keep, duplicates = dedupe(ids)
         self._files = {ids[i]: files[i] for i in keep}
         return list(self._files), Counter({"subject:duplicate_id": duplicates} if duplicates else {})
 
     def load(self, subject_id: str) -> dict[str, np.ndarray]:
         return read_desktop_file(self._files[subject_id], subject_id)
+
+    def _listed(self, files: list[Path], ids: list[str]) -> tuple[list[Path], list[str]]:
+        """The files of the listed participants; refuses a listed participant without one."""
+        assert self.participants is not None
+        listed, present = set(self.participants), set(ids)
+        missing = [p for p in self.participants if p not in present]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise SourceError(f"{self.participants_file}: participant {missing[0]!r} has no "
+                              f"{missing[0]}{self.SUFFIX} under {self.root}{more}")
+        chosen = [i for i, subject in enumerate(ids) if subject in listed]
+        return [files[i] for i in chosen], [ids[i] for i in chosen]
+
+
+def read_participants(path: str | Path) -> list[str]:
+    """Participant ids listed one per line (``#`` starts a comment, blank lines are skipped).
+
+    A repeated id or a line holding more than one word is refused: either is a sign the
+    file is not the list the user meant.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SourceError(f"{path}: cannot read the participant list "
+                          f"({error.strerror or error})") from error
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{path}: the participant list is not UTF-8 text") from error
+    lines: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = line.split("#", 1)[0].split()
+        if len(words) > 1:
+            raise SourceError(f"{path}:{number}: expected one participant id per line, "
+                              f"found {len(words)} words")
+        if words and words[0] in lines:
+            raise SourceError(f"{path}:{number}: participant {words[0]!r} is already listed "
+                              f"on line {lines[words[0]]}")
+        if words:
+            lines[words[0]] = number
+    if not lines:
+        raise SourceError(f"{path}: the participant list names no participant")
+    return list(lines)
 
 
 def read_desktop_file(path: Path, participant: str) -> dict[str, np.ndarray]:
@@ -299,31 +358,58 @@ class SynthSource(Source):
         return self.corpus.subject(self._index[subject_id])
 
 
-def parse_source(spec: str) -> Source:
-    """Build the :class:`Source` named by a spec (see the module docstring)."""
+def parse_source(spec: str, participants: str | Path | None = None) -> Source:
+    """Build the :class:`Source` named by a spec (see the module docstring).
+
+    ``participants`` (a participant list file) applies to ``aalto-desktop`` sources only.
+    """
     kind, _, rest = spec.partition(":")
     if not rest:
         raise SourceError(f"bad source {spec!r}; expected {SPEC_HELP}")
+    if participants is not None and kind != "aalto-desktop":
+        raise SourceError(f"--participants applies to aalto-desktop sources only, not {kind!r}")
     if kind == "kvc":
         root, _, scenario = rest.rpartition(":")
         if scenario in SCENARIOS and root:
             return KVCSource(root, scenario)
         return KVCSource(rest)
     if kind == "aalto-desktop":
-        return AaltoDesktopSource(rest)
+        return AaltoDesktopSource(rest, participants)
     if kind == "aalto-mobile":
         return AaltoMobileSource(rest)
     if kind == "synth":
-        parts = rest.split(":")
-        try:
-            if len(parts) > 4:
-                raise ValueError("too many fields")
-            subjects = int(parts[0])
-            seed = int(parts[1]) if len(parts) > 1 else 0
-            difficulty = float(parts[2]) if len(parts) > 2 else 1.0
-            scenario = parts[3] if len(parts) > 3 else "desktop"
-            return SynthSource(subjects, seed, difficulty, scenario)
-        except ValueError as error:
-            raise SourceError(f"bad source {spec!r} ({error}); expected "
-                              "synth:N[:SEED[:DIFFICULTY[:SCENARIO]]]") from error
+        return _synth(spec, rest)
     raise SourceError(f"unknown source kind {kind!r}; expected {SPEC_HELP}")
+
+
+def _synth(spec: str, rest: str) -> SynthSource:
+    parts = rest.split(":")
+    try:
+        if len(parts) > 4:
+            raise ValueError("too many fields")
+        subjects = int(parts[0])
+        seed = int(parts[1]) if len(parts) > 1 else 0
+        difficulty = float(parts[2]) if len(parts) > 2 else 1.0
+        scenario = parts[3] if len(parts) > 3 else "desktop"
+        return SynthSource(subjects, seed, difficulty, scenario)
+    except ValueError as error:
+        raise SourceError(f"bad source {spec!r} ({error}); expected "
+                          "synth:N[:SEED[:DIFFICULTY[:SCENARIO]]]") from error
+
+
+def source_arguments(description: dict[str, Any]) -> list[str] | None:
+    """The ``eerpipe shard`` arguments that rebuild the source a manifest describes.
+
+    ``None`` for a description no spec produces (a hand-made set, a Python-only source).
+    """
+    kind, path = description.get("kind"), description.get("path")
+    if kind == "kvc" and path:
+        spec = f"kvc:{Path(path).parent}:{description.get('scenario')}"
+    elif kind in ("aalto-desktop", "aalto-mobile") and path:
+        spec = f"{kind}:{path}"
+    elif kind == "synth":
+        spec = "synth:{subjects}:{seed}:{difficulty}:{scenario}".format(**description)
+    else:
+        return None
+    participants = description.get("participants")
+    return ["--source", spec, *(["--participants", participants["file"]] if participants else [])]

@@ -9,10 +9,12 @@ anywhere by this project.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 
 class StorageError(RuntimeError):
@@ -39,11 +41,19 @@ def open_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem
     return fs, root.rstrip("/")
 
 
-def check_writable(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Fail fast, before any work starts, if ``url`` cannot be written with our credentials."""
+def check_writable(url: str, *, create: bool = True,
+                   **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Fail fast, before any work starts, if ``url`` cannot be written with our credentials.
+
+    ``create=False`` leaves a missing local folder uncreated (its nearest existing parent must
+    be a writable folder), so that a job refused later leaves nothing behind.
+    """
     fs, root = open_fs(url, **storage_options)
     probe = f"{root}/.eerpipe-write-probe"
     try:
+        if isinstance(fs, LocalFileSystem) and not fs.exists(root) and not create:
+            _check_creatable(Path(root))
+            return fs, root
         if not url.startswith("s3://"):  # on S3, makedirs would create a mistyped bucket
             fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"ok")
@@ -51,6 +61,15 @@ def check_writable(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFil
     except Exception as error:  # noqa: BLE001 - any backend error means "cannot write here"
         raise StorageError(_explain(url, error)) from error
     return fs, root
+
+
+def _check_creatable(folder: Path) -> None:
+    """Raise ``PermissionError`` unless ``folder`` could be created (it does not exist)."""
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {folder}: {parent} is not a writable folder")
 
 
 def check_readable(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -40,7 +40,7 @@ class Rejected(Exception):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 # Row checks in priority order: a session is rejected for the first one any of its rows fails.

@@ -13,6 +13,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from sharding.format import SPLITS, Subject, decode_subject, load_manifest
 from sharding.storage import check_readable
+from sharding.writer import rerun_command
 
 
 def iter_samples(data: bytes, name: str = "shard") -> Iterator[dict[str, Any]]:
@@ -33,6 +34,7 @@ class VerifyReport:
     subjects: int = 0
     sessions: int = 0
     problems: list[str] = field(default_factory=list)
+    repair: str | None = None  # with problems: the command that rewrites the bad shards
 
     @property
     def ok(self) -> bool:
@@ -84,6 +86,8 @@ def verify_shards(url: str, **storage_options: Any) -> VerifyReport:
     if missing:
         report.problems.append(f"{len(missing)} subjects of the manifest are in no shard, "
                                f"e.g. {sorted(missing)[0]!r}")
+    if report.problems:
+        report.repair = rerun_command(manifest, url)
     return report
 
 

@@ -3,27 +3,41 @@
 Layout under the output URL (a folder, ``file://`` or ``s3://bucket/prefix``)::
 
     train-000000.tar ... val-000000.tar ... test-000000.tar   one sample per subject
+    rejects.json                                              which subjects were rejected, why
     manifest.json                                             written last: the commit point
     _pending/plan.json, _pending/<shard>.json                 only while a job is unfinished
 
-The job is a deterministic function of (subject list, seed, subjects per shard, split sizes):
+The job is a deterministic function of (subject list, seed, shard sizes, split sizes):
 subjects are split train/val/test and cut into shards by a seeded permutation, and tars are
 written byte-for-byte reproducibly. ``_pending/plan.json`` is written before any shard; each
 finished shard gets a record (sha256, counts, rejections) after its tar is in place. Every
-file is published atomically (rename of a temporary on a local disk; a single PUT on object
-stores, which never expose a partial object). A re-run therefore keeps the shards whose
-checksums match their records, rewrites the rest, and, once a manifest exists, does nothing.
+file is published atomically (:func:`common.atomic.write_atomic`). A re-run therefore keeps
+the shards whose checksums match their records and rewrites the rest; once a manifest exists,
+a re-run checks every shard against it and rebuilds exactly the missing or corrupt ones (the
+same bytes, since the job is deterministic), so re-running the command repairs a set.
+
+Nothing is created at the output URL before the options, the source and the plan have been
+checked; a job whose every subject is rejected removes what it wrote and fails.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import shlex
+import signal
+import sys
+import threading
 from collections import Counter
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from multiprocessing import get_context
 from typing import Any
 
@@ -35,13 +49,17 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 from webdataset import TarWriter
 
-from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject
-from sharding.plan import DEFAULT_SUBJECTS_PER_SHARD, PlannedShard, ShardingError, plan_shards
-from sharding.sources import Source, parse_source
+from common.atomic import is_temporary, write_atomic
+from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject, manifest_location
+from sharding.plan import PlannedShard, ShardingError, check_options, plan_shards
+from sharding.sources import Source, parse_source, source_arguments
 from sharding.storage import check_writable, open_fs
 from sharding.validate import MIN_SESSIONS, Rejected, clean_subject
 
 PENDING = "_pending"
+REJECTS_NAME = "rejects.json"
+MAX_LISTED_REJECTS = 100
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass
@@ -51,6 +69,7 @@ class _Job:
     source: Source
     url: str
     storage_options: dict[str, Any]
+    parent: int  # pid of the sharding process: its workers must not outlive it
 
 
 _JOB: _Job | None = None
@@ -59,82 +78,218 @@ _JOB: _Job | None = None
 def _init_worker(job: _Job) -> None:
     global _JOB
     _JOB = job
+    if job.parent != os.getpid():
+        _die_with_parent(job.parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker die with the sharding process, even if that one is SIGKILLed.
+
+    A killed parent never shuts its pool down, and forked workers blocked on the task queue
+    would otherwise live on forever. Linux kills us itself (``PR_SET_PDEATHSIG``); elsewhere
+    a watchdog thread notices that we were re-parented.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        threading.Event().wait(1.0)
+    os._exit(1)
 
 
 def write_shards(source: Source | str, url: str, *, seed: int = 0,
-                 subjects_per_shard: int = DEFAULT_SUBJECTS_PER_SHARD,
-                 val_subjects: int | None = None, test_subjects: int | None = None,
+                 subjects_per_shard: int | None = None, val_subjects: int | None = None,
+                 test_subjects: int | None = None, split: str | None = None,
                  workers: int = 1, progress: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> Manifest:
+                 storage_options: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None) -> Manifest:
     """Shard ``source`` (a :class:`Source` or a spec string) to ``url``; return the manifest.
 
-    Idempotent and resumable (see the module docstring). Fails before any work if ``url``
-    is not writable. ``val_subjects``/``test_subjects`` default to
-    :func:`~sharding.plan.default_holdout`.
+    Idempotent, resumable and self-repairing (see the module docstring). Fails before
+    creating anything if an option is impossible or ``url`` is not writable.
+    ``subjects_per_shard=None`` sizes shards automatically (:mod:`sharding.plan`);
+    ``val_subjects``/``test_subjects`` default to :func:`~sharding.plan.default_holdout`;
+    ``split`` puts every subject in that one split. ``log`` hears what a re-run of a
+    finished set found and rewrote.
     """
+    check_options(subjects_per_shard=subjects_per_shard, val_subjects=val_subjects,
+                  test_subjects=test_subjects, split=split, workers=workers)
     source = parse_source(source) if isinstance(source, str) else source
     storage_options = storage_options or {}
-    fs, root = check_writable(url, **storage_options)
-    identity = {**source.describe(), "sharding": {
-        "subjects_per_shard": subjects_per_shard, "val_subjects": val_subjects,
-        "test_subjects": test_subjects}}
-    manifest = _existing_manifest(fs, root)
-    if manifest is not None:
-        if manifest.source != identity or manifest.seed != seed:
-            raise ShardingError(f"{url} already holds a different shard set (source "
-                                f"{manifest.source}, seed {manifest.seed}; this job: source "
-                                f"{identity}, seed {seed}); write to another location")
-        _remove_pending(fs, root)
-        return manifest
+    fs, root = check_writable(url, create=False, **storage_options)
+    job = _Job(source, url, storage_options, os.getpid())
+    sharding = {"subjects_per_shard": subjects_per_shard, "val_subjects": val_subjects,
+                "test_subjects": test_subjects, **({"split": split} if split else {})}
+    requested = {**source.describe(), "sharding": sharding}
+    manifest = _existing_manifest(fs, root, url)
+    if manifest is None:
+        return _write_new(job, requested, seed, workers, progress)
+    if manifest.seed != seed or _adopt(manifest.source, requested) is None:
+        raise ShardingError(f"{url} already holds a different shard set (source "
+                            f"{manifest.source}, seed {manifest.seed}; this job: source "
+                            f"{requested}, seed {seed}); write to another location")
+    rewritten = _repair(manifest, job, workers, progress)
+    if log is not None:
+        log(f"{url}: rewrote {_count(rewritten, 'missing or corrupt shard')} "
+            f"({', '.join(rewritten)})" if rewritten
+            else f"{url}: all {len(manifest.shards)} shards match the manifest")
+    _remove_pending(fs, root)
+    return manifest
 
-    subject_ids, rejected = source.open()
-    plan = plan_shards(subject_ids, seed=seed, subjects_per_shard=subjects_per_shard,
-                       val_subjects=val_subjects, test_subjects=test_subjects)
-    _commit_plan(fs, root, url, {"source": identity, "seed": seed,
-                                 "shards": [asdict(s) for s in plan]})
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _adopt(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any] | None:
+    """``recorded`` if ``requested`` names the same job, else ``None``.
+
+    An automatic shard size accepts the size a set was written with, so that re-running the
+    command that wrote a set keeps (and repairs) it — including sets written when the default
+    was a fixed 1,000 subjects per shard.
+    """
+    wanted = {**requested, "sharding": dict(requested["sharding"])}
+    recorded_size = recorded.get("sharding", {}).get("subjects_per_shard")
+    if wanted["sharding"]["subjects_per_shard"] is None:
+        wanted["sharding"]["subjects_per_shard"] = recorded_size
+    return recorded if json.loads(json.dumps(wanted)) == recorded else None
+
+
+def _plan(subject_ids: list[str], identity: dict[str, Any], seed: int) -> list[PlannedShard]:
+    sharding = identity["sharding"]
+    return plan_shards(subject_ids, seed=seed, subjects_per_shard=sharding["subjects_per_shard"],
+                       val_subjects=sharding["val_subjects"],
+                       test_subjects=sharding["test_subjects"], split=sharding.get("split"))
+
+
+def _write_new(job: _Job, requested: dict[str, Any], seed: int, workers: int,
+               progress: bool) -> Manifest:
+    """Plan, write (or resume writing) every shard, then commit the manifest."""
+    fs, root = open_fs(job.url, **job.storage_options)
+    created = not fs.exists(root)
+    previous = _read_json(fs, f"{root}/{PENDING}/plan.json")
+    identity = (previous and _adopt(previous.get("source", {}), requested)) or requested
+    subject_ids, rejected = job.source.open()
+    plan = _plan(subject_ids, identity, seed)
+    _commit_plan(fs, root, job.url, previous, {"source": identity, "seed": seed,
+                                               "shards": [asdict(s) for s in plan]})
     _remove_temporaries(fs, root)
-    job = _Job(source, url, storage_options)
-    records = _run(plan, job, workers, progress)
+    records = _run(plan, job, workers, progress, _ensure_shard)
+    manifest = _manifest(records, rejected, identity, seed)
+    rejects = [entry for record in records for entry in record["rejects"]]
+    if not manifest.subjects:
+        _discard(fs, root, plan, created)
+        raise ShardingError(_no_subjects_message(job, manifest.rejected, rejects))
+    write_atomic(fs, f"{root}/{REJECTS_NAME}", json.dumps({
+        "rejected_subjects": len(rejects), "listed": rejects[:MAX_LISTED_REJECTS],
+        "counts": manifest.rejected}, indent=1).encode())
+    write_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode())
+    _remove_pending(fs, root)
+    return manifest
 
+
+def _manifest(records: list[dict], rejected: Counter, identity: dict[str, Any],
+              seed: int) -> Manifest:
+    """The manifest of a job from its shards' records (and the rejections of listing)."""
     shards, subjects = [], {}
     for record in records:
         info = ShardInfo(**record["shard"])
         shards.append(info)
         subjects.update(dict.fromkeys(record["subjects"], info.name))
         rejected.update(record["rejected"])
-    manifest = Manifest(source=identity, seed=seed, shards=shards, subjects=subjects,
-                        rejected=dict(sorted((+rejected).items())))
-    _publish(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode())
-    _remove_pending(fs, root)
-    return manifest
+    return Manifest(source=identity, seed=seed, shards=shards, subjects=subjects,
+                    rejected=dict(sorted((+rejected).items())))
 
 
-def _run(plan: list[PlannedShard], job: _Job, workers: int, progress: bool) -> list[dict]:
-    """Ensure every planned shard exists and verifies; records in plan order."""
+def _repair(manifest: Manifest, job: _Job, workers: int, progress: bool) -> list[str]:
+    """Check every shard against the manifest; rebuild exactly the missing or corrupt ones
+    (their names are returned)."""
+    fs, root = open_fs(job.url, **job.storage_options)
+    expected = {info.name: info for info in manifest.shards}
+    with ThreadPoolExecutor(max(workers, 1)) as pool:  # reading and hashing release the GIL
+        good = list(pool.map(lambda info: _matches(fs, f"{root}/{info.name}", asdict(info)),
+                             manifest.shards))
+    bad = [info.name for info, ok in zip(manifest.shards, good) if not ok]
+    if not bad:
+        return []
+    planned = {s.name: s for s in _plan(job.source.open()[0], manifest.source, manifest.seed)}
+    lost = [name for name in bad if name not in planned]
+    if lost:
+        raise ShardingError(f"cannot repair {job.url}: {lost[0]} is not in the plan of the "
+                            "source as it is now (its subjects changed since sharding); "
+                            "re-shard to another location")
+    _remove_temporaries(fs, root)
+    _run([planned[name] for name in bad], job, workers, progress,
+         partial(_repair_shard, expected))
+    return bad
+
+
+def _run(plan: list[PlannedShard], job: _Job, workers: int, progress: bool,
+         task: Callable[[PlannedShard], dict]) -> list[dict]:
+    """Apply ``task`` (picklable) to every planned shard, in worker processes; records in
+    plan order."""
     records: dict[str, dict] = {}
     bar = _progress(progress)
     with bar:
-        task = bar.add_task("sharding", total=sum(len(s.subjects) for s in plan))
-        if workers <= 1:
-            _init_worker(job)
-            for shard in plan:
-                records[shard.name] = _ensure_shard(shard)
-                bar.advance(task, len(shard.subjects))
-        else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("fork"),
-                                     initializer=_init_worker, initargs=(job,)) as pool:
-                pending = {pool.submit(_ensure_shard, shard): shard for shard in plan}
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in done:
-                        shard = pending.pop(future)
-                        try:
-                            records[shard.name] = future.result()
-                        except BaseException:
-                            pool.shutdown(cancel_futures=True)  # finished shards stay for a re-run
-                            raise
-                        bar.advance(task, len(shard.subjects))
+        progress_task = bar.add_task("sharding", total=sum(len(s.subjects) for s in plan))
+        for shard, record in _results(plan, job, workers, task):
+            records[shard.name] = record
+            bar.advance(progress_task, len(shard.subjects))
     return [records[shard.name] for shard in plan]
+
+
+def _results(plan: list[PlannedShard], job: _Job, workers: int,
+             task: Callable[[PlannedShard], dict]) -> Iterator[tuple[PlannedShard, dict]]:
+    """``(shard, record)`` as shards finish; the first failure stops the rest."""
+    if workers <= 1:
+        _init_worker(job)
+        for shard in plan:
+            yield shard, task(shard)
+        return
+    with _workers_die_on_sigterm(), ProcessPoolExecutor(
+            workers, mp_context=get_context("fork"), initializer=_init_worker,
+            initargs=(job,)) as pool:
+        pending = {pool.submit(task, shard): shard for shard in plan}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                shard = pending.pop(future)
+                try:
+                    record = future.result()
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # finished shards stay for a re-run
+                    raise
+                yield shard, record
+
+
+@contextmanager
+def _workers_die_on_sigterm() -> Iterator[None]:
+    """While a pool runs, SIGTERM kills its workers, then this process as SIGTERM would.
+
+    Outside the main thread no handler can be installed; the workers' parent-death signal
+    still ends them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, _frame: Any) -> None:
+        for child in multiprocessing.active_children():
+            child.kill()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class _SpeedColumn(ProgressColumn):
@@ -151,36 +306,51 @@ def _progress(enabled: bool) -> Progress:
                     console=Console(stderr=True), disable=not enabled)
 
 
-def _ensure_shard(shard: PlannedShard) -> dict:
-    """Keep a finished shard whose checksum matches its record, else (re)write it."""
+def _worker_fs() -> tuple[_Job, fsspec.AbstractFileSystem, str]:
     assert _JOB is not None, "worker not initialised"
     fs, root = open_fs(_JOB.url, **_JOB.storage_options)
+    return _JOB, fs, root
+
+
+def _ensure_shard(shard: PlannedShard) -> dict:
+    """Keep a finished shard whose checksum matches its record, else (re)write it."""
+    job, fs, root = _worker_fs()
     path, record_path = f"{root}/{shard.name}", f"{root}/{PENDING}/{shard.name}.json"
     record = _read_json(fs, record_path)
-    if record is not None and _matches(fs, path, record["shard"]):
+    if record is not None and "rejects" in record and _matches(fs, path, record["shard"]):
         return record
-    data, record = _build(shard, _JOB.source)
-    _publish(fs, path, data)
-    _publish(fs, record_path, json.dumps(record).encode())
+    data, record = _build(shard, job.source)
+    write_atomic(fs, path, data)
+    write_atomic(fs, record_path, json.dumps(record).encode())
+    return record
+
+
+def _repair_shard(expected: dict[str, ShardInfo], shard: PlannedShard) -> dict:
+    """Rebuild one shard of a committed set; refuse to publish bytes the manifest would not."""
+    job, fs, root = _worker_fs()
+    data, record = _build(shard, job.source)
+    if record["shard"] != asdict(expected[shard.name]):
+        raise ShardingError(f"cannot repair {job.url}/{shard.name}: rebuilt from the source it "
+                            "differs from the manifest (the source changed since sharding); "
+                            "re-shard to another location")
+    write_atomic(fs, f"{root}/{shard.name}", data)
     return record
 
 
 def _build(shard: PlannedShard, source: Source) -> tuple[bytes, dict]:
-    """The tar bytes of one shard and its record; bad sessions and subjects are counted."""
+    """The tar bytes of one shard and its record; bad sessions and subjects are counted,
+    rejected subjects listed with the reason (the file and line, where there is one)."""
     rejected: Counter = Counter()
+    rejects: list[dict[str, str]] = []
     kept: list[str] = []
     sessions = 0
     buffer = io.BytesIO()
     with TarWriter(buffer, encoder=False, mtime=0) as tar:  # fixed mtime: reproducible bytes
         for subject_id in shard.subjects:
-            try:
-                clean, dropped = clean_subject(source.load(subject_id))
-            except Rejected as rejection:
-                rejected[rejection.reason] += 1
-                continue
-            rejected.update(dropped)
-            if len(clean) < MIN_SESSIONS:
-                rejected["subject:too_few_sessions"] += 1
+            clean, reason, detail = _load_clean(source, subject_id, rejected)
+            if reason is not None:
+                rejected[reason] += 1
+                rejects.append({"subject": subject_id, "reason": reason, "detail": detail})
                 continue
             tar.write(encode_subject(subject_id, clean))
             kept.append(subject_id)
@@ -188,7 +358,61 @@ def _build(shard: PlannedShard, source: Source) -> tuple[bytes, dict]:
     data = buffer.getvalue()
     info = ShardInfo(shard.name, shard.split, len(kept), sessions, len(data),
                      hashlib.sha256(data).hexdigest())
-    return data, {"shard": asdict(info), "subjects": kept, "rejected": dict(rejected)}
+    return data, {"shard": asdict(info), "subjects": kept, "rejected": dict(rejected),
+                  "rejects": rejects}
+
+
+def _load_clean(source: Source, subject_id: str,
+                rejected: Counter) -> tuple[dict[str, Any], str | None, str]:
+    """One subject's valid sessions, or the reason and detail of its rejection."""
+    try:
+        sessions = source.load(subject_id)
+        clean, dropped = clean_subject(sessions)
+    except Rejected as rejection:
+        return {}, rejection.reason, rejection.detail
+    rejected.update(dropped)
+    if len(clean) >= MIN_SESSIONS:
+        return clean, None, ""
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items()))
+    return {}, "subject:too_few_sessions", (f"{len(clean)} valid of {len(sessions)} sessions"
+                                            + (f" (dropped: {why})" if why else ""))
+
+
+def _no_subjects_message(job: _Job, rejected: dict[str, int],
+                         rejects: list[dict[str, str]]) -> str:
+    counts = ", ".join(f"{reason} {n}" for reason, n in rejected.items())
+    example = f"; e.g. {format_reject(rejects[0])}" if rejects else ""
+    arguments = source_arguments(job.source.describe())
+    name = arguments[1] if arguments else job.source.describe().get("kind")
+    return (f"no valid subject in the source {name} (rejected: {counts or 'none'}){example}; "
+            f"nothing was written to {job.url}")
+
+
+def format_reject(entry: dict[str, str]) -> str:
+    """One rejected subject as a line: id, reason, and where in which file."""
+    detail = f": {entry['detail']}" if entry.get("detail") else ""
+    return f"{entry['subject']} ({entry['reason']}){detail}"
+
+
+def read_rejects(url: str, **storage_options: Any) -> dict[str, Any] | None:
+    """The ``rejects.json`` of a shard set (``None`` for sets written before it existed)."""
+    fs, root = open_fs(url, **storage_options)
+    return _read_json(fs, f"{root}/{REJECTS_NAME}")
+
+
+def rerun_command(manifest: Manifest, url: str) -> str | None:
+    """The ``eerpipe shard`` command that re-checks the set at ``url`` and rewrites its bad
+    shards; ``None`` if the manifest's source cannot be named by a spec."""
+    arguments = source_arguments(manifest.source)
+    if arguments is None:
+        return None
+    sharding = manifest.source.get("sharding", {})
+    for option, key in (("--subjects-per-shard", "subjects_per_shard"),
+                        ("--val-subjects", "val_subjects"), ("--test-subjects", "test_subjects"),
+                        ("--split", "split")):
+        if sharding.get(key) is not None:
+            arguments += [option, str(sharding[key])]
+    return shlex.join(["eerpipe", "shard", *arguments, "--out", url, "--seed", str(manifest.seed)])
 
 
 def _matches(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
@@ -199,47 +423,33 @@ def _matches(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
     return len(data) == info["bytes"] and hashlib.sha256(data).hexdigest() == info["sha256"]
 
 
-def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Make ``path`` appear whole or not at all."""
-    if isinstance(fs, LocalFileSystem):
-        folder, name = path.rsplit("/", 1)
-        temporary = f"{folder}/.{name}.{os.getpid()}.tmp"
-        fs.makedirs(folder, exist_ok=True)
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    else:  # an object store publishes an object only once its upload has completed
-        fs.pipe_file(path, data)
-
-
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     try:
         return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
+    except ValueError as error:  # a file we write atomically: only a person can have broken it
+        raise ShardingError(f"{path}: not valid JSON ({error}); delete it to start over") from error
 
 
-def _existing_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
+def _existing_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest | None:
     try:
-        return Manifest.from_json(fs.cat_file(f"{root}/{MANIFEST_NAME}").decode("utf-8"))
+        return Manifest.from_json(fs.cat_file(f"{root}/{MANIFEST_NAME}"), manifest_location(url))
     except FileNotFoundError:
         return None
 
 
-def _commit_plan(fs: fsspec.AbstractFileSystem, root: str, url: str, plan: dict) -> None:
+def _commit_plan(fs: fsspec.AbstractFileSystem, root: str, url: str, previous: Any,
+                 plan: dict) -> None:
     """Write the plan, or check that an unfinished job left the same one."""
-    path = f"{root}/{PENDING}/plan.json"
     plan = json.loads(json.dumps(plan))  # compare as stored: tuples become lists
-    previous = _read_json(fs, path)
     if previous is None:
-        _publish(fs, path, json.dumps(plan).encode())
+        write_atomic(fs, f"{root}/{PENDING}/plan.json", json.dumps(plan).encode())
     elif previous != plan:
         raise ShardingError(f"{url} holds an unfinished job with another plan (source "
-                            f"{previous['source']}, seed {previous['seed']}; if those match this "
-                            "job, the source's subjects changed since); re-run it unchanged, or "
-                            f"delete {url}/{PENDING} and its shards")
+                            f"{previous.get('source')}, seed {previous.get('seed')}; if those "
+                            "match this job, the source's subjects changed since); re-run it "
+                            f"unchanged, or delete {url}/{PENDING} and its shards")
 
 
 def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
@@ -247,10 +457,21 @@ def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
     if not isinstance(fs, LocalFileSystem):
         return
     for folder in (root, f"{root}/{PENDING}"):
-        for path in fs.ls(folder, detail=False):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(".") and name.endswith(".tmp"):
-                fs.rm_file(path)
+        if fs.isdir(folder):
+            for path in fs.ls(folder, detail=False):
+                if is_temporary(path.rsplit("/", 1)[-1]):
+                    fs.rm_file(path)
+
+
+def _discard(fs: fsspec.AbstractFileSystem, root: str, plan: list[PlannedShard],
+             created: bool) -> None:
+    """Remove what a failed job wrote (and its folder, if the job created it)."""
+    for shard in plan:
+        if fs.exists(f"{root}/{shard.name}"):
+            fs.rm_file(f"{root}/{shard.name}")
+    _remove_pending(fs, root)
+    if created and isinstance(fs, LocalFileSystem) and fs.isdir(root) and not fs.ls(root):
+        fs.rmdir(root)
 
 
 def _remove_pending(fs: fsspec.AbstractFileSystem, root: str) -> None:

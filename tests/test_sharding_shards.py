@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,12 +18,13 @@ from s3fs import S3FileSystem
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from sharding.kvc import read_dev_set
 from sharding.format import MANIFEST_NAME, SPLITS, load_manifest
 from sharding.plan import ShardingError, plan_shards
 from sharding.storage import StorageError
 from sharding.synth import SynthCorpus, write_kvc
 from sharding.verify import read_shard, shard_stats, verify_shards
-from sharding.writer import PENDING, write_shards
+from sharding.writer import PENDING, REJECTS_NAME, write_shards
 
 runner = CliRunner()
 
@@ -64,7 +67,7 @@ def test_splits_are_disjoint_sized_and_named(finished: Path) -> None:
     assert [s.samples for s in per_split["train"]] == [7] * 6 + [3]
     assert len(manifest.subjects) == 60  # one shard, hence one split, per subject
     assert sorted(p.name for p in finished.iterdir()) == sorted(
-        [MANIFEST_NAME, *(s.name for s in manifest.shards)])
+        [MANIFEST_NAME, REJECTS_NAME, *(s.name for s in manifest.shards)])
     assert manifest.source["kind"] == "synth" and manifest.rejected == {}
 
 
@@ -142,7 +145,7 @@ def test_resume_after_sigkill_completes_keeping_verified_shards(tmp_path: Path) 
     assert {name: (out / name).stat().st_ino for name in kept} == kept_inodes
     by_name = {s.name: s for s in manifest.shards}
     assert by_name[corrupted].sha256 == records[corrupted]["shard"]["sha256"]  # rewritten
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *by_name])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, REJECTS_NAME, *by_name])
     report = verify_shards(str(out))
     assert report.ok and report.subjects == 600, report.problems
 
@@ -188,7 +191,7 @@ def test_malicious_kvc_file_stops_the_cli_before_writing_anything(tmp_path: Path
                                  str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 1
     assert "desktop_dev_set.npy" in result.stderr and "refused" in result.stderr
-    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix in (".tar", ".json")]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -200,6 +203,27 @@ def test_s3_write_verify_read_back_and_rerun(s3_url: str) -> None:
     assert "endpoint" not in json.dumps(manifest.source) and "testing" not in manifest.to_json()
     result = runner.invoke(app, ["shards", "verify", s3_url])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_rerunning_on_s3_rewrites_a_deleted_shard_and_nothing_else(s3_url: str) -> None:
+    manifest = write_shards("synth:30:9", s3_url, val_subjects=3, test_subjects=3)
+    fs = S3FileSystem()
+    root = s3_url[len("s3://"):]
+    before = {info["name"]: info["LastModified"] for info in fs.ls(root, detail=True)}
+    victim = f"{root}/train-000003.tar"
+    fs.rm_file(victim)
+    fs.invalidate_cache()
+    heard: list[str] = []
+    assert write_shards("synth:30:9", s3_url, val_subjects=3, test_subjects=3,
+                        log=heard.append) == manifest
+    fs.invalidate_cache()
+    after = {info["name"]: info["LastModified"] for info in fs.ls(root, detail=True)}
+    assert after.keys() == before.keys()
+    assert {n: t for n, t in after.items() if n != victim} == {
+        n: t for n, t in before.items() if n != victim}
+    assert heard == [f"{s3_url}: rewrote 1 missing or corrupt shard (train-000003.tar)"]
+    assert verify_shards(s3_url).ok
 
 
 @pytest.mark.slow
@@ -221,3 +245,183 @@ def test_unusable_storage_fails_before_any_work(s3_endpoint: str, monkeypatch: p
     finally:
         S3FileSystem.clear_instance_cache()  # later tests must not reuse the credential-less client
     assert result.exit_code == 1 and "credentials" in result.stderr
+
+
+# --- shard size ------------------------------------------------------------------------------
+
+def test_default_shard_size_gives_every_split_enough_shards_for_a_small_corpus() -> None:
+    ids = [f"{i:05d}" for i in range(1522)]  # the real-data benchmark's size
+    plan = plan_shards(ids, seed=0, val_subjects=150, test_subjects=300)
+    sizes = {split: [len(s.subjects) for s in plan if s.split == split] for split in SPLITS}
+    assert {split: len(v) for split, v in sizes.items()} == {"train": 8, "val": 2, "test": 2}
+    assert {split: sum(v) for split, v in sizes.items()} == {"train": 1072, "val": 150, "test": 300}
+    assert all(max(v) - min(v) <= 1 for v in sizes.values())  # near-equal: balanced readers
+
+
+def test_default_shard_size_never_exceeds_1000_subjects_on_a_large_corpus() -> None:
+    plan = plan_shards([f"{i:06d}" for i in range(25_000)], seed=0)
+    train = [len(s.subjects) for s in plan if s.split == "train"]
+    assert len(train) == 23 and max(train) == 1000  # 25,000 − 1,000 val − 1,000 test
+    assert max(len(s.subjects) for s in plan) <= 1000
+
+
+def test_a_tiny_corpus_gets_one_subject_per_shard_rather_than_too_few_shards() -> None:
+    plan = plan_shards([f"{i}" for i in range(7)], seed=0, val_subjects=1, test_subjects=1)
+    assert [len(s.subjects) for s in plan if s.split == "train"] == [1] * 5
+
+
+def test_a_small_corpus_sharded_with_defaults_feeds_two_ranks_of_four_loader_workers(
+        tmp_path: Path) -> None:
+    from pipeline.data.stream import Plan
+
+    manifest = write_shards("synth:50:1", str(tmp_path))
+    readers = Plan.make(manifest.shards_of("train"), world_size=2, num_workers=4,
+                        subjects_per_batch=4, seed=0)
+    assert readers.batches_per_epoch >= 1
+    assert manifest.source["sharding"]["subjects_per_shard"] is None  # recorded as automatic
+
+
+def test_rerunning_with_automatic_size_keeps_a_set_written_with_the_old_default(
+        finished: Path, tmp_path: Path) -> None:
+    old = write_shards("synth:30:2", str(tmp_path), subjects_per_shard=1000)  # the old default
+    assert write_shards("synth:30:2", str(tmp_path)) == old
+
+
+# --- re-running repairs ----------------------------------------------------------------------
+
+def _fresh_set(tmp_path: Path) -> tuple[Path, list[str]]:
+    out = tmp_path / "set"
+    args = ["shard", "--source", "synth:60:5", "--out", str(out), "--val-subjects", "6",
+            "--test-subjects", "9", "--workers", "1", "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    return out, args
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_rerunning_the_shard_command_rewrites_exactly_the_missing_and_corrupt_shards(
+        tmp_path: Path) -> None:
+    out, args = _fresh_set(tmp_path)
+    manifest = load_manifest(str(out))
+    missing, corrupt = "train-000002.tar", "val-000001.tar"
+    (out / missing).unlink()
+    data = bytearray((out / corrupt).read_bytes())
+    data[3000] ^= 0xFF
+    (out / corrupt).write_bytes(bytes(data))
+    before = _stamps(out)
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    after = _stamps(out)
+    assert {n for n in after if after[n] != before.get(n)} == {missing, corrupt}
+    assert load_manifest(str(out)) == manifest
+    assert verify_shards(str(out)).ok
+
+
+def test_verify_names_the_exact_command_that_repairs_the_set(tmp_path: Path) -> None:
+    out, _ = _fresh_set(tmp_path)
+    (out / "test-000000.tar").unlink()
+    result = runner.invoke(app, ["shards", "verify", str(out)])
+    assert result.exit_code == 1 and "test-000000.tar: missing" in result.stderr
+    command = result.stderr.split("rewrites exactly the bad shards): ", 1)[1].strip()
+    words = shlex.split(command.replace("\n", " "))
+    assert words[:2] == ["eerpipe", "shard"] and "--out" in words
+
+    assert runner.invoke(app, [*words[1:], "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["shards", "verify", str(out)]).exit_code == 0
+
+
+def test_a_repair_that_would_publish_different_bytes_is_refused(tmp_path: Path) -> None:
+    write_kvc(tmp_path / "data", subjects=12, test_subjects=2, seed=3)
+    spec = f"kvc:{tmp_path / 'data'}:desktop"
+    manifest = write_shards(spec, str(tmp_path / "out"), val_subjects=2, test_subjects=2)
+    corpus = tmp_path / "data" / "desktop" / "desktop_dev_set.npy"
+    edited = {user: {f"x{k}": v for k, v in sessions.items()}  # same subjects, other session ids
+              for user, sessions in read_dev_set(corpus)}
+    np.save(corpus, edited, allow_pickle=True)
+    victim = manifest.shards_of("train")[0].name
+    (tmp_path / "out" / victim).unlink()
+    with pytest.raises(ShardingError, match="cannot repair"):
+        write_shards(spec, str(tmp_path / "out"), val_subjects=2, test_subjects=2)
+    assert not (tmp_path / "out" / victim).exists()
+
+
+# --- workers die with the job ----------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_the_shard_command_ends_its_worker_processes(tmp_path: Path, sig: int) -> None:
+    import psutil
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline.cli", "shard", "--source", "synth:3000:3",
+               "--out", str(out), "--subjects-per-shard", "10", "--workers", "2", "--no-progress"]
+    job = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / PENDING).glob("*.tar.json")):  # mid-run: shards are being written
+            assert job.poll() is None, job.stderr.read().decode()
+            assert time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.02)
+        workers = psutil.Process(job.pid).children(recursive=True)
+        assert len(workers) >= 2
+        os.kill(job.pid, sig)  # the parent only, as an OOM killer or `kill` would
+        job.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, f"workers outlived the job: {alive}"
+    finally:
+        for process in [*workers, psutil.Process(job.pid)] if job.poll() is None else workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()  # a failing run must not leave orphans behind
+        job.wait()
+        job.stderr.close()
+
+
+# --- options are checked before anything is created -------------------------------------------
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--workers", "0"], "--workers"),
+    (["--workers", "-3"], "--workers"),
+    (["--val-subjects", "-5"], "--val-subjects"),
+    (["--test-subjects", "-1"], "--test-subjects"),
+    (["--subjects-per-shard", "0"], "--subjects-per-shard"),
+    (["--split", "holdout"], "--split"),
+])
+def test_impossible_options_are_refused_naming_the_option_and_create_nothing(
+        tmp_path: Path, options: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["shard", "--source", "synth:20", "--out", str(out),
+                                 "--no-progress", *options])
+    assert result.exit_code == 2 and message in result.stderr
+    assert "no training subjects" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"workers": 0}, "--workers must be at least 1, got 0"),
+    ({"val_subjects": -5}, "--val-subjects must be at least 0, got -5"),
+    ({"split": "test", "val_subjects": 2}, "cannot be combined"),
+    ({"val_subjects": 10, "test_subjects": 10}, "no training subjects would be left"),
+])
+def test_a_refused_job_leaves_no_output_folder_behind(tmp_path: Path, kwargs: dict,
+                                                      message: str) -> None:
+    with pytest.raises(ShardingError, match=message):
+        write_shards("synth:20", str(tmp_path / "a" / "b"), **kwargs)
+    assert not (tmp_path / "a").exists()
+
+
+# --- evaluation-only sets --------------------------------------------------------------------
+
+def test_split_test_puts_every_subject_in_the_test_split(tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["shard", "--source", "synth:30:4", "--out", str(out),
+                                 "--split", "test", "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(str(out))
+    assert {s.split for s in manifest.shards} == {"test"} and len(manifest.shards) == 2
+    assert len(manifest.subjects) == 30 and manifest.source["sharding"]["split"] == "test"
+    assert verify_shards(str(out)).ok
+    assert_lossless(str(out), SynthCorpus(seed=4), 30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections import Counter
@@ -11,11 +12,18 @@ import numpy as np
 import numpy.lib.format as npy_format
 import pytest
 
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from sharding.format import load_manifest
 from sharding.kvc import KVCFileError, load_npy, read_comparisons, read_dev_set, read_test_sessions
-from sharding.sources import AaltoDesktopSource, SourceError, parse_source
+from sharding.plan import ShardingError
+from sharding.sources import AaltoDesktopSource, SourceError, parse_source, read_participants
 from sharding.validate import clean_subject
 from sharding.verify import read_shard
-from sharding.writer import write_shards
+from sharding.writer import MAX_LISTED_REJECTS, REJECTS_NAME, write_shards
+
+runner = CliRunner()
 
 
 def keystrokes(n: int = 5, start: int = 1_470_000_000_000) -> np.ndarray:
@@ -283,3 +291,111 @@ def test_aalto_mobile_file_with_unknown_columns_is_a_clear_error(tmp_path: Path)
 def test_bad_source_specs_are_clear_errors(spec: str) -> None:
     with pytest.raises(SourceError):
         parse_source(spec)
+
+
+def _aalto_corpus(folder: Path, good: tuple[str, ...] = ("11", "12", "13"),
+                  bad: tuple[str, ...] = ("20",)) -> None:
+    sections = {f"{100 + s}": keystrokes(4 + s, 10**12 * (s + 1)) for s in range(3)}
+    for p in good:
+        desktop_file(folder, p, sections)
+    for p in bad:
+        desktop_file(folder, p, sections, extra=f"{p}\t999\tbroken row\n")  # 3 of 9 fields
+
+
+def test_rejected_aalto_files_are_listed_with_file_line_and_reason(tmp_path: Path) -> None:
+    _aalto_corpus(tmp_path / "raw", bad=("20", "21"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["shard", "--source", f"aalto-desktop:{tmp_path / 'raw'}",
+                                 "--out", str(out), "--val-subjects", "0", "--test-subjects", "1",
+                                 "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rejects = json.loads((out / REJECTS_NAME).read_text())
+    assert rejects["rejected_subjects"] == 2 and rejects["counts"] == {"file:malformed": 2}
+    by_subject = {entry["subject"]: entry for entry in rejects["listed"]}
+    assert by_subject["20"]["reason"] == "file:malformed"
+    assert "20_keystrokes.txt:17: 3 fields, the header has 9" in by_subject["20"]["detail"]
+    assert "2 subjects rejected" in result.stdout and "21_keystrokes.txt:17" in result.stdout
+
+
+def test_the_rejects_list_is_capped_but_counts_every_rejected_subject(tmp_path: Path) -> None:
+    users = {f"u{i:03d}": {"s1": keystrokes()} for i in range(MAX_LISTED_REJECTS + 5)}  # 1 session
+    users.update({f"g{i}": {"a": keystrokes(), "b": keystrokes(6)} for i in range(4)})
+    (tmp_path / "desktop").mkdir()
+    np.save(tmp_path / "desktop" / "desktop_dev_set.npy", users, allow_pickle=True)
+    write_shards(f"kvc:{tmp_path}", str(tmp_path / "out"), val_subjects=1, test_subjects=1)
+    rejects = json.loads((tmp_path / "out" / REJECTS_NAME).read_text())
+    assert rejects["rejected_subjects"] == MAX_LISTED_REJECTS + 5
+    assert len(rejects["listed"]) == MAX_LISTED_REJECTS
+    assert rejects["listed"][0]["detail"] == "1 valid of 1 sessions"
+
+
+def test_a_corpus_whose_every_file_is_malformed_fails_in_one_line_and_writes_nothing(
+        tmp_path: Path) -> None:
+    _aalto_corpus(tmp_path / "raw", good=(), bad=("20", "21", "22"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["shard", "--source", f"aalto-desktop:{tmp_path / 'raw'}",
+                                 "--out", str(out), "--val-subjects", "0", "--test-subjects", "1",
+                                 "--workers", "1", "--no-progress"])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "no valid subject" in result.stderr and "file:malformed 3" in result.stderr
+    assert "20_keystrokes.txt:17" in result.stderr
+    assert not out.exists()
+
+
+# --- participant lists ------------------------------------------------------------------------
+
+def test_a_participant_list_restricts_the_aalto_desktop_source(tmp_path: Path) -> None:
+    _aalto_corpus(tmp_path / "raw", good=("11", "12", "13", "14"), bad=("20",))
+    listed = tmp_path / "participants.txt"
+    listed.write_text("# a benchmark subset\n\n12\n14   # trailing comment\n 11 \n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["shard", "--source", f"aalto-desktop:{tmp_path / 'raw'}",
+                                 "--participants", str(listed), "--out", str(out),
+                                 "--val-subjects", "0", "--test-subjects", "1", "--workers", "1",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(str(out))
+    assert sorted(manifest.subjects) == ["11", "12", "14"] and manifest.rejected == {}
+    assert manifest.source["participants"]["count"] == 3
+    listed.write_text("12\n14\n")  # another list: another job, never mixed into this set
+    with pytest.raises(ShardingError, match="already holds a different shard set"):
+        write_shards(parse_source(f"aalto-desktop:{tmp_path / 'raw'}", listed), str(out),
+                     val_subjects=0, test_subjects=1)
+
+
+def test_a_listed_participant_without_a_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    _aalto_corpus(tmp_path / "raw")
+    listed = tmp_path / "participants.txt"
+    listed.write_text("11\n404\n12\n")
+    result = runner.invoke(app, ["shard", "--source", f"aalto-desktop:{tmp_path / 'raw'}",
+                                 "--participants", str(listed), "--out", str(tmp_path / "out"),
+                                 "--no-progress"])
+    assert result.exit_code == 1
+    assert "participants.txt: participant '404' has no 404_keystrokes.txt" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("11\n12 13\n", r"participants\.txt:2: expected one participant id per line"),
+    ("11\n12\n11\n", r"participants\.txt:3: participant '11' is already listed on line 1"),
+    ("# only comments\n\n", r"participants\.txt: the participant list names no participant"),
+])
+def test_a_malformed_participant_list_is_refused_naming_the_line(tmp_path: Path, text: str,
+                                                                 message: str) -> None:
+    (tmp_path / "participants.txt").write_text(text)
+    with pytest.raises(SourceError, match=message):
+        read_participants(tmp_path / "participants.txt")
+
+
+def test_a_participant_list_applies_to_aalto_desktop_sources_only(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("1\n")
+    with pytest.raises(SourceError, match="aalto-desktop sources only"):
+        parse_source("synth:10", tmp_path / "p.txt")
+
+
+def test_the_benchmark_participant_list_names_1522_distinct_participants() -> None:
+    path = Path(__file__).parent.parent / "bench" / "aalto-desktop-participants.txt"
+    ids = read_participants(path)
+    assert len(ids) == 1522 == len(set(ids)) and all(i.isdigit() for i in ids)
+    assert ids == sorted(ids, key=int)
