@@ -10,7 +10,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.config import TrainConfig, use_local_ray_settings
+from pipeline.cluster import use_local_ray_settings
+from pipeline.config import TrainConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu-local.yaml"
 PHASES = ("data", "forward", "gather_loss", "backward", "optimizer")
@@ -20,7 +21,7 @@ def main() -> None:
     use_local_ray_settings()
     import ray
 
-    from pipeline.train import train
+    from pipeline.training import train
     from sharding.writer import write_shards
 
     with tempfile.TemporaryDirectory() as root:

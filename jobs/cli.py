@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.client import JobError, connect
-from sharding.cli import clean_errors
+from common.cli import clean_errors
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient

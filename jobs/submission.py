@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -33,7 +32,8 @@ import yaml
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from jobs.client import JobError
-from pipeline.config import TrainConfig
+from pipeline.cluster import slug, worker_env
+from pipeline.config import PATH_KEYS, TrainConfig
 
 PASS_THROUGH = (
     "AWS_ENDPOINT_URL",
@@ -45,7 +45,7 @@ PASS_THROUGH = (
     "WANDB_MODE",
     "WANDB_BASE_URL",
 )
-PACKAGES = ("pipeline", "sharding", "jobs")  # the distribution's packages (pyproject.toml)
+PACKAGES = ("pipeline", "sharding", "jobs", "common")  # the distribution's packages (pyproject.toml)
 CONFIG_FILE = "eerpipe-job.yaml"
 RUN_KEY, CONFIG_KEY, RESUMED_KEY = "eerpipe_run", "eerpipe_config", "eerpipe_resumed_from"
 
@@ -68,16 +68,13 @@ def job_request(
 ) -> JobRequest:
     """The job for ``config``, whose YAML is (or will be) ``working_dir/eerpipe-job.yaml``."""
     env_vars = {name: environ[name] for name in PASS_THROUGH if environ.get(name)}
-    env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"  # each worker line once, not twice
-    if not config.train.use_gpu:
-        env_vars["DS_ACCELERATOR"] = "cpu"
+    env_vars.update(worker_env(config.train.use_gpu))
     metadata = {RUN_KEY: config.run.name, CONFIG_KEY: _config_yaml(config)}
     if resumed_from:
         metadata[RESUMED_KEY] = resumed_from
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", config.run.name).strip("-")[:60] or "run"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return JobRequest(
-        submission_id=f"{slug}-{stamp}-{uuid.uuid4().hex[:4]}",
+        submission_id=f"{slug(config.run.name)}-{stamp}-{uuid.uuid4().hex[:4]}",
         entrypoint=f"eerpipe train --config {CONFIG_FILE}",
         runtime_env={
             "working_dir": working_dir,
@@ -184,8 +181,9 @@ def follow_logs(client: JobSubmissionClient, submission_id: str, write: Callable
 
 def _check_paths(config: TrainConfig) -> None:
     """The driver runs in a temporary folder on the cluster: relative paths would land there."""
-    for key, value in (("run.storage", config.run.storage), ("data.shards", config.data.shards),
-                       ("wandb.dir", config.wandb.dir)):
+    settings = config.to_dict()
+    for section, name in PATH_KEYS:
+        key, value = f"{section}.{name}", settings[section][name]
         local = value.removeprefix("file://")
         if value and "://" not in local and not Path(local).is_absolute():
             raise JobError(

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from jobs.cli import register as _register_jobs
-from sharding.cli import clean_errors
+from common.cli import clean_errors
 from sharding.cli import register as _register_sharding
 from sharding.format import ShardIntegrityError
 from sharding.storage import StorageError
@@ -44,10 +44,11 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ) -> None:
     """Train with Ray Train + DeepSpeed; relaunching the same run.name resumes it."""
-    from pipeline.config import TrainConfig, use_local_ray_settings
+    from pipeline.cluster import use_local_ray_settings
+    from pipeline.config import TrainConfig
 
     use_local_ray_settings()
-    from pipeline.train import train as run_training
+    from pipeline.training import train as run_training
 
     result = run_training(TrainConfig.load(config, overrides or []), resume_from=resume_from, show_progress=not quiet)
     typer.echo(f"run folder:   {result.run_dir}")
@@ -67,7 +68,7 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Official KVC metrics of an exported model on a split of a shard set."""
-    from pipeline.evaluate import evaluate as run_evaluation
+    from pipeline.evaluation.commands import evaluate as run_evaluation
     from pipeline.metrics import report_to_markdown
 
     report, folder = run_evaluation(
@@ -90,7 +91,7 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Score every comparison of a KVC test set and write the submission files (higher = same subject)."""
-    from pipeline.evaluate import predict as run_prediction
+    from pipeline.evaluation.commands import predict as run_prediction
 
     text = run_prediction(checkpoint, kvc, scenario, out, batch_size=batch_size, progress=not quiet)
     typer.echo(f"predictions: {text}\nupload:      {text.with_suffix('.zip')}")
@@ -106,7 +107,7 @@ _OVERRIDES = typer.Argument(None, help="section.key=value overrides applied to e
 
 def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]],
               overrides: Optional[list[str]]) -> None:
-    from pipeline.config import use_local_ray_settings
+    from pipeline.cluster import use_local_ray_settings
 
     use_local_ray_settings()
     from pipeline.experiment import run_experiment

@@ -9,31 +9,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-
-# A local cluster (demo, tests) stays on loopback and quiet; a real cluster's settings win.
-LOCAL_RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP and MASTER_ADDR become 127.0.0.1
-    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",  # worker prints once, not twice
-}
+# Settings that name a file or folder: made absolute on the driver (workers run elsewhere).
+PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("run", "storage"), ("data", "shards"), ("wandb", "dir"), ("train", "init_from")
+)
 
 
-def use_local_ray_settings() -> None:
-    """Apply :data:`LOCAL_RAY_ENV` unless a cluster address is set.
-
-    Ray reads these when it is first imported, so entry points call this before importing it.
-    """
-    if not os.environ.get("RAY_ADDRESS"):
-        for key, value in LOCAL_RAY_ENV.items():
-            os.environ.setdefault(key, value)
+def _at_least(section: Any, minimum: int, *names: str) -> None:
+    """Refuse the first of ``names`` below ``minimum``, naming the key."""
+    prefix = type(section).__name__.removesuffix("Section").lower()
+    for name in names:
+        if getattr(section, name) < minimum:
+            raise ValueError(f"{prefix}.{name} must be ≥ {minimum}, got {getattr(section, name)}")
 
 
 @dataclass
@@ -41,6 +35,10 @@ class RunSection:
     name: str = "eerpipe"  # relaunching the same name resumes from its checkpoints
     storage: str = "runs"  # local folder or s3://bucket/prefix; checkpoints go to storage/name
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("run.name must not be empty")
 
 
 @dataclass
@@ -50,9 +48,13 @@ class DataSection:
     sessions_per_subject: int = 8  # K
     max_len: int = 100
     features: list[str] = field(default_factory=lambda: ["keycode", "hold", "flight"])
-    short_subjects: str = "skip"
+    short_subjects: Literal["skip", "repeat"] = "skip"  # see pipeline/data/stream.py
     loader_workers: int = 0
     eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "subjects_per_batch", "sessions_per_subject", "max_len", "eval_batch_size")
+        _at_least(self, 0, "loader_workers")
 
 
 @dataclass
@@ -72,15 +74,15 @@ class LossSection:
 class TrainSection:
     num_workers: int = 2  # Ray Train workers = data-parallel ranks
     use_gpu: bool = False
-    epochs: int = 1
+    epochs: int = 1  # ≥ 1
     max_steps: int = 0  # > 0: stop after this many steps (the schedule still spans `epochs`)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | constant (after warm-up)
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up
     grad_clip: float = 1.0
-    zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (GPU)
+    zero_stage: Literal[0, 1, 2] = 0  # not 3: the exports read the weights whole from rank 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: GPU
     log_every: int = 10
     val_every: int = 0  # steps between validations; 0: at each epoch end only
     checkpoint_every: int = 0  # steps between checkpoints; 0: at each epoch end only
@@ -89,18 +91,26 @@ class TrainSection:
     stop_after_epochs: int = 0  # > 0: stop (checkpointed) after this many epochs, as if preempted
     init_from: str = ""  # an exported model (file, folder or run) whose weights start a fresh run
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "num_workers", "epochs", "log_every", "num_to_keep")
+        _at_least(self, 0, "max_steps", "warmup_steps", "val_every", "checkpoint_every", "max_failures",
+                  "stop_after_epochs")
+
 
 @dataclass
 class EvalSection:
     impostors_per_session: int = 10  # impostor comparisons drawn per session (genuine: all pairs)
-    distance: str = "cosine"  # scores are −distance: cosine (EERLoss and PML losses normalise) | euclidean
+    distance: Literal["cosine", "euclidean"] = "cosine"  # scores are −distance (EERLoss and PML losses normalise)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "impostors_per_session")
 
 
 @dataclass
 class WandbSection:
     enabled: bool = True
     project: str = "eerpipe"
-    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline (sync later)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online when WANDB_API_KEY is set, else offline (sync later)
     dir: str = ""  # default: the run's folder when storage is local, else ./wandb-runs
 
 
@@ -143,6 +153,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """Local paths resolved against this process's folder: workers and jobs run elsewhere."""
+        data = self.to_dict()
+        for section, key in PATH_KEYS:
+            data[section][key] = absolute(data[section][key])
+        return TrainConfig.from_dict(data)
+
+    @property
+    def run_dir(self) -> str:
+        """``{storage}/{name}``: the run's checkpoints, exports and (local storage) W&B files."""
+        return f"{self.run.storage}/{self.run.name}"
+
     def digest(self) -> str:
         """Digest of every setting that can change what training produces: not the run's name,
         how many worker failures it tolerates (resuming is exact) or where it logs."""
@@ -164,12 +186,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             values[name] = _build(hints[name], value or {}, f"{prefix}{name}.")
         else:
-            values[name] = _coerce(value, known[name], f"{prefix}{name}")
+            values[name] = _coerce(value, known[name], hints[name], f"{prefix}{name}")
     return cls(**values)
 
 
-def _coerce(value: Any, spec: dataclasses.Field, key: str) -> Any:
-    """Check ``value`` against the type of the field's default; ints may be given for floats."""
+def _coerce(value: Any, spec: dataclasses.Field, hint: Any, key: str) -> Any:
+    """Check ``value`` against the field's type; ints may be given for floats."""
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -188,3 +215,10 @@ def _coerce(value: Any, spec: dataclasses.Field, key: str) -> Any:
     elif isinstance(value, type(default)):
         return value
     raise ValueError(f"{key} must be of type {type(default).__name__}, got {value!r}")
+
+
+def absolute(path: str) -> str:
+    """A local path (or ``file://`` URL) made absolute; URLs and ``""`` unchanged."""
+    if path.startswith("file://") or (path and "://" not in path):
+        return str(Path(path.removeprefix("file://")).resolve())
+    return path

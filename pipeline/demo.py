@@ -10,7 +10,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.config import TrainConfig, use_local_ray_settings
+from pipeline.cluster import use_local_ray_settings
+from pipeline.config import TrainConfig
 
 SUBJECTS = 2000
 HELD_OUT = 200  # validation subjects, and as many test subjects never seen in training
@@ -19,9 +20,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu-local.yaml"
 
 def main() -> None:
     use_local_ray_settings()
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.commands import evaluate
     from pipeline.metrics import report_to_markdown
-    from pipeline.train import train
+    from pipeline.training import train
     from sharding.synth import write_kvc
     from sharding.writer import write_shards
 

@@ -1,6 +1,6 @@
 """Experiments: the same training budget, one varied setting, compared on held-out subjects.
 
-Every arm is a training run (Ray Train + DeepSpeed, :func:`pipeline.train.train`) named after
+Every arm is a training run (Ray Train + DeepSpeed, :func:`pipeline.training.train`) named after
 its loss and the digest of its whole config, in the same storage. So an interrupted experiment
 resumes arm by arm, a finished arm is only re-scored, an arm whose settings changed is trained
 afresh (never continued from a stale run), a crashed worker resumes its arm from the last
@@ -75,8 +75,8 @@ def run_experiment(
     show_progress: bool = True,
 ) -> list[Arm]:
     """Train and score every arm; write the tables and figures; return the arms."""
-    from pipeline.evaluate import score_split
-    from pipeline.train import train
+    from pipeline.evaluation.commands import score_split
+    from pipeline.training import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,19 +94,16 @@ def run_experiment(
 
 
 def _arm_config(config_path: str | None, shards: str, overrides: list[str], validations: int) -> TrainConfig:
-    from pipeline.data import SubjectBatchLoader  # the schedule length needs the manifest
-    from pipeline.train import sampler_config
+    from pipeline.cluster import arm_run_name
+    from pipeline.training.schedule import schedule_of
+    from sharding.format import load_manifest
 
     config = TrainConfig.load(config_path, [f"data.shards={shards}", *overrides])
-    loader = SubjectBatchLoader(shards, "train", sampler_config(config), rank=0, world_size=config.train.num_workers)
-    total = config.train.epochs * loader.batches_per_epoch
-    if config.train.max_steps > 0:
-        total = min(total, config.train.max_steps)
-    every = max(1, total // validations)
+    every = max(1, schedule_of(config, load_manifest(shards)).stop_step // validations)
     config.train.val_every = config.train.checkpoint_every = every
     config.train.num_to_keep = 1000  # every validated checkpoint is a point of the curve
     config.train.max_failures = max(config.train.max_failures, 3)  # a crashed worker resumes the arm
-    config.run.name = f"{config.loss.name}-{config.digest()}"
+    config.run.name = arm_run_name(config.loss.name, config.digest())
     return config
 
 

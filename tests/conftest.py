@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.config import use_local_ray_settings
+from pipeline.cluster import use_local_ray_settings
 
 use_local_ray_settings()  # before anything imports ray: local clusters on 127.0.0.1 only
 S3_BUCKET = "eerpipe-test"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import TrainConfig
-from pipeline.train import deepspeed_config, lr_factor, wandb_run_id
+from pipeline.cluster import wandb_run_id
+from pipeline.training.engine import deepspeed_config
+from pipeline.training.schedule import lr_factor
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -40,13 +43,26 @@ def test_bad_overrides_are_refused_with_the_key_named(override, message):
         TrainConfig.load(None, [override])
 
 
-def test_settings_deepspeed_cannot_honour_are_refused_before_launch():
-    with pytest.raises(ValueError, match="zero_stage"):
-        deepspeed_config(TrainConfig.load(None, ["train.zero_stage=3"]), 2)
-    with pytest.raises(ValueError, match="precision"):
-        deepspeed_config(TrainConfig.load(None, ["train.precision=fp16"]), 2)
-    with pytest.raises(ValueError, match="schedule"):
-        lr_factor(0, 0, 10, "linear")
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.zero_stage=3", "train.zero_stage must be one of 0, 1, 2, got 3"),
+        ("train.precision=fp16", "train.precision must be one of 'fp32', 'bf16', got 'fp16'"),
+        ("train.schedule=linear", "train.schedule must be one of 'cosine', 'constant'"),
+        ("eval.distance=manhattan", "eval.distance must be one of"),
+        ("data.short_subjects=drop", "data.short_subjects must be one of"),
+        ("wandb.mode=cloud", "wandb.mode must be one of"),
+        ("train.epochs=0", "train.epochs must be ≥ 1, got 0"),
+        ("train.epochs=-1", "train.epochs must be ≥ 1, got -1"),
+        ("train.num_workers=0", "train.num_workers must be ≥ 1"),
+        ("data.subjects_per_batch=0", "data.subjects_per_batch must be ≥ 1"),
+        ("train.max_steps=-5", "train.max_steps must be ≥ 0"),
+        ("run.name=' '", "run.name must not be empty"),
+    ],
+)
+def test_a_config_refuses_a_value_outside_what_its_setting_allows_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig.load(None, [override])
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():
@@ -57,6 +73,9 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
 
 def test_the_wandb_run_id_is_stable_per_run_and_differs_between_runs():
     a, b = TrainConfig.load(None, ["run.name=kvc run/1"]), TrainConfig.load(None, ["run.name=other"])
-    assert wandb_run_id(a) == wandb_run_id(TrainConfig.load(None, ["run.name=kvc run/1"]))
-    assert wandb_run_id(a) != wandb_run_id(b)
-    assert wandb_run_id(a).startswith("kvc-run-1-")
+    def run_id(config: TrainConfig) -> str:
+        return wandb_run_id(config.run.storage, config.run.name)
+
+    assert run_id(a) == run_id(TrainConfig.load(None, ["run.name=kvc run/1"]))
+    assert run_id(a) != run_id(b)
+    assert run_id(a).startswith("kvc-run-1-")

@@ -1,5 +1,5 @@
 """The streaming loader: features, P×K batches, rank disjointness, equal counts, determinism,
-exact resume, short subjects, curriculum, evaluation stream, integrity and S3."""
+exact resume, short subjects, the schedule's step count, evaluation stream, integrity and S3."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from pipeline.data import (
-    Curriculum,
     SamplerConfig,
     SessionLoader,
     ShardIntegrityError,
@@ -175,6 +174,28 @@ def test_resume_refuses_a_changed_stream(shard_set: tuple[Path, dict]) -> None:
         other.load_state_dict(state)
 
 
+@pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 0), (2, 2), (3, 1)])
+def test_the_schedule_counts_exactly_the_batches_every_rank_yields(
+    shard_set: tuple[Path, dict], world_size: int, num_workers: int
+) -> None:
+    """The driver and the experiments size a run from the manifest alone; the loaders agree."""
+    from pipeline.config import TrainConfig
+    from pipeline.training.schedule import schedule_of
+    from pipeline.training.worker import sampler_config
+    from sharding.format import load_manifest
+
+    root, _ = shard_set
+    train = TrainConfig.load(None, [f"data.shards={root}", f"data.subjects_per_batch={P}",
+                                    f"data.sessions_per_subject={K}", f"train.num_workers={world_size}",
+                                    f"data.loader_workers={num_workers}", "train.epochs=3"])
+    schedule = schedule_of(train, load_manifest(str(root)))
+    for rank in range(world_size):
+        loader = SubjectBatchLoader(str(root), config=sampler_config(train), rank=rank, world_size=world_size,
+                                    num_workers=num_workers)
+        assert len(epoch(loader)) == schedule.steps_per_epoch
+    assert schedule.total_steps == schedule.stop_step == 3 * schedule.steps_per_epoch
+
+
 def test_short_subjects_are_skipped_or_repeated(shard_set: tuple[Path, dict]) -> None:
     root, corpus = shard_set
     short = {s for s, sessions in corpus.items() if len(sessions) < K}
@@ -192,25 +213,6 @@ def test_short_subjects_are_skipped_or_repeated(shard_set: tuple[Path, dict]) ->
                 seen += 1
                 assert sorted(Counter(batch.session_ids[i * K : (i + 1) * K]).values()) == [1, 2]
     assert seen
-
-
-def test_curriculum_batches_hold_an_anchor_and_its_nearest_subjects(shard_set: tuple[Path, dict]) -> None:
-    root, _ = shard_set
-    make = lambda: SubjectBatchLoader(str(root), config=config(shuffle_buffer=200), rank=0, world_size=1)  # noqa: E731
-    eligible = {label for b in epoch(make()) for label in b.labels.tolist()}
-    loader = make()
-    curriculum = Curriculum(np.arange(loader.num_classes, dtype=float)[:, None], hard_subjects=P)
-    loader.set_curriculum(curriculum)  # 1-D centroids: a subject's nearest are the closest labels
-    chosen = set(next(iter(loader)).labels.tolist())
-    # The buffer holds every subject at the first batch: some chosen label is an anchor whose
-    # P − 1 companions are its nearest labels among all eligible subjects.
-    assert any(
-        max(abs(c - a) for c in chosen) <= min(abs(x - a) for x in eligible - chosen) for a in chosen
-    )
-    with pytest.raises(ValueError, match="between epochs"):
-        loader.set_curriculum(None)
-    with pytest.raises(ValueError, match="curriculum"):
-        make().load_state_dict(loader.state_dict())  # resuming needs the same curriculum
 
 
 # --- evaluation stream --------------------------------------------------------------------

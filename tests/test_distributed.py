@@ -97,7 +97,7 @@ def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Two gloo ranks on loopback, spawned once for every split and loss."""
     out = tmp_path_factory.mktemp("ranks")
     mp.start_processes(rank_main, args=(free_port(), out), nprocs=2, start_method="spawn")
-    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 @pytest.mark.parametrize("name", LOSSES)

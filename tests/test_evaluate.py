@@ -21,7 +21,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.data import SessionLoader
-from pipeline.evaluate import comparisons, embed, load_model, save_model, verify
+from pipeline.evaluation.embedding import embed
+from pipeline.evaluation.protocol import comparisons, verify
+from pipeline.exports import load_model, save_model
 from pipeline.metrics import eer
 from pipeline.models import build_model
 from sharding.format import load_manifest
@@ -150,7 +152,25 @@ def test_a_tampered_model_file_is_refused_without_running_it(tmp_path: Path) -> 
     torch.save({"format": 1, "state_dict": Payload()}, tmp_path / "model.pt")
     result = evaluate("--checkpoint", str(tmp_path), "--shards", str(tmp_path))
     assert result.exit_code == 1 and "not an eerpipe model export" in result.stderr
+    assert "names io.open" in result.stderr  # what the file holds, in one line
+    assert "weights_only" not in result.stderr  # never torch's advice to load it unsafely
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_an_out_path_that_is_a_file_is_refused_before_anything_is_scored(
+    corpus: Corpus, tmp_path: Path, command: str
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    missing = str(tmp_path / "nothing")  # model and data that would fail later, if anything ran first
+    if command == "evaluate":
+        result = evaluate("--checkpoint", missing, "--shards", missing, "--out", str(taken))
+    else:
+        result = predict("--checkpoint", missing, "--kvc", missing, "--scenario", "desktop", "--out", str(taken))
+    assert result.exit_code == 1, result.output
+    assert f"--out {taken}: exists and is not a folder" in result.stderr and result.stderr.count("\n") == 1
+    assert taken.read_text() == "keep me"
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,21 @@ def test_a_sum_reports_the_batch_statistics_of_its_eer_term() -> None:
     alone, expected = build_loss("eer", D)(embeddings, labels, return_stats=True)
     torch.testing.assert_close(value, alone + 2 * build_loss("multisimilarity", D)(embeddings, labels))
     assert stats == expected
-    assert build_loss("triplet_all+contrastive", D)(embeddings, labels, return_stats=True)[1] is None
+    assert set(stats) == {"threshold", "soft_far", "soft_frr", "batch_eer"}  # logged as train/<name>
+    assert build_loss("triplet_all+contrastive", D)(embeddings, labels, return_stats=True)[1] == {}
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_loss_reports_its_statistics_the_same_way(name: str) -> None:
+    """``return_stats=True`` gives ``(the same loss, {name: value})`` for every loss: training
+    logs them without asking which loss it has."""
+    embeddings, labels = pk_batch(2)
+    torch.manual_seed(0)
+    loss = build_loss(name, D, num_classes=200)
+    plain = loss(embeddings, labels)
+    value, stats = loss(embeddings, labels, return_stats=True)
+    torch.testing.assert_close(value, plain)
+    assert isinstance(stats, dict) and all(isinstance(v, float) for v in stats.values())
 
 
 def test_set2set_equals_its_definition_over_all_triplets() -> None:

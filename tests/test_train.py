@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -17,9 +18,11 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.evaluate import load_model
-from pipeline.train import init_ray, train
+from pipeline.cluster import init_ray
+from pipeline.exports import load_model
+from pipeline.training import train
 from sharding.writer import write_shards
+from tests.test_training_checks import Payload
 from tests.wandb_offline import history, run_config
 
 pytestmark = pytest.mark.slow
@@ -139,12 +142,26 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
     assert_same_parameters(result.final_model, straight_run.final_model)
 
 
-def test_a_relaunch_with_a_different_batch_shape_is_refused(shards, ray_cluster, straight_run):
-    import ray.train
-
+def test_a_relaunch_with_a_different_batch_shape_or_model_is_refused_before_training(shards, straight_run):
     storage = str(Path(straight_run.run_dir).parent)
-    with pytest.raises(ray.train.TrainingFailedError, match="subjects_per_batch"):
+    with pytest.raises(ValueError, match="subjects_per_batch changed since the state was saved"):
         train(config(shards, storage, "straight", "data.subjects_per_batch=12", "wandb.enabled=false"), show_progress=False)
+    with pytest.raises(ValueError, match="saved for model .*'embedding_size': 64.*this run trains .*'embedding_size': 32"):
+        train(config(shards, storage, "straight", "model.embedding_size=32", "wandb.enabled=false"), show_progress=False)
+
+
+def test_a_relaunch_whose_latest_checkpoint_was_tampered_with_is_refused_without_running_it(
+    shards, straight_run, tmp_path
+):
+    run = tmp_path / "tampered"
+    shutil.copytree(straight_run.run_dir, run)
+    latest = sorted(folder for folder in run.glob("checkpoint_*") if folder.is_dir())[-1]
+    states = next(latest.glob("step*/mp_rank_00_model_states.pt"))
+    marker = tmp_path / "executed"
+    torch.save({"module": Payload(marker)}, states)
+    with pytest.raises(ValueError, match=f"{states}: refused to load: it names io.open"):
+        train(config(shards, str(tmp_path), "tampered", "wandb.enabled=false"), show_progress=False)
+    assert not marker.exists()
 
 
 def test_a_warm_started_run_begins_from_the_exported_weights(shards, ray_cluster, straight_run, tmp_path):

@@ -6,14 +6,13 @@ Both read shards only through the manifest and compute features in the loader (:
 """
 
 from pipeline.data.batch import Batch
-from pipeline.data.evaluation import SessionLoader
+from pipeline.data.sessions import SessionLoader
 from pipeline.data.features import DEFAULT_FEATURES, FEATURES, featurize
 from pipeline.data.shards import ShardIntegrityError, ShardSet
-from pipeline.data.stream import Curriculum, SamplerConfig, SubjectBatchLoader
+from pipeline.data.stream import SamplerConfig, SubjectBatchLoader
 
 __all__ = [
     "Batch",
-    "Curriculum",
     "DEFAULT_FEATURES",
     "FEATURES",
     "SamplerConfig",

@@ -12,9 +12,8 @@ How a rank's epoch is made (all ranks run the same code on the same manifest):
    so collectives never deadlock. Each rank's workers share its count round-robin
    (:func:`round_robin`), which is also the order the DataLoader yields them in.
 3. **Reading**: each reader streams its shards (order reshuffled per epoch) into a buffer of
-   ``shuffle_buffer`` subjects; a batch takes P distinct subjects from the buffer at random
-   (or an anchor and its nearest-centroid subjects, see :class:`Curriculum`), and K of each
-   subject's sessions without replacement. Only chosen subjects are decoded and featurised.
+   ``shuffle_buffer`` subjects; a batch takes P distinct subjects from the buffer at random,
+   and K of each subject's sessions without replacement. Only chosen subjects are decoded and featurised.
 4. **Short subjects** (fewer than K sessions), ``short_subjects``:
    ``"skip"`` (default) leaves them out; a reader left with too few subjects for its count
    re-reads its shards (a new shuffled pass; subjects already buffered are not added twice),
@@ -79,40 +78,6 @@ class SamplerConfig:
             raise ValueError("shuffle_buffer must hold at least subjects_per_batch subjects")
         if self.max_len < 1:
             raise ValueError(f"max_len must be ≥ 1, got {self.max_len}")
-
-
-@dataclass(frozen=True)
-class Curriculum:
-    """Hard batches (DESIGN.md §3): an anchor plus its nearest-centroid subjects, the rest random.
-
-    ``centroids[label]`` is a subject's mean embedding (rows that are not finite: unknown
-    subject). The trainer recomputes it from embeddings each epoch and calls
-    :meth:`SubjectBatchLoader.set_curriculum`; neighbours are searched among the subjects in
-    the reader's buffer, the only ones a streaming reader can still batch.
-    """
-
-    centroids: np.ndarray  # float [num_classes, D]
-    hard_subjects: int  # anchor + (hard_subjects − 1) nearest per batch
-
-    def __post_init__(self) -> None:
-        if self.hard_subjects < 1 or np.ndim(self.centroids) != 2:
-            raise ValueError("a curriculum needs centroids [num_classes, D] and hard_subjects ≥ 1")
-
-    def digest(self) -> str:
-        data = np.ascontiguousarray(self.centroids, dtype=np.float64)
-        return hashlib.sha256(data.tobytes() + f"{data.shape}/{self.hard_subjects}".encode()).hexdigest()
-
-    def pick(self, labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-        """Indices into ``labels`` (the buffer): anchor, its nearest neighbours, then random."""
-        anchor = int(rng.integers(len(labels)))
-        with np.errstate(invalid="ignore", over="ignore"):
-            distance = np.linalg.norm(self.centroids[labels] - self.centroids[labels[anchor]], axis=1)
-        distance[~np.isfinite(distance)] = np.inf
-        distance[anchor] = np.inf
-        nearest = np.argsort(distance, kind="stable")[: min(self.hard_subjects, count) - 1]
-        chosen = [anchor, *nearest[np.isfinite(distance[nearest])]]
-        rest = np.setdiff1d(np.arange(len(labels)), chosen)
-        return np.concatenate([chosen, rng.choice(rest, count - len(chosen), replace=False)]).astype(int)
 
 
 @dataclass(frozen=True)
@@ -217,7 +182,6 @@ class SubjectBatchDataset(IterableDataset):
         )
         self.epoch = 0
         self.start_step = 0
-        self.curriculum: Curriculum | None = None
 
     def __iter__(self) -> Iterator[Batch]:
         # The DataLoader always asks worker 0 first; after a resume the next step may belong to
@@ -229,17 +193,12 @@ class SubjectBatchDataset(IterableDataset):
         return self._batches(reader, order[: self.start_step].count(reader))
 
     def _batches(self, worker: int, skip: int) -> Iterator[Batch]:
-        cfg, curriculum = self.config, self.curriculum
+        cfg = self.config
         rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, worker])
         pool = _Pool(lambda p: self._entries(worker, p), cfg.shuffle_buffer)
         for step in range(self.plan.quotas[self.rank][worker]):
             pool.refill(cfg.subjects_per_batch)
-            if curriculum is None:
-                indices = rng.choice(len(pool.entries), cfg.subjects_per_batch, replace=False)
-            else:
-                labels = np.array([e.label for e in pool.entries])
-                indices = curriculum.pick(labels, cfg.subjects_per_batch, rng)
-            chosen = pool.take(indices)
+            chosen = pool.take(rng.choice(len(pool.entries), cfg.subjects_per_batch, replace=False))
             picks = [self._sessions(e.sessions, rng) for e in chosen]
             if step >= skip:
                 yield self._build(chosen, picks)
@@ -281,7 +240,7 @@ class SubjectBatchLoader:
     advances to the next epoch. ``state_dict()`` is ``{"format": 1, "epoch": e, "step": s,
     "fingerprint": {...}}`` — ``s`` batches of epoch ``e`` were handed out (an epoch that was
     finished reads as ``(e + 1, 0)``); the fingerprint (config, split, world size, workers,
-    manifest and curriculum digests) must match on load. It is the same on every rank: save it
+    manifest digest) must match on load. It is the same on every rank: save it
     from rank 0, load it everywhere. A resume replays the reader's draws up to ``s`` (reading the
     shards again, without decoding), so its cost grows with the position in the epoch.
     """
@@ -340,23 +299,12 @@ class SubjectBatchLoader:
         """Start ``epoch`` from its first batch at the next iteration."""
         self.epoch, self.step = epoch, 0
 
-    def set_curriculum(self, curriculum: Curriculum | None) -> None:
-        """Use hard batches from the next epoch on (``None``: random batches again).
-
-        Only between epochs: the saved state names the curriculum its epoch was drawn with.
-        """
-        if self.step != 0:
-            raise ValueError(f"set the curriculum between epochs, not at step {self.step}")
-        if curriculum is not None and len(curriculum.centroids) != self.num_classes:
-            raise ValueError(f"curriculum needs one centroid per subject ({self.num_classes})")
-        self.dataset.curriculum = curriculum
-
     def state_dict(self) -> dict[str, Any]:
         epoch, step = (self.epoch + 1, 0) if self.step >= self.batches_per_epoch else (self.epoch, self.step)
         return {"format": STATE_FORMAT, "epoch": epoch, "step": step, "fingerprint": self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken. Set the same curriculum first, if any."""
+        """Continue exactly where ``state`` was taken."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unsupported loader state format {state.get('format')!r}")
         saved, current = state["fingerprint"], self._fingerprint()
@@ -372,7 +320,6 @@ class SubjectBatchLoader:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def _fingerprint(self) -> dict[str, Any]:
-        curriculum = self.dataset.curriculum
         return {
             **asdict(self.config),
             "features": list(self.config.features),
@@ -380,5 +327,4 @@ class SubjectBatchLoader:
             "world_size": self.world_size,
             "num_workers": self.num_workers,
             "manifest_sha256": hashlib.sha256(self.shard_set.manifest.to_json().encode()).hexdigest(),
-            "curriculum_sha256": None if curriculum is None else curriculum.digest(),
         }

@@ -1,5 +1,8 @@
-"""Losses by name, so a training config picks ``loss.name``; every one is an ``nn.Module`` called
-as ``loss(embeddings [N, D], labels [N]) → scalar``.
+"""Losses by name, so a training config picks ``loss.name``; every one is a :class:`Criterion`
+called as ``loss(embeddings [N, D], labels [N]) → scalar``, or with ``return_stats=True`` as
+``→ (scalar, {name: value})``: the batch statistics a loss has (EERLoss: ``threshold``,
+``soft_far``, ``soft_frr``, ``batch_eer``; the others none), so training logs whatever a loss
+reports without knowing which loss it is.
 
 Classification-style losses (``arcface``, ``cosface``) hold a class-weight matrix as module
 parameters: optimise ``loss.parameters()`` together with the model's. Their ``num_classes`` is
@@ -23,6 +26,41 @@ from torch import nn
 from pipeline.losses.eer import EERLoss, EERStats
 from pipeline.losses.set2set import Set2SetLoss
 
+Stats = dict[str, float]
+
+
+class Criterion(nn.Module):
+    """A loss with the registry's calling convention; ``stats`` turns the statistics of a loss
+    that has some (called with ``return_stats=True``) into named values."""
+
+    def __init__(self, loss: nn.Module, stats: Callable[[Any], Stats] | None = None) -> None:
+        super().__init__()
+        self.loss, self.stats = loss, stats
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
+        if not return_stats:
+            return self.loss(embeddings, labels)
+        if self.stats is None:
+            return self.loss(embeddings, labels), {}
+        value, raw = self.loss(embeddings, labels, return_stats=True)
+        return value, self.stats(raw)
+
+
+def _eer_stats(stats: EERStats) -> Stats:
+    return {"threshold": stats.threshold, "soft_far": stats.soft_far, "soft_frr": stats.soft_frr,
+            "batch_eer": stats.exact_eer}
+
+
+def _eer(**kwargs: Any) -> Criterion:
+    return Criterion(EERLoss(**kwargs), _eer_stats)
+
+
+def _plain(loss: Callable[..., nn.Module]) -> Callable[..., Criterion]:
+    """A loss without statistics, as a :class:`Criterion`."""
+    return lambda **kwargs: Criterion(loss(**kwargs))
+
 
 class MinedLoss(nn.Module):
     """A pytorch-metric-learning loss applied to the tuples its miner selects from the batch."""
@@ -37,32 +75,32 @@ class MinedLoss(nn.Module):
 
 def _triplet(margin: float = 0.2, **kwargs: Any) -> nn.Module:
     miner = miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")
-    return MinedLoss(losses.TripletMarginLoss(margin=margin, **kwargs), miner)
+    return Criterion(MinedLoss(losses.TripletMarginLoss(margin=margin, **kwargs), miner))
 
 
 def _triplet_all(margin: float = 0.2, **kwargs: Any) -> nn.Module:
     """Every valid triplet of the batch on L2-normalised embeddings: the strongest baseline of
     docs/research-notes.md (the semi-hard miner finds too few triplets in small batches)."""
-    return losses.TripletMarginLoss(margin=margin, **kwargs)
+    return Criterion(losses.TripletMarginLoss(margin=margin, **kwargs))
 
 
 def _classifier(loss: type[nn.Module]) -> Callable[..., nn.Module]:
     def build(embedding_size: int, num_classes: int | None, **kwargs: Any) -> nn.Module:
         if num_classes is None:
             raise ValueError(f"{loss.__name__} needs num_classes: the number of training subjects")
-        return loss(num_classes=num_classes, embedding_size=embedding_size, **kwargs)
+        return Criterion(loss(num_classes=num_classes, embedding_size=embedding_size, **kwargs))
 
     return build
 
 
 _PAIR_LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "eer": EERLoss,
-    "set2set": Set2SetLoss,
+    "eer": _eer,
+    "set2set": _plain(Set2SetLoss),
     "triplet": _triplet,
     "triplet_all": _triplet_all,
-    "contrastive": losses.ContrastiveLoss,
-    "multisimilarity": losses.MultiSimilarityLoss,
-    "supcon": losses.SupConLoss,
+    "contrastive": _plain(losses.ContrastiveLoss),
+    "multisimilarity": _plain(losses.MultiSimilarityLoss),
+    "supcon": _plain(losses.SupConLoss),
 }
 _CLASS_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "arcface": _classifier(losses.ArcFaceLoss),
@@ -72,11 +110,8 @@ LOSSES: tuple[str, ...] = tuple(sorted(_PAIR_LOSSES | _CLASS_LOSSES))
 
 
 class WeightedSum(nn.Module):
-    """``Σ wᵢ · lossᵢ(embeddings, labels)``.
-
-    ``return_stats=True`` also returns the batch statistics of its EERLoss term (None without
-    one), so a run trained with a sum logs the same threshold and soft rates as plain EERLoss.
-    """
+    """``Σ wᵢ · lossᵢ(embeddings, labels)``; its statistics are its terms' (the first term that
+    names a statistic wins), so a run trained with a sum logs what its EERLoss term reports."""
 
     def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float]) -> None:
         super().__init__()
@@ -85,13 +120,12 @@ class WeightedSum(nn.Module):
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, EERStats | None]:
-        total, stats = torch.zeros((), device=embeddings.device), None
+    ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
+        total, stats = torch.zeros((), device=embeddings.device), {}
         for name, term in self.terms.items():
-            if return_stats and stats is None and isinstance(term, EERLoss):
-                value, stats = term(embeddings, labels, return_stats=True)
-            else:
-                value = term(embeddings, labels)
+            value, term_stats = term(embeddings, labels, return_stats=True) if return_stats else (
+                term(embeddings, labels), {})
+            stats = {**term_stats, **stats}
             total = total + self.weights[name] * value
         return (total, stats) if return_stats else total
 

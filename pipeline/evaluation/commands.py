@@ -1,0 +1,124 @@
+"""The flows behind ``eerpipe evaluate`` and ``eerpipe predict``.
+
+:func:`evaluate` runs the verification protocol on a split of a shard set with an exported
+model and writes the report; :func:`predict` scores a KVC test set's own comparison list and
+writes the challenge's submission files. Both take the export's features, ``max_len``,
+distance and impostors per session, so the numbers are those the training run's validation
+computed for the same model and sessions. Output folders are checked before any scoring.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.evaluation.embedding import embed, embed_sessions, progress_bar
+from pipeline.evaluation.protocol import pair_scores, verify
+from pipeline.evaluation.submission import read_test_set, write_predictions
+from pipeline.exports import load_model
+from sharding.synth import SCENARIOS
+
+
+@dataclass
+class Scored:
+    """A model's verification of one split: the report and the comparisons behind it."""
+
+    report: dict[str, Any]
+    truth: np.ndarray
+    scores: np.ndarray
+    name: str
+
+
+def score_split(
+    checkpoint: str, shards: str, *, split: str = "test", batch_size: int = 1024, progress: bool = False
+) -> Scored:
+    """Embed every session of ``split`` with an exported model and run the protocol."""
+    from pipeline.data import SessionLoader
+
+    model, export = load_model(checkpoint, _device())
+    loader = SessionLoader(
+        shards, split, batch_size=batch_size, max_len=export["data"]["max_len"],
+        features=export["data"]["features"], rank=0, world_size=1,
+    )
+    with progress_bar(progress) as bar:
+        batches = bar.track(loader, total=len(loader), description=f"embedding {split} batches")
+        embeddings, labels, _ = embed(model, batches)
+    settings = export["eval"]
+    report, truth, scores = verify(
+        embeddings, labels, impostors_per_session=settings["impostors_per_session"], distance=settings["distance"],
+    )
+    return Scored(report, truth, scores, f"{export['model']['name']} on {split}")
+
+
+def evaluate(
+    checkpoint: str,
+    shards: str,
+    *,
+    split: str = "test",
+    out_dir: str | Path = "evaluation",
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> tuple[dict[str, Any], Path]:
+    """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
+    check_out_folder(out_dir)
+    scored = score_split(checkpoint, shards, split=split, batch_size=batch_size, progress=progress)
+    return scored.report, write_report(out_dir, scored)
+
+
+def predict(
+    checkpoint: str,
+    kvc_dir: str | Path,
+    scenario: str,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> Path:
+    """Score every comparison of a KVC test set, in order; write the submission files.
+
+    Score = −distance (the export's), higher = same subject. Returns the path of
+    ``{scenario}_predictions.txt``; ``{scenario}_predictions.zip`` lies next to it.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
+    check_out_folder(out_dir)
+    model, export = load_model(checkpoint, _device())
+    sessions, pairs = read_test_set(kvc_dir, scenario)
+    embeddings, ids = embed_sessions(
+        model, sessions, export["data"]["features"], export["data"]["max_len"], batch_size=batch_size, progress=progress,
+    )
+    row = {session: i for i, session in enumerate(ids)}
+    first = np.fromiter((row[a] for a, _ in pairs), dtype=np.int64, count=len(pairs))
+    second = np.fromiter((row[b] for _, b in pairs), dtype=np.int64, count=len(pairs))
+    return write_predictions(out_dir, scenario, pair_scores(embeddings, first, second, export["eval"]["distance"]))
+
+
+def check_out_folder(out_dir: str | Path) -> None:
+    """An output folder must be a folder (or not exist yet): refused before anything is scored."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+
+
+def write_report(out_dir: str | Path, scored: Scored) -> Path:
+    """``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
+    from pipeline.metrics import plot_det, report_to_markdown
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(scored.report, indent=2))
+    (out / "report.md").write_text(f"# Verification report: {scored.name}\n\n{report_to_markdown(scored.report)}\n")
+    plot_det({scored.name: (scored.truth, scored.scores)}, out / "det.png")
+    return out
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

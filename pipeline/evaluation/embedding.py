@@ -1,0 +1,74 @@
+"""Embedding sessions with a model: from a loader's batches, or from raw keystroke arrays.
+
+Raw sessions are featurised by the loaders' own code (:func:`~pipeline.data.batch.make_batch`),
+so one session gets one embedding whichever way it comes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from rich.progress import MofNCompleteColumn, Progress
+from torch import nn
+
+from pipeline.data.batch import Batch, make_batch
+
+
+@torch.no_grad()
+def embed(model: nn.Module, loader: Iterable[Batch], gather: bool = False) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Embeddings, labels and session ids of every batch of ``loader`` (eval mode).
+
+    With ``gather=True`` (inside a process group) every rank returns the whole split.
+    """
+    from pipeline.distributed import gather_embeddings
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks, labels, sessions = [], [], []
+    for batch in loader:
+        rows = batch.labels.shape[0]
+        output = (
+            model(batch.features.to(device), batch.mask.to(device)).float()
+            if rows
+            else torch.zeros(0, model.embedding_size, device=device)  # a rank's trailing empty batch
+        )
+        batch_labels = batch.labels.to(device)
+        if gather:
+            output, batch_labels = gather_embeddings(output, batch_labels)
+        chunks.append(output.cpu())
+        labels.append(batch_labels.cpu().numpy())
+        sessions.extend(batch.session_ids)
+    model.train(was_training)
+    return torch.cat(chunks), np.concatenate(labels), sessions
+
+
+def embed_sessions(
+    model: nn.Module,
+    sessions: Mapping[str, np.ndarray],
+    features: Sequence[str],
+    max_len: int,
+    *,
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[str]]:
+    """Embeddings of raw ``[n_keys, 3]`` sessions and their ids, in ``sessions`` order."""
+    ids = list(sessions)
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            unknown = [""] * len(chunk)  # anonymised test sessions: no subject, label −1
+            yield make_batch([sessions[s] for s in chunk], [-1] * len(chunk), unknown, chunk, features, max_len)
+            bar.advance(task, len(chunk))
+
+    with progress_bar(progress) as bar:
+        task = bar.add_task("embedding sessions", total=len(ids))
+        embeddings, _, order = embed(model, batches())
+    return embeddings, order
+
+
+def progress_bar(show: bool) -> Progress:
+    return Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not show)

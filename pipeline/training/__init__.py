@@ -1,0 +1,12 @@
+"""Distributed training: Ray Train (V2) launches DeepSpeed workers; the loss sees the global batch.
+
+``driver`` (checks, launch, result) · ``worker`` (the loop each rank runs) · ``verifier`` (model,
+gather, loss) · ``engine`` (DeepSpeed settings) · ``schedule`` (step counts, learning rate) ·
+``state`` (the run's progress) · ``checkpointer`` (save, restore, safe loading) · ``validator``
+(val metrics, best export) · ``metrics_sink`` (W&B, Ray reports, timings) · ``progress``
+(driver display) · ``warm_start`` (fine-tuning from an export).
+"""
+
+from pipeline.training.driver import TrainResult, prepare, train
+
+__all__ = ["TrainResult", "prepare", "train"]

@@ -1,0 +1,133 @@
+"""The driver of a run: everything checkable is checked here, in seconds, before Ray starts;
+then a ``TorchTrainer`` runs :func:`~pipeline.training.worker.worker_loop` on every rank.
+
+Relaunching the same ``run.name`` resumes from the latest checkpoint in ``run.storage``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import TrainConfig, absolute
+from pipeline.exports import export_path
+from pipeline.training.checkpointer import check_checkpoint, latest_checkpoint
+from pipeline.training.schedule import schedule_of
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or deliberately stopped) run left behind."""
+
+    run_dir: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    final_model: str
+    best_model: str
+    curve: list[tuple[int, float]]  # (step, val EER) of every kept checkpoint
+
+
+def train(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True) -> TrainResult:
+    """Run (or resume) ``config.run.name`` to the end of its schedule; returns where things are."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import checkpoint_url, init_ray, ray_storage
+    from pipeline.training.progress import progress_display
+    from pipeline.training.worker import worker_loop
+
+    config, resume_from = prepare(config, resume_from)
+    storage_path, storage_filesystem = ray_storage(config.run.storage)
+    init_ray(config.train.use_gpu)
+    with progress_display(show_progress) as forward_reports:
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"config": config.to_dict(), "resume_from": resume_from},
+            scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu),
+            run_config=RunConfig(
+                name=config.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                checkpoint_config=CheckpointConfig(num_to_keep=config.train.num_to_keep),
+                failure_config=FailureConfig(max_failures=config.train.max_failures),
+                callbacks=[forward_reports],
+            ),
+        )
+        result = trainer.fit()
+    return TrainResult(
+        run_dir=config.run_dir,
+        checkpoint=result.checkpoint and checkpoint_url(result.checkpoint.path, config.run.storage),
+        metrics=dict(result.metrics or {}),
+        final_model=export_path(config.run_dir, "final"),
+        best_model=export_path(config.run_dir, "best"),
+        curve=sorted((m["step"], m["val/eer"]) for _, m in result.best_checkpoints if "val/eer" in m),
+    )
+
+
+def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainConfig, str | None]:
+    """The config with absolute paths and the checked ``resume_from``, or one clear error: bad
+    shards, a batch the split cannot fill, an unknown model or loss, a foreign warm start, an
+    unwritable storage, a missing or unsafe checkpoint."""
+    from sharding.format import load_manifest
+    from sharding.storage import check_writable
+
+    config = config.with_absolute_paths()
+    manifest = load_manifest(config.data.shards)  # fails fast: no shards, unreachable storage
+    if not manifest.shards_of("train") or not manifest.shards_of("val"):
+        raise ValueError(f"{config.data.shards}: training needs train and val shards")
+    subjects = sum(shard.samples for shard in manifest.shards_of("train"))
+    _check_batch(config, subjects)
+    schedule_of(config, manifest)  # refuses fewer shards than readers, or a batch a reader cannot fill
+    _check_model_and_loss(config, subjects)
+    check_writable(config.run.storage)
+    start = None
+    if resume_from:
+        resume_from = absolute(resume_from)
+        start = resume_from, check_checkpoint(resume_from)
+    latest = latest_checkpoint(config.run_dir)
+    if latest:  # Ray resumes the run from it (not from resume_from): refuse it now, not in every worker
+        start = latest, check_checkpoint(latest)
+    if start:
+        _check_resumable(config, *start)
+    return config, resume_from
+
+
+def _check_batch(config: TrainConfig, subjects: int) -> None:
+    """Each rank needs P subjects of its own per batch."""
+    needed = config.data.subjects_per_batch * config.train.num_workers
+    if needed > subjects:
+        raise ValueError(
+            f"data.subjects_per_batch={config.data.subjects_per_batch} on train.num_workers="
+            f"{config.train.num_workers} ranks needs {needed} training subjects; {config.data.shards} has {subjects}"
+        )
+
+
+def _check_model_and_loss(config: TrainConfig, subjects: int) -> None:
+    """Build the model and the loss once, as the workers will: a bad name or option fails here."""
+    from pipeline.losses.registry import build_loss
+    from pipeline.models import build_model
+    from pipeline.training.warm_start import warm_start_weights
+
+    build_model(config.model.name, features=tuple(config.data.features),
+                embedding_size=config.model.embedding_size, **config.model.options)
+    build_loss(config.loss.name, config.model.embedding_size, num_classes=subjects, **config.loss.options)
+    if config.train.init_from:
+        warm_start_weights(config)
+
+
+def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
+    """A checkpoint continues only the model and the stream it was saved with: the loader's own
+    resume check (batch shape, ranks, workers, manifest…) and the model's settings, on the driver."""
+    from dataclasses import asdict
+
+    from pipeline.data import SubjectBatchLoader
+    from pipeline.training.worker import sampler_config
+
+    if "loader" in saved:
+        loader = SubjectBatchLoader(config.data.shards, "train", sampler_config(config), rank=0,
+                                    world_size=config.train.num_workers, num_workers=config.data.loader_workers)
+        try:
+            loader.load_state_dict(saved["loader"])
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+    model = saved.get("config", {}).get("model")
+    if model is not None and model != asdict(config.model):
+        raise ValueError(f"{where}: saved for model {model}, this run trains {asdict(config.model)}")

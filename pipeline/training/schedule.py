@@ -1,0 +1,58 @@
+"""How long a run trains and at what learning rate: one definition for the driver, the workers
+and the experiments.
+
+Steps per epoch follow the sampler's own rule (:class:`pipeline.data.stream.Plan`) from the
+manifest alone, so the driver knows the schedule — and refuses one that cannot be filled —
+before Ray starts, and never builds a loader just to count batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.config import TrainConfig
+from sharding.format import Manifest
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts of a run (every rank takes the same steps)."""
+
+    steps_per_epoch: int
+    total_steps: int  # epochs × steps_per_epoch: the span of the learning-rate schedule
+    stop_step: int  # where the run stops: the end, or earlier for max_steps / stop_after_epochs
+
+
+def schedule_of(config: TrainConfig, manifest: Manifest) -> Schedule:
+    """The schedule of ``config`` on the shard set of ``manifest``; refuses a batch shape the
+    training split cannot fill, naming the settings."""
+    from pipeline.data.stream import Plan
+
+    data, train = config.data, config.train
+    try:
+        plan = Plan.make(
+            manifest.shards_of("train"), train.num_workers, data.loader_workers, data.subjects_per_batch, config.run.seed
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{data.shards}: data.subjects_per_batch={data.subjects_per_batch}, train.num_workers="
+            f"{train.num_workers}, data.loader_workers={data.loader_workers}: {error}"
+        ) from None
+    steps = plan.batches_per_epoch
+    stop = steps * train.epochs
+    if train.max_steps > 0:
+        stop = min(stop, train.max_steps)
+    if train.stop_after_epochs > 0:
+        stop = min(stop, train.stop_after_epochs * steps)
+    return Schedule(steps, steps * train.epochs, stop)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up, then cosine decay to zero over the schedule (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -1,0 +1,110 @@
+"""The training function every Ray Train worker (one DeepSpeed rank) runs.
+
+Each step: this rank's P × K batch → embeddings all-gathered with gradients → the loss on the
+global batch (:class:`~pipeline.training.verifier.Verifier`); DeepSpeed averages the gradients,
+which makes them those of one process holding the global batch. Validation, checkpoints and
+reports happen at the steps the config names; a checkpoint's report is a barrier on all ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.train
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.exports import export_path, save_model
+from pipeline.training.checkpointer import Checkpointer
+from pipeline.training.engine import build_engine
+from pipeline.training.metrics_sink import MetricsSink, StepTimer, parameter_grad_norm, step_metrics
+from pipeline.training.schedule import schedule_of
+from pipeline.training.state import RunState
+from pipeline.training.validator import Validator
+
+
+def worker_loop(payload: dict[str, Any]) -> None:
+    """Train ``payload["config"]`` from its latest checkpoint (or ``resume_from``) to its stop step."""
+    config = TrainConfig.from_dict(payload["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+    loader = _train_loader(config, rank, world)
+    schedule = schedule_of(config, loader.shard_set.manifest)
+    engine = build_engine(config, world, schedule, *_model_and_loss(config, loader.num_classes))
+    state = RunState()
+    checkpointer = Checkpointer(engine, {"run": state, "loader": loader}, config, rank)
+    checkpointer.restore(payload.get("resume_from"))
+    validate, sink, timer = Validator(config, rank, world), MetricsSink(config, rank), StepTimer()
+    sessions_per_step = config.data.subjects_per_batch * config.data.sessions_per_subject * world
+    seconds_before, launched = state.train_seconds, timer.last  # time of earlier launches of this run
+    while state.step < schedule.stop_step:
+        for batch in loader:
+            timer.lap("data")
+            state.step += 1
+            log_now = state.step % config.train.log_every == 0 or state.step == schedule.stop_step
+            loss, stats = engine(batch.features, batch.mask, batch.labels, return_stats=log_now)
+            timer.lap("model")
+            engine.backward(loss)
+            norm = parameter_grad_norm(engine) if log_now else None
+            timer.lap("backward")
+            engine.step()
+            timer.lap("optimizer")
+            epoch_end = loader.step >= loader.batches_per_epoch
+            state.train_seconds = seconds_before + timer.last - launched
+            metrics: dict[str, Any] = {"step": state.step, "epoch": loader.epoch, "total_steps": schedule.stop_step,
+                                       "time/train_s": state.train_seconds}
+            if log_now:
+                metrics.update(step_metrics(engine, loss, stats, norm, timer, sessions_per_step))
+            validate_now = epoch_end or _every(state.step, config.train.val_every)
+            if validate_now:
+                metrics.update(validate(engine.module.model, state))
+            if log_now or validate_now:
+                sink.log(metrics, state.step, validate.det if validate_now else None)
+            if epoch_end or state.step == schedule.stop_step or _every(state.step, config.train.checkpoint_every):
+                with checkpointer.written(f"step{state.step:08d}") as checkpoint:
+                    sink.publish(metrics, checkpoint)
+            elif log_now or validate_now:
+                sink.publish(metrics)
+            timer.lap("reporting")
+            if state.step >= schedule.stop_step:
+                break
+    if rank == 0:
+        save_model(export_path(config.run_dir, "final"), engine.module.model, config.to_dict())
+    sink.finish()
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def _train_loader(config: TrainConfig, rank: int, world: int) -> Any:
+    from pipeline.data import SubjectBatchLoader
+
+    return SubjectBatchLoader(config.data.shards, "train", sampler_config(config), rank=rank, world_size=world,
+                              num_workers=config.data.loader_workers)
+
+
+def sampler_config(config: TrainConfig) -> Any:
+    """The subject-aware sampler's settings (a ``SamplerConfig``) of a training config."""
+    from pipeline.data import SamplerConfig
+
+    data = config.data
+    return SamplerConfig(subjects_per_batch=data.subjects_per_batch, sessions_per_subject=data.sessions_per_subject,
+                         max_len=data.max_len, features=tuple(data.features), short_subjects=data.short_subjects,
+                         seed=config.run.seed)
+
+
+def _model_and_loss(config: TrainConfig, num_classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model (warm-started from ``train.init_from`` if set; a checkpoint of this run still
+    wins in ``restore``) and the loss; the driver built both once already, so these succeed."""
+    from pipeline.losses.registry import build_loss
+    from pipeline.models import build_model
+    from pipeline.training.warm_start import warm_start_weights
+
+    model = build_model(config.model.name, features=tuple(config.data.features),
+                        embedding_size=config.model.embedding_size, **config.model.options)
+    if config.train.init_from:
+        model.load_state_dict(warm_start_weights(config))
+    criterion = build_loss(config.loss.name, config.model.embedding_size, num_classes, **config.loss.options)
+    return model, criterion

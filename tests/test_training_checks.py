@@ -1,0 +1,148 @@
+"""What ``eerpipe train`` refuses before Ray starts, in one line, and how checkpoints are loaded.
+
+No Ray here: every refusal below must come from the driver in seconds. The DeepSpeed test runs
+one rank in this process (gloo on the CPU) to check the workers' own loading path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import TrainConfig
+from pipeline.training import prepare
+from sharding.writer import write_shards
+
+CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"  # P = 16 per rank, 2 ranks
+runner = CliRunner()
+
+
+class Payload:
+    """A pickle that creates ``marker`` when unpickled: the shape of a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("shards")  # 70 training subjects in 4 shards
+    write_shards("synth:80:0", str(out), subjects_per_shard=20, val_subjects=5, test_subjects=5)
+    return str(out)
+
+
+def train(shards: str, storage: Path, *args: str) -> object:
+    return runner.invoke(app, ["train", "--quiet", "--config", str(CONFIG), f"data.shards={shards}",
+                               f"run.storage={storage}", "wandb.enabled=false", *args])
+
+
+def write_checkpoint(folder: Path, states: object) -> Path:
+    """A checkpoint folder as Ray keeps it: DeepSpeed's tag folder with the model states file."""
+    path = folder / "step00000003" / "mp_rank_00_model_states.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(states, path)
+    return path
+
+
+def assert_refused_in_one_line(result: object, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epochs=-1"], "train.epochs must be ≥ 1, got -1"),
+        (["train.epochs=0"], "train.epochs must be ≥ 1, got 0"),
+        (["model.name=unknown"], "unknown model 'unknown'"),
+        (["data.subjects_per_batch=40"], "data.subjects_per_batch=40 on train.num_workers=2 ranks needs 80 training subjects"),
+        (["data.loader_workers=4"], "4 shards cannot feed 8 readers"),
+        (["data.subjects_per_batch=34"], "cannot fill one batch of 34 subjects"),
+    ],
+)
+def test_settings_the_shards_cannot_serve_are_refused_before_ray_starts(shards, tmp_path, overrides, message):
+    import ray
+
+    assert_refused_in_one_line(train(shards, tmp_path, *overrides), message)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "cpu-local").exists()
+
+
+def test_a_malicious_resume_checkpoint_is_refused_without_running_it(shards, tmp_path):
+    marker = tmp_path / "executed"
+    states = write_checkpoint(tmp_path / "evil", {"module": Payload(marker), "optimizer": None})
+    result = train(shards, tmp_path / "runs", "--resume-from", str(tmp_path / "evil"))
+    assert_refused_in_one_line(result, f"{states}: refused to load: it names io.open")
+    assert "weights_only" not in result.stderr  # never torch's advice to load it anyway
+    assert not marker.exists()
+
+
+def test_a_relaunch_is_refused_when_the_run_s_latest_checkpoint_is_malicious(shards, tmp_path):
+    """Ray would resume the run from its newest ``checkpoint_*`` folder (Ray's own files beside it
+    are not checkpoints); the driver checks that one. A real run's folder: tests/test_train.py."""
+    marker = tmp_path / "executed"
+    run = tmp_path / "runs" / "cpu-local"
+    write_checkpoint(run / "checkpoint_2026-01-01_00-00-00.000000", {"module": {"weight": torch.zeros(2)}})
+    states = write_checkpoint(run / "checkpoint_2026-01-01_00-00-09.000000", {"module": Payload(marker)})
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    result = train(shards, tmp_path / "runs")
+    assert_refused_in_one_line(result, f"{states}: refused to load: it names io.open")
+    assert not marker.exists()
+
+
+def test_a_relative_resume_path_is_the_driver_s_and_must_exist(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(tmp_path / "saved", {"module": {"weight": torch.zeros(2)}, "step": 3})
+    config = TrainConfig.load(CONFIG, [f"data.shards={shards}", "run.storage=runs"])
+    _, resume_from = prepare(config, "saved")
+    assert resume_from == str(tmp_path / "saved")
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint folder at {tmp_path / 'missing'}$"):
+        prepare(config, "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint in"):
+        prepare(config, "empty")
+
+
+@pytest.fixture
+def one_rank(monkeypatch: pytest.MonkeyPatch):
+    """A one-rank gloo process group in this process, for DeepSpeed; torn down after the test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_the_workers_load_deepspeed_states_weights_only(one_rank, tmp_path):
+    """ZeRO-1 states (which name three DeepSpeed classes) load; a tampered file is refused by name."""
+    from pipeline.safe_load import UnsafeFileError
+    from pipeline.training.engine import build_engine
+    from pipeline.training.schedule import Schedule
+
+    config = TrainConfig.load(None, ["train.zero_stage=1", "train.num_workers=1"])
+    engine = build_engine(config, 1, Schedule(1, 1, 1), torch.nn.Linear(3, 2), torch.nn.Identity())
+    engine.save_checkpoint(str(tmp_path), tag="t", client_state={"run": {"step": 1}})
+    _, client_state = engine.load_checkpoint(str(tmp_path), tag="t")
+    assert client_state["run"] == {"step": 1}
+    optimizer_states = next((tmp_path / "t").glob("*optim_states.pt"))
+    marker = tmp_path / "executed"
+    torch.save({"optimizer_state_dict": Payload(marker)}, optimizer_states)
+    with pytest.raises(UnsafeFileError, match=f"{optimizer_states}: refused to load: it names io.open"):
+        engine.load_checkpoint(str(tmp_path), tag="t")
+    assert not marker.exists()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
