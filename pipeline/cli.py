@@ -63,6 +63,10 @@ def evaluate(
     checkpoint: str = _CHECKPOINT,
     shards: str = typer.Option(..., "--shards", help="The shard set's folder or URL (its manifest.json)."),
     split: str = typer.Option("test", "--split", help="train | val | test."),
+    protocol: Optional[str] = typer.Option(
+        None, "--protocol", help="session (session against session) | kvc (against 5-session enrolment sets, as KVC scores). "
+        "Default: the model's validation protocol."
+    ),
     out: Path = typer.Option(Path("evaluation"), "--out", help="Folder for metrics.json, report.md and det.png."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Sessions per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -72,7 +76,7 @@ def evaluate(
     from pipeline.metrics import report_to_markdown
 
     report, folder = run_evaluation(
-        checkpoint, shards, split=split, out_dir=out, batch_size=batch_size, progress=not quiet
+        checkpoint, shards, split=split, protocol=protocol, out_dir=out, batch_size=batch_size, progress=not quiet
     )
     typer.echo(report_to_markdown(report))
     typer.echo(f"\nwritten: {folder}/metrics.json, {folder}/report.md, {folder}/det.png")

@@ -99,11 +99,14 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    impostors_per_session: int = 10  # impostor comparisons drawn per session (genuine: all pairs)
+    protocol: Literal["session", "kvc"] = "session"  # session pairs, or KVC's enrolment sets (evaluation/protocol.py)
+    impostors_per_session: int = 10  # impostor comparisons per (verification) session: other sessions or enrolment sets
+    enrolment_sessions: int = 5  # kvc: enrolment sessions per subject; the rest are verified
     distance: Literal["cosine", "euclidean"] = "cosine"  # scores are −distance (EERLoss and PML losses normalise)
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "impostors_per_session")
+        _at_least(self, 1, "impostors_per_session")
+        _at_least(self, 1, "enrolment_sessions")
 
 
 @dataclass

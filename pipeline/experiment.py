@@ -10,9 +10,11 @@ config file, the shards, the seed, the steps and the optimizer; an arm changes o
 overrides say. Each arm validates and checkpoints at the same steps, which gives the
 validation-EER-vs-step curves.
 
-Outputs in ``out``: ``results.md`` and ``results.json`` (test split: global EER, mean
-per-subject EER, AUC, FNMR at FMR 1 % and 0.1 %, steps to reach the best baseline's final
-validation EER, training wall time), ``det.png`` (one DET curve per arm) and ``val_eer.png``.
+Outputs in ``out``: ``results.md`` and ``results.json`` (test split, under both verification
+protocols — session against session, and KVC's enrolment sets (``kvc_`` keys): global EER, mean
+per-subject EER, AUC, FNMR at FMR 1 % and 0.1 %; steps to reach the best baseline's final
+validation EER, training wall time), ``det.png`` (one DET curve per arm, session protocol) and
+``val_eer.png``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class Arm:
     run_dir: str
     curve: list[tuple[int, float]]  # (step, validation EER)
     seconds: float  # training wall time, summed over the launches of the run
-    report: dict[str, Any]
+    report: dict[str, Any]  # session protocol
+    kvc_report: dict[str, Any]  # KVC enrolment-set protocol
     truth: np.ndarray
     scores: np.ndarray
 
@@ -75,7 +78,7 @@ def run_experiment(
     show_progress: bool = True,
 ) -> list[Arm]:
     """Train and score every arm; write the tables and figures; return the arms."""
-    from pipeline.evaluation.commands import score_split
+    from pipeline.evaluation.commands import embed_split
     from pipeline.training import train
 
     out = Path(out)
@@ -84,10 +87,11 @@ def run_experiment(
     for name, arm_overrides in arms.items():
         config = _arm_config(config_path, shards, [*overrides, *arm_overrides], validations)
         result = train(config, show_progress=show_progress)
-        scored = score_split(result.best_model, shards, split="test")
+        embedded = embed_split(result.best_model, shards, split="test")
+        sessions, kvc = embedded.score("session"), embedded.score("kvc")
         results.append(
             Arm(name, arm_overrides, config.loss.name, result.run_dir, result.curve, result.metrics["time/train_s"],
-                scored.report, scored.truth, scored.scores)
+                sessions.report, kvc.report, sessions.truth, sessions.scores)
         )
     _write(out, results)
     return results
@@ -121,7 +125,6 @@ def _write(out: Path, arms: list[Arm]) -> None:
     best_baseline = min(baselines, key=lambda arm: arm.curve[-1][1]) if baselines else None
     rows = []
     for arm in arms:
-        glob, per_subject = arm.report["global"], arm.report.get("mean_per_subject", {})
         reached = steps_to_reach(arm.curve, best_baseline.curve[-1][1]) if best_baseline else None
         rows.append(
             {
@@ -129,11 +132,8 @@ def _write(out: Path, arms: list[Arm]) -> None:
                 "loss": arm.loss,
                 "overrides": arm.overrides,
                 "run_dir": arm.run_dir,
-                "eer": glob["eer"],
-                "per_subject_eer": per_subject.get("eer"),
-                "auc": glob["auc"],
-                "fnmr_at_fmr_1%": glob["fnmr_at_fmr_1%"],
-                "fnmr_at_fmr_0.1%": glob["fnmr_at_fmr_0.1%"],
+                **_test_metrics(arm.report),
+                **_test_metrics(arm.kvc_report, "kvc_"),
                 "final_val_eer": arm.curve[-1][1] if arm.curve else None,
                 "steps_to_best_baseline": reached,
                 "steps": arm.curve[-1][0] if arm.curve else None,
@@ -156,20 +156,33 @@ def _write(out: Path, arms: list[Arm]) -> None:
     figure.savefig(out / "val_eer.png", dpi=120)
 
 
+def _test_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float | None]:
+    glob = report["global"]
+    return {
+        f"{prefix}eer": glob["eer"],
+        f"{prefix}per_subject_eer": report.get("mean_per_subject", {}).get("eer"),
+        f"{prefix}auc": glob["auc"],
+        f"{prefix}fnmr_at_fmr_1%": glob["fnmr_at_fmr_1%"],
+        f"{prefix}fnmr_at_fmr_0.1%": glob["fnmr_at_fmr_0.1%"],
+    }
+
+
 def _markdown(rows: list[dict[str, Any]], best_baseline: str | None) -> str:
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{100 * value:.2f}"
 
+    measured = ("eer", "per_subject_eer", "auc", "fnmr_at_fmr_1%", "fnmr_at_fmr_0.1%")
+    titles = ("EER", "mean per-subject EER", "AUC", "FNMR@1%FMR", "FNMR@0.1%FMR")
     lines = [
-        "| arm | loss | test EER % | mean per-subject EER % | AUC % | FNMR@1%FMR % | FNMR@0.1%FMR % "
-        f"| steps to {best_baseline or 'best baseline'}'s final val EER | steps | wall s |",
-        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| arm | loss | " + " | ".join(f"{t} %" for t in titles) + " | " + " | ".join(f"KVC {t} %" for t in titles)
+        + f" | steps to {best_baseline or 'best baseline'}'s final val EER | steps | wall s |",
+        "|:--|:--|" + "--:|" * (2 * len(titles) + 3),
     ]
     for row in rows:
         reached = "–" if row["steps_to_best_baseline"] is None else str(row["steps_to_best_baseline"])
+        cells = [pct(row[key]) for key in measured] + [pct(row[f"kvc_{key}"]) for key in measured]
         lines.append(
-            f"| {row['arm']} | {row['loss']} | {pct(row['eer'])} | {pct(row['per_subject_eer'])} | {pct(row['auc'])} "
-            f"| {pct(row['fnmr_at_fmr_1%'])} | {pct(row['fnmr_at_fmr_0.1%'])} | {reached} | {row['steps']} "
-            f"| {row['wall_s']:.0f} |"
+            f"| {row['arm']} | {row['loss']} | " + " | ".join(cells)
+            + f" | {reached} | {row['steps']} | {row['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"

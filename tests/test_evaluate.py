@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.data import SessionLoader
 from pipeline.evaluation.embedding import embed
-from pipeline.evaluation.protocol import comparisons, verify
+from pipeline.evaluation.protocol import SessionPairs, comparisons, verify
 from pipeline.exports import load_model, save_model
 from pipeline.metrics import eer
 from pipeline.models import build_model
@@ -92,6 +92,36 @@ def test_evaluate_writes_the_official_report_of_the_split(corpus: Corpus, tmp_pa
     assert "| Global |" in result.stdout and "| Mean per subject |" in result.stdout
 
 
+def test_evaluate_with_the_kvc_protocol_verifies_sessions_against_enrolment_sets(corpus: Corpus, tmp_path: Path) -> None:
+    result = evaluate("--checkpoint", str(corpus.run), "--shards", str(corpus.shards), "--protocol", "kvc",
+                      "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # 5 enrolment sessions per subject, the other 10 verified: once against their own set, and
+    # against 4 other subjects' sets (the export's impostors_per_session).
+    assert metrics["global"]["genuine"] == TEST_SUBJECTS * 10
+    assert metrics["global"]["impostor"] == TEST_SUBJECTS * 10 * 4
+    assert (tmp_path / "report.md").read_text().startswith("# Verification report: typenet on test, kvc protocol")
+
+
+def test_a_model_is_evaluated_on_a_test_only_shard_set_of_another_corpus(corpus: Corpus, tmp_path: Path) -> None:
+    other = tmp_path / "other-corpus"
+    write_kvc(other, scenario="desktop", subjects=8, test_subjects=2, seed=1)
+    write_shards(f"kvc:{other}:desktop", str(tmp_path / "shards"), split="test")
+    result = evaluate("--checkpoint", str(corpus.run), "--shards", str(tmp_path / "shards"), "--protocol", "kvc",
+                      "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["mean_per_subject"]["subjects"] == 8
+
+
+def test_an_unknown_protocol_is_refused_naming_it(corpus: Corpus, tmp_path: Path) -> None:
+    result = evaluate("--checkpoint", str(corpus.run), "--shards", str(corpus.shards), "--protocol", "enrol",
+                      "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "protocol must be 'session' or 'kvc', got 'enrol'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_writes_one_score_per_comparison_zipped(corpus: Corpus, tmp_path: Path) -> None:
     result = predict("--checkpoint", str(corpus.run / "export" / "best"), "--kvc", str(corpus.kvc),
                      "--scenario", "desktop", "--out", str(tmp_path))
@@ -108,7 +138,7 @@ def test_predict_and_evaluate_score_the_same_sessions_identically(corpus: Corpus
     loader = SessionLoader(str(corpus.shards), "test", batch_size=1024, max_len=export["data"]["max_len"],
                            features=export["data"]["features"], rank=0, world_size=1)
     embeddings, labels, session_ids = embed(model, loader)
-    _, truth, expected = verify(embeddings, labels, impostors_per_session=4, distance="cosine")
+    _, truth, expected = verify(embeddings, labels, SessionPairs(4), "cosine")
     first, second, _ = comparisons(labels, impostors_per_session=4)
     manifest = load_manifest(str(corpus.shards))
     test_subjects = {s for s, shard in manifest.subjects.items() if shard.startswith("test")}

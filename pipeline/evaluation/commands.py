@@ -1,7 +1,7 @@
 """The flows behind ``eerpipe evaluate`` and ``eerpipe predict``.
 
 :func:`evaluate` runs the verification protocol on a split of a shard set with an exported
-model and writes the report; :func:`predict` scores a KVC test set's own comparison list and
+model and writes the report (session pairs or KVC enrolment sets, ``--protocol``); :func:`predict` scores a KVC test set's own comparison list and
 writes the challenge's submission files. Both take the export's features, ``max_len``,
 distance and impostors per session, so the numbers are those the training run's validation
 computed for the same model and sessions. Output folders are checked before any scoring.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.evaluation.embedding import embed, embed_sessions, progress_bar
-from pipeline.evaluation.protocol import pair_scores, verify
+from pipeline.evaluation.protocol import ProtocolName, pair_scores, protocol_from, verify
 from pipeline.evaluation.submission import read_test_set, write_predictions
 from pipeline.exports import load_model
 from sharding.synth import SCENARIOS
@@ -35,9 +35,36 @@ class Scored:
 
 
 def score_split(
-    checkpoint: str, shards: str, *, split: str = "test", batch_size: int = 1024, progress: bool = False
+    checkpoint: str, shards: str, *, split: str = "test", protocol: ProtocolName | None = None,
+    batch_size: int = 1024, progress: bool = False,
 ) -> Scored:
-    """Embed every session of ``split`` with an exported model and run the protocol."""
+    """Embed every session of ``split`` with an exported model and run ``protocol`` (default:
+    the one the model was validated with)."""
+    embedded = embed_split(checkpoint, shards, split=split, batch_size=batch_size, progress=progress)
+    return embedded.score(protocol)
+
+
+@dataclass
+class EmbeddedSplit:
+    """Every session of a split embedded by an exported model, ready for any protocol."""
+
+    embeddings: torch.Tensor
+    labels: np.ndarray
+    export: dict[str, Any]
+    split: str
+
+    def score(self, protocol: ProtocolName | None = None) -> Scored:
+        """The report under ``protocol`` (default: the export's), with the export's distance."""
+        settings = self.export["eval"]
+        chosen = protocol_from(settings, protocol)
+        report, truth, scores = verify(self.embeddings, self.labels, chosen, settings["distance"])
+        return Scored(report, truth, scores, f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol")
+
+
+def embed_split(
+    checkpoint: str, shards: str, *, split: str = "test", batch_size: int = 1024, progress: bool = False
+) -> EmbeddedSplit:
+    """Embed every session of ``split`` with an exported model, fed as the model was trained."""
     from pipeline.data import SessionLoader
 
     model, export = load_model(checkpoint, _device())
@@ -48,11 +75,7 @@ def score_split(
     with progress_bar(progress) as bar:
         batches = bar.track(loader, total=len(loader), description=f"embedding {split} batches")
         embeddings, labels, _ = embed(model, batches)
-    settings = export["eval"]
-    report, truth, scores = verify(
-        embeddings, labels, impostors_per_session=settings["impostors_per_session"], distance=settings["distance"],
-    )
-    return Scored(report, truth, scores, f"{export['model']['name']} on {split}")
+    return EmbeddedSplit(embeddings, labels, export, split)
 
 
 def evaluate(
@@ -60,13 +83,14 @@ def evaluate(
     shards: str,
     *,
     split: str = "test",
+    protocol: ProtocolName | None = None,
     out_dir: str | Path = "evaluation",
     batch_size: int = 1024,
     progress: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
     check_out_folder(out_dir)
-    scored = score_split(checkpoint, shards, split=split, batch_size=batch_size, progress=progress)
+    scored = score_split(checkpoint, shards, split=split, protocol=protocol, batch_size=batch_size, progress=progress)
     return scored.report, write_report(out_dir, scored)
 
 

@@ -12,14 +12,17 @@ same model gets the same numbers everywhere.
 * impostor: for each session, ``impostors_per_session`` sessions of other subjects drawn with a
   fixed seed, so that two models are scored on the very same comparisons.
 
-Another protocol (e.g. KVC's enrolment sets: a session against the mean score over a subject's
-enrolment sessions) is another class with the same ``compare`` method.
+:class:`EnrolmentSets` (``protocol: kvc``) is KVC-onGoing's: per subject, a few enrolment
+sessions drawn with a fixed seed, the others verified against enrolment sets — their own
+(genuine) and other subjects' (impostor) — with the mean ``−distance`` over the set as the score.
+Published keystroke numbers use enrolment sets, so this is the protocol to compare them with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from torch import nn
 from pipeline.metrics import verification_report
 
 _PAIR_CHUNK = 1 << 16
+ProtocolName = Literal["session", "kvc"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Comparisons:
 
 
 class VerificationProtocol(Protocol):
+    name: ClassVar[str]  # as ``eval.protocol`` and ``--protocol`` name it
+
     def compare(self, embeddings: torch.Tensor, labels: np.ndarray, distance: str) -> Comparisons: ...
 
 
@@ -49,10 +55,11 @@ class SessionPairs:
 
     impostors_per_session: int = 10
     seed: int = 0
+    name: ClassVar[str] = "session"
 
     def compare(self, embeddings: torch.Tensor, labels: np.ndarray, distance: str) -> Comparisons:
         first, second, truth = comparisons(labels, self.impostors_per_session, self.seed)
-        scores = pair_scores(embeddings.detach().float().cpu(), first, second, distance)
+        scores = pair_scores(embeddings, first, second, distance)
         return Comparisons(truth.astype(int), scores, np.asarray(labels)[first])
 
 
@@ -83,31 +90,130 @@ def comparisons(
 
 def pair_scores(embeddings: torch.Tensor, first: np.ndarray, second: np.ndarray, distance: str) -> np.ndarray:
     """``−distance`` between rows ``first[i]`` and ``second[i]``, in chunks to bound memory."""
-    if distance == "cosine":
-        embeddings = nn.functional.normalize(embeddings, dim=1)
-    elif distance != "euclidean":
-        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+    embeddings = _prepared(embeddings, distance)
     scores = []
     for start in range(0, len(first), _PAIR_CHUNK):
         a = embeddings[torch.as_tensor(first[start : start + _PAIR_CHUNK])]
         b = embeddings[torch.as_tensor(second[start : start + _PAIR_CHUNK])]
-        gap = (1 - (a * b).sum(1)) if distance == "cosine" else (a - b).norm(dim=1)
-        scores.append(-gap.double().numpy())
+        scores.append(-_distance(a, b, distance).double().numpy())
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
+@dataclass(frozen=True)
+class EnrolmentSets:
+    """KVC's protocol: verification sessions against subjects' enrolment sets.
+
+    Per subject, ``enrolment_sessions`` sessions drawn with ``seed`` form its enrolment set; the
+    others are verification sessions. Each verification session is compared with its own
+    subject's set (genuine) and with ``impostor_sets`` distinct other subjects' sets drawn with
+    the same seed (impostor). The score is the mean of ``−distance`` over the set's sessions, as
+    KVC-onGoing scores its comparisons. Subjects with no session left to verify are left out; a
+    comparison is attributed to the subject whose set it claims.
+    """
+
+    enrolment_sessions: int = 5
+    impostor_sets: int = 10
+    seed: int = 0
+    name: ClassVar[str] = "kvc"
+
+    def __post_init__(self) -> None:
+        if self.enrolment_sessions < 1 or self.impostor_sets < 1:
+            raise ValueError(
+                f"the enrolment protocol needs enrolment_sessions ≥ 1 and impostor sets ≥ 1, "
+                f"got {self.enrolment_sessions} and {self.impostor_sets}"
+            )
+
+    def compare(self, embeddings: torch.Tensor, labels: np.ndarray, distance: str) -> Comparisons:
+        sets, set_labels, probe, claimed, truth = self.draw(labels)
+        embeddings = _prepared(embeddings, distance)
+        members = torch.as_tensor(sets)
+        scores = []
+        for start in range(0, len(probe), _PAIR_CHUNK // self.enrolment_sessions):
+            stop = start + _PAIR_CHUNK // self.enrolment_sessions
+            probes = embeddings[torch.as_tensor(probe[start:stop])]  # [c, D]
+            enrolled = embeddings[members[torch.as_tensor(claimed[start:stop])]]  # [c, E, D]
+            scores.append(-_distance(probes[:, None], enrolled, distance).mean(1).double().numpy())
+        return Comparisons(truth.astype(int), np.concatenate(scores), set_labels[claimed])
+
+    def draw(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(sets [S, E], set_labels [S], probe [C], claimed [C], is_genuine [C])`` as row indices.
+
+        ``sets[claimed[i]]`` are the enrolment rows verification row ``probe[i]`` is compared with.
+        """
+        labels = np.asarray(labels)
+        rng = np.random.default_rng(self.seed)
+        sets, set_labels, probes = [], [], []
+        for subject in np.unique(labels):
+            rows = rng.permutation(np.flatnonzero(labels == subject))
+            if len(rows) > self.enrolment_sessions:
+                sets.append(np.sort(rows[: self.enrolment_sessions]))
+                set_labels.append(subject)
+                probes.append(np.sort(rows[self.enrolment_sessions :]))
+        if len(sets) < 2:
+            raise ValueError(
+                f"the enrolment protocol needs two subjects with more than {self.enrolment_sessions} "
+                f"sessions; this split has {len(sets)}"
+            )
+        own = np.concatenate([np.full(len(rows), index) for index, rows in enumerate(probes)])
+        probe = np.concatenate(probes)
+        count = min(self.impostor_sets, len(sets) - 1)
+        others = _distinct_draws(rng, len(probe), len(sets) - 1, count)
+        others += others >= own[:, None]  # a draw among the S − 1 other sets, shifted past its own
+        truth = np.r_[np.ones(len(probe), bool), np.zeros(others.size, bool)]
+        return np.stack(sets), np.asarray(set_labels), np.r_[probe, np.repeat(probe, count)], np.r_[own, others.ravel()], truth
+
+
+def _distinct_draws(rng: np.random.Generator, rows: int, population: int, count: int) -> np.ndarray:
+    """``rows × count`` draws from ``range(population)``, distinct within each row.
+
+    Rows with a repeat are drawn again; a draw of more than half the population is a shuffle
+    instead, where repeats would be common.
+    """
+    if 2 * count > population:
+        return np.argsort(rng.random((rows, population)), axis=1)[:, :count]
+    draws = rng.integers(0, population, size=(rows, count))
+    repeated = (np.diff(np.sort(draws, axis=1), axis=1) == 0).any(axis=1)
+    while repeated.any():
+        draws[repeated] = rng.integers(0, population, size=(int(repeated.sum()), count))
+        repeated = (np.diff(np.sort(draws, axis=1), axis=1) == 0).any(axis=1)
+    return draws
+
+
+def protocol_from(settings: Mapping[str, Any], name: ProtocolName | None = None) -> VerificationProtocol:
+    """The protocol an ``eval`` config section names (``name`` overrides its ``protocol``).
+
+    ``impostors_per_session`` counts impostor comparisons per verification session in both
+    protocols: sessions of other subjects, or other subjects' enrolment sets. Exports written
+    before the enrolment protocol existed have no ``protocol`` key and mean session pairs.
+    """
+    name = name or settings.get("protocol", "session")
+    if name == "session":
+        return SessionPairs(settings["impostors_per_session"])
+    if name == "kvc":
+        return EnrolmentSets(settings.get("enrolment_sessions", 5), settings["impostors_per_session"])
+    raise ValueError(f"protocol must be 'session' or 'kvc', got {name!r}")
+
+
+def _prepared(embeddings: torch.Tensor, distance: str) -> torch.Tensor:
+    """Rows ready for :func:`_distance`: unit length for the cosine distance."""
+    embeddings = embeddings.detach().float().cpu()
+    if distance == "cosine":
+        return nn.functional.normalize(embeddings, dim=-1)
+    if distance != "euclidean":
+        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+    return embeddings
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distance along the last axis between :func:`_prepared` rows (broadcasting)."""
+    return 1 - (a * b).sum(-1) if distance == "cosine" else (a - b).norm(dim=-1)
+
+
 def verify(
-    embeddings: torch.Tensor,
-    labels: np.ndarray,
-    *,
-    impostors_per_session: int = 10,
-    distance: str = "euclidean",
-    seed: int = 0,
-    protocol: VerificationProtocol | None = None,
+    embeddings: torch.Tensor, labels: np.ndarray, protocol: VerificationProtocol, distance: str
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """The full KVC report of a split's embeddings under ``protocol`` (default: session pairs
-    with ``impostors_per_session`` and ``seed``), plus the comparisons' truth and scores."""
-    protocol = protocol or SessionPairs(impostors_per_session, seed)
+    """The full KVC report of a split's embeddings under ``protocol``, plus the comparisons'
+    truth and scores."""
     scored = protocol.compare(embeddings, labels, distance)
     report = verification_report(scored.truth, scored.scores, subjects=scored.subjects)
     return report, scored.truth, scored.scores

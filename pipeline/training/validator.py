@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -28,15 +29,13 @@ class Validator:
     def __call__(self, model: Any, state: RunState) -> dict[str, float]:
         """``val/…`` metrics on rank 0 (``{}`` elsewhere); every rank must call it (a collective)."""
         from pipeline.evaluation.embedding import embed
-        from pipeline.evaluation.protocol import verify
+        from pipeline.evaluation.protocol import protocol_from, verify
 
         embeddings, labels, _ = embed(model, self.loader, gather=True)
         if self.rank != 0:
             return {}
         settings = self.config.eval
-        report, truth, scores = verify(
-            embeddings, labels, impostors_per_session=settings.impostors_per_session, distance=settings.distance
-        )
+        report, truth, scores = verify(embeddings, labels, protocol_from(asdict(settings)), settings.distance)
         self.det = (truth, scores)
         results = {f"val/{k}": v for k, v in report["global"].items() if isinstance(v, float)}
         per_subject = report.get("mean_per_subject", {})

@@ -1,0 +1,96 @@
+"""The verification protocols: which comparisons a split is scored on, and how.
+
+Session pairs compare session with session; KVC's protocol compares a verification session
+with a subject's enrolment set, scored by the mean over the set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluation.protocol import EnrolmentSets, SessionPairs, protocol_from, verify
+
+SUBJECTS, SESSIONS = 20, 15
+
+
+def split_labels(sessions: int = SESSIONS) -> np.ndarray:
+    """Rows of a split as the loaders give them: each subject's sessions, subjects interleaved."""
+    return np.tile(np.arange(SUBJECTS) * 7 + 3, sessions)  # labels need not be 0..S-1
+
+
+def test_every_verification_session_meets_its_own_set_once_and_distinct_other_sets() -> None:
+    labels = split_labels()
+    sets, set_labels, probe, claimed, genuine = EnrolmentSets(5, 10).draw(labels)
+    assert sets.shape == (SUBJECTS, 5) and sorted(set_labels) == sorted(np.unique(labels))
+    verified = probe[genuine]
+    assert len(verified) == len(set(verified)) == SUBJECTS * (SESSIONS - 5)
+    assert (set_labels[claimed[genuine]] == labels[verified]).all()
+    impostor_sets = claimed[~genuine].reshape(-1, 10)
+    assert (set_labels[impostor_sets] != labels[probe[~genuine]].reshape(-1, 10)).all()
+    assert all(len(set(row)) == 10 for row in impostor_sets.tolist())
+
+
+def test_enrolment_sessions_are_never_verified() -> None:
+    labels = split_labels()
+    sets, set_labels, probe, _, _ = EnrolmentSets(5, 3).draw(labels)
+    assert not set(sets.ravel()) & set(probe)
+    for members, subject in zip(sets, set_labels):
+        assert (labels[members] == subject).all()
+
+
+def test_the_score_is_the_mean_negative_distance_to_the_claimed_set() -> None:
+    labels = split_labels()
+    embeddings = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(0))
+    protocol = EnrolmentSets(5, 3)
+    sets, _, probe, claimed, genuine = protocol.draw(labels)
+    for distance in ("cosine", "euclidean"):
+        scored = protocol.compare(embeddings, labels, distance)
+        rows = embeddings if distance == "euclidean" else torch.nn.functional.normalize(embeddings, dim=1)
+        for i in (0, 7, len(probe) - 1):
+            gaps = [
+                float((rows[probe[i]] - rows[j]).norm()) if distance == "euclidean"
+                else 1 - float(rows[probe[i]] @ rows[j])
+                for j in sets[claimed[i]]
+            ]
+            assert scored.scores[i] == pytest.approx(-np.mean(gaps), abs=1e-6)
+        assert (scored.truth == genuine).all()
+
+
+def test_two_models_are_scored_on_the_same_comparisons() -> None:
+    labels = split_labels()
+    first, second = EnrolmentSets(5, 10, seed=0).draw(labels), EnrolmentSets(5, 10, seed=0).draw(labels)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_each_comparison_belongs_to_the_subject_whose_set_it_claims() -> None:
+    labels = split_labels()
+    embeddings = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(1))
+    report, truth, _ = verify(embeddings, labels, EnrolmentSets(5, 10), "cosine")
+    assert report["mean_per_subject"]["subjects"] == SUBJECTS
+    assert report["global"]["genuine"] == truth.sum() == SUBJECTS * 10
+
+
+def test_subjects_without_a_session_left_to_verify_are_left_out() -> None:
+    labels = np.r_[split_labels(), np.full(5, 999)]  # a subject with exactly the enrolment sessions
+    sets, set_labels, probe, _, _ = EnrolmentSets(5, 3).draw(labels)
+    assert 999 not in set_labels and not (labels[probe] == 999).any()
+
+
+def test_a_split_too_small_for_enrolment_sets_is_refused() -> None:
+    with pytest.raises(ValueError, match="needs two subjects with more than 5 sessions"):
+        EnrolmentSets(5, 3).draw(np.repeat([1, 2], 5))
+
+
+def test_impostor_sets_are_capped_by_the_other_subjects() -> None:
+    _, _, _, claimed, genuine = EnrolmentSets(5, 50).draw(split_labels())
+    assert (~genuine).sum() == SUBJECTS * (SESSIONS - 5) * (SUBJECTS - 1)
+
+
+def test_the_config_names_the_protocol_and_the_session_protocol_is_the_default() -> None:
+    assert protocol_from({"impostors_per_session": 4}) == SessionPairs(4)
+    assert protocol_from({"impostors_per_session": 4, "protocol": "kvc", "enrolment_sessions": 3}) == EnrolmentSets(3, 4)
+    assert protocol_from({"impostors_per_session": 4, "protocol": "kvc"}, "session") == SessionPairs(4)
+    with pytest.raises(ValueError, match="protocol must be 'session' or 'kvc'"):
+        protocol_from({"impostors_per_session": 4}, "enrolment")
