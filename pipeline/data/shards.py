@@ -100,7 +100,7 @@ class ShardSet:
             return data
         raise ShardIntegrityError(
             f"shard {shard.name!r} does not match the manifest ({problem}): it was modified or "
-            "truncated after sharding; restore it or re-shard"
+            "truncated after sharding; re-run the eerpipe shard command that wrote the set (it rewrites the bad shards)"
         )
 
 
@@ -120,7 +120,7 @@ def assign_shards(
     if len(shards) < parts and not allow_empty:
         raise ValueError(
             f"{len(shards)} shards cannot feed {parts} readers (ranks × loader workers): "
-            "re-shard with smaller shards or use fewer ranks/workers"
+            "re-shard with smaller shards (--subjects-per-shard) or use fewer ranks/workers"
         )
     order = rng.permutation(len(shards))
     ranked = sorted(order, key=lambda i: -size(shards[i]))  # stable: ties keep the random order
