@@ -68,6 +68,9 @@ class ModelSection:
 class LossSection:
     name: str = "eer"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the loss's constructor
+    # sharded: each rank scores its share of the global batch's pairs (losses that can: eer);
+    # replicated: every rank computes the whole loss. Both are exact (pipeline/losses/registry.py).
+    pairs: Literal["sharded", "replicated"] = "sharded"
 
 
 @dataclass

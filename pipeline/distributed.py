@@ -31,6 +31,8 @@ dropped again.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
@@ -39,6 +41,14 @@ from torch.distributed import _functional_collectives as funcol
 def world_size() -> int:
     """Ranks of the default process group; 1 when there is none."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GatheredBatch(NamedTuple):
+    """The global batch every rank holds after the gather, and where this rank's rows sit in it."""
+
+    embeddings: torch.Tensor  # [N, D], rows in rank order
+    labels: torch.Tensor  # [N]
+    rows: range  # this rank's own rows: what a pair-sharded loss scores against the batch
 
 
 def gather_embeddings(
@@ -50,13 +60,19 @@ def gather_embeddings(
     sizes, rows in rank order. Every rank must call it (it is a collective). With one rank,
     or no process group, the inputs come back unchanged.
     """
+    gathered = gather_batch(embeddings, labels)
+    return gathered.embeddings, gathered.labels
+
+
+def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> GatheredBatch:
+    """:func:`gather_embeddings`, also telling this rank's rows in the global batch."""
     if embeddings.dim() != 2 or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"expected embeddings [n, D] and labels [n], got {tuple(embeddings.shape)} "
             f"and {tuple(labels.shape)}"
         )
     if world_size() == 1:
-        return embeddings, labels
+        return GatheredBatch(embeddings, labels, range(len(labels)))
     group = dist.group.WORLD
     local = torch.tensor([embeddings.shape[0]], device=embeddings.device)
     sizes = funcol.all_gather_single(local, 0, group).tolist()
@@ -69,4 +85,5 @@ def gather_embeddings(
     padded_labels = torch.cat([labels, labels.new_zeros(padding)])
     gathered = funcol.all_gather_single_autograd(padded, 0, group)
     gathered_labels = funcol.all_gather_single(padded_labels, 0, group)
-    return gathered[keep], gathered_labels[keep]
+    start = sum(sizes[: dist.get_rank(group)])
+    return GatheredBatch(gathered[keep], gathered_labels[keep], range(start, start + embeddings.shape[0]))

@@ -15,7 +15,7 @@ from pipeline.training.schedule import lr_factor
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["cpu-local.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_the_shipped_configs_load(name):
     config = TrainConfig.load(CONFIGS / name)
     assert config.loss.name == "eer"

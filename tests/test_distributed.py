@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.distributed import gather_embeddings
+from pipeline.distributed import gather_batch, gather_embeddings
 from pipeline.losses.eer import EERLoss
+from pipeline.losses.registry import build_loss
+from pipeline.training.verifier import Verifier
 
 FEATURES, EMBEDDING = 6, 4
 TOLERANCE = 1e-5
@@ -66,6 +68,39 @@ def train_step(
     return loss.item(), grads, global_embeddings.detach(), global_labels
 
 
+class MaskedModel(torch.nn.Module):
+    """The test model called as the Verifier calls a keystroke model: ``model(features, mask)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = model()
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.net(features)
+
+
+# The training module's path: (loss name, shard the pairs across ranks?).
+VERIFIED = {
+    "eer, sharded pairs": ("eer", True),
+    "eer, replicated": ("eer", False),
+    "eer+multisimilarity, eer term sharded": ("eer+multisimilarity", True),
+}
+
+
+def verifier_step(features: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[float, list[torch.Tensor]]:
+    """One step through :class:`Verifier` (gather, then the loss, sharded or not), gradients averaged."""
+    loss_name, shard_pairs = VERIFIED[name]
+    verifier = Verifier(MaskedModel().double(), build_loss(loss_name, EMBEDDING), shard_pairs=shard_pairs)
+    loss, _ = verifier(features, None, labels)
+    loss.backward()
+    grads = [p.grad for p in verifier.model.parameters()]
+    if dist.is_initialized():
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+    return loss.item(), grads
+
+
 SPLITS = {"7+5": (7, 5), "0+12": (0, 12)}  # rows per rank; every subject has rows on both ranks in 7+5
 
 
@@ -81,6 +116,10 @@ def rank_main(rank: int, port: int, out: Path) -> None:
             rows = slice(start, start + sizes[rank])
             for name, loss_fn in LOSSES.items():
                 results[split, name] = train_step(features[rows], labels[rows], loss_fn)
+            for name in VERIFIED:
+                results[split, name] = verifier_step(features[rows], labels[rows], name)
+            own = gather_batch(torch.zeros(sizes[rank], 1), labels[rows]).rows
+            results[split, "rows"] = (own.start, own.stop)
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -116,6 +155,27 @@ def test_two_ranks_match_one_process_holding_the_global_batch(
         # Padding dropped, no row twice, labels in the same order as the rows.
         torch.testing.assert_close(gathered, model()(features).detach())
         assert torch.equal(gathered_labels, labels)
+
+
+@pytest.mark.parametrize("name", VERIFIED)
+@pytest.mark.parametrize("split", SPLITS)
+def test_the_training_module_matches_one_process_whether_pairs_are_sharded_or_replicated(
+    rank_results: list[dict], split: str, name: str
+) -> None:
+    """The Verifier feeds the loss float32 embeddings, so the tolerance is relative too."""
+    features, labels = global_batch()
+    loss, grads = verifier_step(features, labels, name)
+    for rank, results in enumerate(rank_results):
+        rank_loss, rank_grads = results[split, name]
+        assert rank_loss == pytest.approx(loss, rel=TOLERANCE, abs=TOLERANCE), rank
+        for rank_grad, grad in zip(rank_grads, grads, strict=True):
+            torch.testing.assert_close(rank_grad, grad, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_each_rank_learns_where_its_own_rows_sit_in_the_global_batch(rank_results: list[dict], split: str) -> None:
+    first, second = SPLITS[split]
+    assert [results[split, "rows"] for results in rank_results] == [(0, first), (first, first + second)]
 
 
 def test_without_a_process_group_inputs_come_back_unchanged() -> None:

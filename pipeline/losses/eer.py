@@ -28,9 +28,11 @@ How the gradient reaches the threshold (``threshold_grad``):
 * ``"implicit"`` (default): the search runs without autograd, on a fine histogram of the pair
   distances when the batch has many pairs (one pass over them instead of one per step); then ``d*`` is given the exact
   gradient of the root by the implicit-function theorem, ``∂d*/∂θ = −(∂F/∂θ)/(∂F/∂d)`` with
-  ``F = a(d) − b(d)`` the search equation. Cost: one forward and one backward pass over the pairs.
+  ``F = a(d) − b(d)`` the search equation (``∂F/∂d`` holds no target rate: before the pairs were
+  blocked, an FMR/FNMR target's rate was wrongly kept in it). Cost: one forward and one backward pass over the pairs.
 * ``"unrolled"``: the authors' smooth binary search (``l = 0.5·mean L``, ``r = 1.5·mean I``,
-  soft moves ``c = exp(k·(rate − max))`` on percent rates), differentiated step by step.
+  soft moves ``c = exp(k·(rate − max))`` on percent rates), differentiated step by step: one
+  forward and one backward pass over the (blocked, shardable) pairs per step.
 * ``"detached"``: ``d*`` is a constant; only the pairs move.
 
 Recipe options (issue 8, measured in ``docs/research-notes.md``):
@@ -49,18 +51,62 @@ Recipe options (issue 8, measured in ``docs/research-notes.md``):
 ``evaluate_at="midpoint"`` reproduces a quirk of the authors' code, which evaluates the rates at
 the last midpoint of the search instead of at the final ``d*``; the default evaluates at ``d*``.
 
-Memory: distances come from one ``N×N`` Gram matrix (never ``N×N×D``) and per-pair soft rates
-are recomputed in backward instead of stored, so ``N = 8192, D = 256`` runs in well under 2 GB.
+Pairs in row blocks
+-------------------
+Every quantity the loss needs is a sum (or a min/max) over pairs: the distance range and the pair
+counts, each side's histogram (or exact distances) for the search, the soft rates at ``d*`` and
+their slopes in ``d`` (the implicit threshold gradient), the area variant's sums ``Σ floor(u)^β``
+and their slopes, the distance sums of the unrolled search. ``_PairSet`` visits the pairs one row
+block at a time: a ``B × (B−1+⌊N/2⌋)`` slab of the Gram matrix (never ``N×N×D``, never an ``N×N``
+mask), ``B`` adapting to ``N`` so that a slab holds at most ``_BLOCK_ELEMENTS`` pairs. A block's
+owned distances (1-D, per side) are kept for the later passes when all of them fit in
+``_CACHE_BYTES`` (N = 8,192 in fp32 does), else each pass recomputes them from the Gram block, so
+``N = 65,536`` runs in bounded memory. The loss is a scalar function of the sums; backward
+(``_PairSums``) recomputes each block's per-pair coefficient ``∂L/∂distance`` from the sums'
+gradients and turns it into the embedding gradient with two block matmuls. Time and peak memory
+against the bare Gram matmul: ``bench/README.md``.
+
+``return_stats``' exact EER is the official EER of the points the search uses: exact distances
+where a side has fewer pairs than the search grid has bins, else that side's histogram, i.e. the
+distances rounded to ``1/(64k)`` (only pairs within half a bin of the EER threshold can move it).
+
+Sharding the pairs across ranks
+-------------------------------
+``loss(G, labels, rows=range(start, start + n_local), group=group)``: every rank holds the gathered
+global batch ``G`` (``pipeline.distributed.gather_embeddings``: rows in rank order, so ``start`` is
+the sum of the lower ranks' local sizes) and scores only the pairs its own rows own (the rule in
+``_PairSet``: each unordered pair exactly once over the ranks, ⌊(N−1)/2⌋ or ⌈(N−1)/2⌉ per row, so
+a rank's work is proportional to its rows). Every global quantity is all-reduced on ``group`` (min
+and max for the range; sums for counts, histograms, rates, slopes, area and distance sums; small
+batches all-gather their exact distances), so ``d*``, the loss value and the stats are identical on
+every rank. Gradients, precisely:
+
+1. The loss is a function of the global sums ``S = Σ_r S_r``, so ``∂L/∂S`` is the same on every
+   rank, and rank r's backward yields ``g_r = ∂L/∂S · ∂S_r/∂G``: its own pairs' share of the
+   gradient, w.r.t. every row of ``G`` (``∂L/∂d``, a sum over pairs, is all-reduced inside
+   backward, so backward is a collective: every rank runs it).
+2. The all-gather's backward (a sum reduce-scatter) gives rank r's local rows ``Σ_r' g_r'``, the
+   full ``∂L/∂G`` of those rows, once (a replicated loss gives them ``W`` times that).
+3. DDP/DeepSpeed divide the all-reduced parameter gradients by ``W``, so a sharded loss carries a
+   gradient scale of ``W = group size`` (``_ScaleGradient``: value unchanged): parameter gradients
+   then equal one process holding ``G``.
+
+Every option can be sharded (both variants, every target, ``both_sides``, both distances,
+``normalize``, both floors, every ``threshold_grad`` — unrolled costs two collectives per search
+step —, ``evaluate_at``). Without ``rows`` every rank computes the whole loss (replicated). In a
+sum of losses only the EERLoss term takes ``rows``; the other terms stay replicated (the scale
+belongs to the sharded term alone).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 Target = Literal["eer"] | Mapping[str, float]
@@ -68,6 +114,8 @@ Target = Literal["eer"] | Mapping[str, float]
 _EPS_SQUARED_DISTANCE = 1e-12  # keeps sqrt differentiable for coincident embeddings
 _BINS_PER_UNIT_SHARPNESS = 64  # histogram bins per 1/k of distance in the implicit search
 _MAX_BINS = 1 << 22
+_BLOCK_ELEMENTS = 1 << 21  # pairs per row block: bounds every per-pair temporary (8–16 MB each)
+_CACHE_BYTES = 256 << 20  # a rank's owned distances are kept between passes when they fit
 
 
 @dataclass(frozen=True)
@@ -82,71 +130,342 @@ class EERStats:
     impostor_pairs: int
 
 
-class _SoftRate(torch.autograd.Function):
-    """``mean_j tanh(k · max(0, s·(x_j − d)))`` and its slope in ``d``.
+class _Collective:
+    """Where this process's partial sums over pairs become global ones: a process group or nothing."""
 
-    Nothing per pair is saved: backward recomputes the pairs' terms, which keeps the memory of a
-    search over tens of millions of pairs at a few vectors. The slope is returned without a
-    gradient; the implicit threshold gradient needs its value only.
+    def __init__(self, group: dist.ProcessGroup | None = None, sharded: bool = False) -> None:
+        self.group, self.sharded = group, sharded
+        self.world = dist.get_world_size(group) if sharded else 1
+
+    def reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        """``tensor`` all-reduced in place (sum, min or max over ranks)."""
+        if self.sharded:
+            dist.all_reduce(tensor, op, group=self.group)
+        return tensor
+
+    def concat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D ``tensor``, concatenated in rank order (lengths may differ)."""
+        if not self.sharded:
+            return tensor
+        size = torch.tensor([tensor.numel()], device=tensor.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size, group=self.group)
+        lengths = [int(s) for s in sizes]
+        padded = torch.cat([tensor, tensor.new_zeros(max(lengths) - tensor.numel())])
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:length] for part, length in zip(parts, lengths, strict=True)])
+
+
+Sides = tuple[torch.Tensor, torch.Tensor]  # (genuine, impostor) distances of one row block
+
+
+class _PairSet:
+    """The unordered pairs this process scores, one row block at a time.
+
+    Ownership (balanced, so that a rank's work is proportional to its rows): row ``i`` owns the
+    pairs ``(i, i+δ mod N)`` for ``δ = 1 … ⌊N/2⌋``, except that for even ``N`` the pair at
+    ``δ = N/2`` belongs to the smaller row only. Every unordered pair has exactly one owner and
+    every row owns ``⌊(N−1)/2⌋`` or ``⌈(N−1)/2⌉`` pairs. The rows ``[a, b)`` of a block meet the
+    columns ``a+1 … b−1+⌊N/2⌋`` (mod N) only, so a block is a dense ``B × (B−1+⌊N/2⌋)`` slab
+    of the Gram matrix with a band of owned pairs.
+
+    The first pass (construction) finds the distance range and the pair counts, all-reduced.
+    The owned distances of each block are kept for the later passes when they fit in
+    ``_CACHE_BYTES``, else every pass recomputes them from the Gram block.
+    """
+
+    def __init__(
+        self, vectors: torch.Tensor, labels: torch.Tensor, rows: range, distance: str, collective: _Collective
+    ) -> None:
+        self.vectors, self.labels, self.distance, self.collective = vectors, labels, distance, collective
+        self.reach = len(labels) // 2
+        self.norms = vectors.pow(2).sum(1) if distance == "euclidean" else None
+        self.min_distance = vectors.new_tensor(_EPS_SQUARED_DISTANCE).sqrt()  # where the clamp holds
+        self.blocks = _row_blocks(rows, self.reach)
+        self._bands: dict[int, torch.Tensor] = {}
+        fits = len(rows) * self.reach * vectors.element_size() <= _CACHE_BYTES
+        self._cache: list[Sides] | None = [] if fits else None
+        # One buffer for every kept distance: thousands of long-lived pieces between short-lived
+        # slabs fragment the heap (measured: 1.06 GB instead of 0.4 GB at N = 16,384).
+        self._buffer = vectors.new_empty(len(rows) * self.reach if fits else 0)
+        self._kept = 0
+        self.low, self.high, counts = self._first_pass()
+        self.counts = tuple(int(c) for c in counts)
+        self.sizes = counts.to(vectors.dtype)  # the pair counts as divisors
+        if 0 in self.counts:
+            raise ValueError(
+                f"EERLoss needs at least one genuine and one impostor pair; the batch has "
+                f"{self.counts[0]} genuine and {self.counts[1]} impostor pairs (labels: "
+                f"{labels.unique().numel()} distinct in {len(labels)} samples)"
+            )
+
+    def _first_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global (min distance, max distance, [genuine, impostor] counts); fills the cache."""
+        low = self.vectors.new_full((), math.inf)
+        high = self.vectors.new_full((), -math.inf)
+        counts = torch.zeros(2, dtype=torch.int64, device=self.vectors.device)
+        for block in self.blocks:
+            sides = self._sides(block, keep=self._cache is not None)
+            if self._cache is not None:
+                self._cache.append(sides)
+            for side, x in enumerate(sides):
+                counts[side] += x.numel()
+                if x.numel():
+                    smallest, largest = torch.aminmax(x)
+                    low, high = torch.minimum(low, smallest), torch.maximum(high, largest)
+        reduce = self.collective.reduce
+        return reduce(low, dist.ReduceOp.MIN), reduce(high, dist.ReduceOp.MAX), reduce(counts)
+
+    def _geometry(self, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's columns and its (genuine, impostor) masks of owned pairs."""
+        (a, b), n = block, len(self.labels)
+        columns = torch.arange(a + 1, b + self.reach, device=self.labels.device) % n
+        band = self._band(b - a)
+        genuine = (self.labels[a:b, None] == self.labels[columns][None, :]).logical_and_(band)
+        impostor = band ^ genuine
+        if n % 2 == 0 and b > n // 2:  # δ = N/2 is reached from both ends: the smaller row owns it
+            r = torch.arange(max(a, n // 2) - a, b - a, device=band.device)
+            genuine[r, r + self.reach - 1] = impostor[r, r + self.reach - 1] = False
+        return columns, genuine, impostor
+
+    def _band(self, height: int) -> torch.Tensor:
+        """Owned offsets of a block of ``height`` rows: column offset − row offset in [0, ⌊N/2⌋)."""
+        if height not in self._bands:
+            ones = torch.ones(height, height - 1 + self.reach, dtype=torch.bool, device=self.labels.device)
+            self._bands[height] = ones.triu_(0).tril_(self.reach - 1)
+        return self._bands[height]
+
+    def _distances(self, block: tuple[int, int], columns: torch.Tensor) -> torch.Tensor:
+        """The block's slab of distances, from its Gram block (never an ``N×N×D`` tensor):
+        ``1 − x_i·x_j`` (cosine, unit rows) or ``√(|x_i|² + |x_j|² − 2 x_i·x_j)``."""
+        a, b = block
+        rows = self.vectors[a:b]
+        if self.norms is None:
+            slab, alpha = rows.new_ones(b - a, len(columns)), -1
+        else:
+            slab, alpha = self.norms[a:b, None] + self.norms[columns][None, :], -2
+        for offset, start, stop in self._pieces(block):
+            slab[:, offset : offset + stop - start].addmm_(rows, self.vectors[start:stop].T, alpha=alpha)
+        return slab if self.norms is None else slab.clamp_min_(_EPS_SQUARED_DISTANCE).sqrt_()
+
+    def _pieces(self, block: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(slab offset, first row, end row) of the block's columns, split where they wrap past N:
+        the Gram blocks and the column gradients then use views of the rows, never copies."""
+        (a, b), n = block, len(self.labels)
+        pieces, offset, start, stop = [], 0, a + 1, b + self.reach
+        while start < stop:
+            end = min(stop, (start // n + 1) * n)
+            pieces.append((offset, start % n, start % n + end - start))
+            offset, start = offset + end - start, end
+        return pieces
+
+    def _sides(self, block: tuple[int, int], keep: bool = False) -> Sides:
+        """The block's (genuine, impostor) owned distances; ``keep``: written into the buffer."""
+        columns, *masks = self._geometry(block)
+        distances = self._distances(block, columns)
+        if not keep:
+            return distances[masks[0]], distances[masks[1]]
+        kept = []
+        for mask in masks:
+            count = int(mask.sum())
+            kept.append(torch.masked_select(distances, mask, out=self._buffer[self._kept : self._kept + count]))
+            self._kept += count
+        return kept[0], kept[1]
+
+    def sides(self) -> Iterator[Sides]:
+        """Each block's (genuine, impostor) owned distances: kept ones or recomputed."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        for block in self.blocks:
+            yield self._sides(block)
+
+    def concat(self, side: int) -> torch.Tensor:
+        """Every owned distance of one side (0 genuine, 1 impostor), of all ranks."""
+        owned = [sides[side] for sides in self.sides()]  # none on a rank without rows
+        return self.collective.concat(torch.cat(owned) if owned else self.vectors.new_zeros(0))
+
+    def histograms(self, low: torch.Tensor, width: float, bins: int) -> torch.Tensor:
+        """``[2, bins]`` counts of each side's distances rounded to the grid ``low + width·j`` (one pass)."""
+        counts = torch.zeros(2, bins, dtype=torch.int64, device=self.vectors.device)
+        for sides in self.sides():
+            for side, x in enumerate(sides):
+                counts[side] += torch.bincount(((x - low) / width).round_().long(), minlength=bins)
+        return self.collective.reduce(counts)
+
+    def gradient(self, weights: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``∂/∂vectors`` of a sum over owned pairs, given ``weights(side, distances)`` = ∂sum/∂distance.
+
+        Per block: the weights fill a dense coefficient slab ``C`` (owned pairs only), and the
+        gradient comes from two matmuls, ``C @ columns`` for the rows and ``Cᵀ @ rows`` for
+        the columns; nothing per pair outlives its block.
+        """
+        grad = torch.zeros_like(self.vectors)
+        for block, sides in zip(self.blocks, self.sides(), strict=True):
+            _, *masks = self._geometry(block)
+            slab = self.vectors.new_zeros(masks[0].shape)
+            for side, (mask, x) in enumerate(zip(masks, sides, strict=True)):
+                slab.masked_scatter_(mask, self._per_gram_term(weights(side, x), x))
+            self._accumulate(grad, block, slab)
+        return grad
+
+    def _per_gram_term(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Euclidean ``∂d/∂x_i = (x_i − x_j)/d``: the slab carries ``weight/d`` (0 where clamped)."""
+        if self.norms is None:
+            return weight
+        return weight.div_(x).masked_fill_(x <= self.min_distance, 0)
+
+    def _accumulate(self, grad: torch.Tensor, block: tuple[int, int], slab: torch.Tensor) -> None:
+        """Add ``Σ_j C_ij ∂d_ij/∂x`` to the rows and columns: ``−C x_j`` (+ ``Σ_j C_ij x_i`` for Euclidean)."""
+        a, b = block
+        rows = self.vectors[a:b]
+        euclidean = self.norms is not None
+        column_sums = slab.sum(0) if euclidean else None
+        for offset, start, stop in self._pieces(block):
+            part, others = slab[:, offset : offset + stop - start], self.vectors[start:stop]
+            grad[a:b].addmm_(part, others, alpha=-1)
+            grad[start:stop].addmm_(part.T, rows, alpha=-1)
+            if euclidean:
+                grad[start:stop].addcmul_(column_sums[offset : offset + stop - start, None], others)
+        if euclidean:
+            grad[a:b].addcmul_(slab.sum(1, keepdim=True), rows)
+
+
+def _row_blocks(rows: range, reach: int) -> list[tuple[int, int]]:
+    """Row ranges whose slabs, ``B × (B−1+reach)``, hold at most ``_BLOCK_ELEMENTS`` pairs."""
+    if len(rows) == 0:
+        return []
+    size = int((-(reach - 1) + math.sqrt((reach - 1) ** 2 + 4 * _BLOCK_ELEMENTS)) / 2)
+    size = max(1, min(len(rows), size))
+    return [(a, min(a + size, rows.stop)) for a in range(rows.start, rows.stop, size)]
+
+
+_GENUINE, _IMPOSTOR = 0, 1
+_SIGNS = (1.0, -1.0)  # a genuine pair errs above d, an impostor pair below
+_RATE, _AREA, _DISTANCE = 0, 1, 2  # columns of the sums
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """What one pass over the pairs sums, per side: soft steps, area terms, their slopes, distances."""
+
+    rates: bool = True
+    area: bool = False
+    slopes: bool = False
+    distances: bool = False
+
+
+class _PairSums(torch.autograd.Function):
+    """Global sums over pairs at threshold ``d``: ``sums[side, (rate, area, distance)]`` and ``slopes``.
+
+    ``slopes[side, (rate, area)]`` are the sums' derivatives in ``d`` (no gradient: the implicit
+    threshold gradient needs their values only). Backward makes one more pass over the blocks:
+    each pair's coefficient ``Σ_s ∂L/∂sum_s · ∂term_s/∂distance`` (recomputed, never stored)
+    goes into that block's coefficient slab; ``∂L/∂d`` is a sum over pairs, all-reduced so that
+    every rank continues with the global value.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, d: torch.Tensor, k: float, sign: float):  # type: ignore[override]
-        z = (x - d).mul_(sign).clamp_min_(0).mul_(k)
-        t = torch.tanh(z)
-        rate = t.mean()
-        dt_dz = torch.where(z > 0, 1 - t * t, torch.zeros_like(t))
-        slope = -sign * k * dt_dz.mean()
-        ctx.save_for_backward(x, d)
-        ctx.k, ctx.sign = k, sign
-        ctx.mark_non_differentiable(slope)
-        return rate, slope
+    def forward(  # type: ignore[override]
+        ctx: Any, vectors: torch.Tensor, d: torch.Tensor, pairs: _PairSet, loss: EERLoss, terms: _Terms
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, slopes = vectors.new_zeros(2, 3), vectors.new_zeros(2, 2)
+        for block in pairs.sides():
+            for side, x in enumerate(block):
+                _side_sums(loss, terms, side, x, d, sums[side], slopes[side])
+        ctx.save_for_backward(d)
+        ctx.pairs, ctx.loss, ctx.terms = pairs, loss, terms
+        ctx.mark_non_differentiable(slopes)
+        return pairs.collective.reduce(sums), pairs.collective.reduce(slopes)
 
     @staticmethod
-    def backward(ctx, grad_rate: torch.Tensor, _grad_slope: torch.Tensor):  # type: ignore[override]
-        x, d = ctx.saved_tensors
-        z = (x - d).mul_(ctx.sign).clamp_min_(0).mul_(ctx.k)
-        t = torch.tanh(z)
-        per_pair = torch.where(z > 0, 1 - t * t, torch.zeros_like(t))
-        per_pair.mul_(grad_rate * ctx.sign * ctx.k / x.numel())
-        grad_d = -per_pair.sum() if ctx.needs_input_grad[1] else None
-        return per_pair, grad_d, None, None
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_sums: torch.Tensor, _grad_slopes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
+        (d,) = ctx.saved_tensors
+        grad_d = torch.zeros_like(d)
+
+        def weights(side: int, x: torch.Tensor) -> torch.Tensor:
+            weight, along_d = _side_weights(ctx.loss, ctx.terms, side, x, d, grad_sums[side], ctx.needs_input_grad[1])
+            grad_d.add_(along_d)
+            return weight
+
+        grad_vectors = ctx.pairs.gradient(weights)
+        if not ctx.needs_input_grad[1]:
+            return grad_vectors, None, None, None, None
+        return grad_vectors, ctx.pairs.collective.reduce(grad_d), None, None, None
 
 
-def soft_rate(x: torch.Tensor, d: torch.Tensor, k: float, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft error rate of pair distances ``x`` at threshold ``d`` (sign +1: FRR, −1: FAR)."""
-    return _SoftRate.apply(x, d, k, sign)
+def _side_sums(
+    loss: EERLoss, terms: _Terms, side: int, x: torch.Tensor, d: torch.Tensor, sums: torch.Tensor, slopes: torch.Tensor
+) -> None:
+    """Add one block side's terms (and their ``d``-slopes) to ``sums``/``slopes`` in place."""
+    if terms.rates:
+        step, along_x = loss._soft_step(x, d, side, derivative=terms.slopes)
+        sums[_RATE] += step.sum()
+        if terms.slopes:
+            slopes[_RATE] -= along_x.sum()  # ∂/∂d = −∂/∂x
+    if terms.area:
+        term, along_x = loss._area_term(x, d, side, derivative=terms.slopes)
+        sums[_AREA] += term.sum()
+        if terms.slopes:
+            slopes[_AREA] -= (x * along_x).sum() / d  # ∂/∂d = −(x/d)·∂/∂x
+    if terms.distances:
+        sums[_DISTANCE] += x.sum()
 
 
-def pair_distances(
-    embeddings: torch.Tensor, labels: torch.Tensor, distance: str = "euclidean"
+def _side_weights(
+    loss: EERLoss, terms: _Terms, side: int, x: torch.Tensor, d: torch.Tensor, grad: torch.Tensor, need_d: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Genuine and impostor distances of every unordered pair, from one Gram matrix."""
+    """Per-pair ``∂L/∂distance`` of one block side, and (if ``need_d``) that side's share of ``∂L/∂d``."""
+    weight = grad[_DISTANCE].expand_as(x).clone() if terms.distances else torch.zeros_like(x)
+    along_d = torch.zeros_like(d)
+    if terms.rates:
+        _, along_x = loss._soft_step(x, d, side, derivative=True)
+        weight.add_(along_x.mul_(grad[_RATE]))
+        if need_d:
+            along_d -= along_x.sum()  # ∂/∂d = −∂/∂x
+    if terms.area:
+        _, along_x = loss._area_term(x, d, side, derivative=True)
+        weight.add_(along_x.mul_(grad[_AREA]))
+        if need_d:
+            along_d -= (x * along_x).sum() / d  # ∂/∂d = −(x/d)·∂/∂x
+    return weight, along_d
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity in value; multiplies the gradient by ``scale`` (see "Sharding" in the module doc)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def _distance_vectors(embeddings: torch.Tensor, labels: torch.Tensor, distance: str) -> torch.Tensor:
+    """The rows whose Gram matrix gives the distances (unit rows for cosine), shapes checked."""
     if embeddings.dim() != 2 or labels.shape != embeddings.shape[:1]:
         raise ValueError(
             f"expected embeddings [N, D] and labels [N], got {tuple(embeddings.shape)} "
             f"and {tuple(labels.shape)}"
         )
-    upper = torch.ones(len(labels), len(labels), dtype=torch.bool, device=labels.device).triu_(1)
-    same = labels[:, None] == labels[None, :]
-    if distance == "cosine":
-        unit = F.normalize(embeddings, dim=1)
-        dist = 1 - unit @ unit.T
-        genuine, impostor = dist[same & upper], dist[~same & upper]
-    elif distance == "euclidean":
-        squared_norms = embeddings.pow(2).sum(1)
-        squared = squared_norms[:, None] + squared_norms[None, :] - 2 * embeddings @ embeddings.T
-        genuine = squared[same & upper].clamp_min(_EPS_SQUARED_DISTANCE).sqrt()
-        impostor = squared[~same & upper].clamp_min(_EPS_SQUARED_DISTANCE).sqrt()
-    else:
+    return F.normalize(embeddings, dim=1) if distance == "cosine" else embeddings
+
+
+def pair_distances(
+    embeddings: torch.Tensor, labels: torch.Tensor, distance: str = "euclidean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Genuine and impostor distances of every unordered pair (no gradient: for tests, diagnostics)."""
+    if distance not in ("euclidean", "cosine"):
         raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
-    if genuine.numel() == 0 or impostor.numel() == 0:
-        raise ValueError(
-            f"EERLoss needs at least one genuine and one impostor pair; the batch has "
-            f"{genuine.numel()} genuine and {impostor.numel()} impostor pairs (labels: "
-            f"{labels.unique().numel()} distinct in {len(labels)} samples)"
-        )
-    return genuine, impostor
+    vectors = _distance_vectors(embeddings.detach(), labels, distance)
+    pairs = _PairSet(vectors, labels, range(len(labels)), distance, _Collective())
+    return pairs.concat(_GENUINE), pairs.concat(_IMPOSTOR)
 
 
 class EERLoss(torch.nn.Module):
@@ -219,82 +538,134 @@ class EERLoss(torch.nn.Module):
         )
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        return_stats: bool = False,
+        *,
+        rows: range | slice | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, EERStats]:
+        """The loss of the batch; with ``rows``, this rank's share of it (see "Sharding" above).
+
+        Args:
+            embeddings, labels: the batch ``[N, D]``, ``[N]`` (with ``rows``: the gathered
+                global batch, identical on every rank of ``group``).
+            return_stats: also return the batch's ``EERStats`` (global ones when sharded).
+            rows: this rank's own rows of the batch (``range(start, start + n_local)``); it
+                then scores only the pairs those rows own, and ``group`` sums the shares.
+            group: the process group of the ranks sharing the batch (default: the world).
+        """
+        if rows is not None and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("rows= shards the pairs across a process group, but none is initialised")
+        collective = _Collective(group, sharded=rows is not None)
+        own = range(len(labels)) if rows is None else _row_range(rows, len(labels))
+        return self._loss(embeddings, labels, return_stats, own, collective)
+
+    def _loss(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool, rows: range, collective: _Collective
     ) -> torch.Tensor | tuple[torch.Tensor, EERStats]:
         if embeddings.dtype not in (torch.float32, torch.float64):
             embeddings = embeddings.float()  # bf16/fp16 embeddings: the search needs fp32 resolution
         if self.normalize:
             embeddings = F.normalize(embeddings, dim=1)
-        genuine, impostor = pair_distances(embeddings, labels, self.distance)
+        vectors = _distance_vectors(embeddings, labels, self.distance)
+        pairs = _PairSet(vectors.detach(), labels, rows, self.distance, collective)
+        points = None
         if self.threshold_grad == "unrolled":
-            threshold, midpoint = self._unrolled_search(genuine, impostor)
+            threshold, midpoint = self._unrolled_search(vectors, pairs)
         else:
+            points = self._points(pairs)
             with torch.no_grad():
-                threshold, midpoint = self._bisection_search(genuine.detach(), impostor.detach())
+                threshold, midpoint = self._bisection_search(points, pairs)
         at = midpoint if self.evaluate_at == "midpoint" else threshold
-
-        frr, frr_slope = soft_rate(genuine, at, self.k, +1.0)
-        far, far_slope = soft_rate(impostor, at, self.k, -1.0)
-        if self.threshold_grad == "implicit":
-            # d* = d + (0 in value) carrying −(∂F/∂θ)/(∂F/∂d); rates follow to first order.
-            equation = self._equation(frr, far)
-            equation_slope = self._equation(frr_slope, far_slope)
-            shift = _implicit_shift(equation, equation_slope)
-            at = at + shift
-            frr, far = frr + frr_slope * shift, far + far_slope * shift
-
-        loss = self._direct(frr, far) if self.variant == "direct" else self._area(genuine, impostor, at)
+        loss, at, frr, far = self._at_threshold(vectors, pairs, at)
+        if collective.world > 1:
+            loss = _ScaleGradient.apply(loss, float(collective.world))
         if not return_stats:
             return loss
-        return loss, self._stats(genuine, impostor, at, frr, far)
+        return loss, self._stats(points or self._points(pairs), pairs, at, frr, far)
+
+    def _at_threshold(
+        self, vectors: torch.Tensor, pairs: _PairSet, at: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, d*, FRR_s, FAR_s) at ``at``, from one pass of sums over the pairs."""
+        terms = _Terms(area=self.variant == "area", slopes=self.threshold_grad == "implicit")
+        sums, slopes = _PairSums.apply(vectors, at, pairs, self, terms)
+        means, mean_slopes = sums / pairs.sizes[:, None], slopes / pairs.sizes[:, None]
+        if self.threshold_grad == "implicit":
+            # d* = d + (0 in value) carrying −(∂F/∂θ)/(∂F/∂d); the means follow to first order.
+            rates, rate_slopes = means[:, _RATE], mean_slopes[:, _RATE]
+            shift = _implicit_shift(self._equation(*rates), self._equation(*rate_slopes, constant=False))
+            at = at + shift
+            means = means[:, : _AREA + 1] + mean_slopes * shift
+        frr, far = means[_GENUINE, _RATE], means[_IMPOSTOR, _RATE]
+        loss = self._direct(frr, far) if self.variant == "direct" else self._area(means[:, _AREA])
+        return loss, at, frr, far
 
     # -- the threshold search -------------------------------------------------------------------
-    def _equation(self, frr: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
-        """``F = a − b``: positive while the threshold is too low, decreasing in ``d``."""
+    def _equation(self, frr: torch.Tensor, far: torch.Tensor, constant: bool = True) -> torch.Tensor:
+        """``F = a − b``: positive while the threshold is too low, decreasing in ``d``.
+
+        ``constant=False`` drops the target rate: applied to the rates' slopes it gives ``∂F/∂d``.
+        """
+        target = self.target_rate if constant else 0.0
         if self.target_kind == "fmr":
-            return self.target_rate - far
+            return target - far
         if self.target_kind == "fnmr":
-            return frr - self.target_rate
+            return frr - target
         return frr - far
 
-    def _bisection_search(
-        self, genuine: torch.Tensor, impostor: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard bisection on the soft rates, without autograd.
+    def _points(self, pairs: _PairSet) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each side's distances as (points, counts) for the search and the stats.
 
         When there are more pairs than a grid of ``_BINS_PER_UNIT_SHARPNESS`` bins per ``1/k``
-        needs, the pairs are first binned (one pass), so each step costs the grid, not the pairs.
+        needs, the pairs are binned (one pass; each pair moves by at most half a bin,
+        ``1/(2·64·k)``, far below the soft step), so each search step costs the grid, not the
+        pairs; otherwise the points are the exact distances, gathered from every rank.
         """
-        low = torch.minimum(genuine.min(), impostor.min())
-        high = torch.maximum(genuine.max(), impostor.max())
-        genuine_points, genuine_weights = _weighted_points(genuine, low, high, self.k)
-        impostor_points, impostor_weights = _weighted_points(impostor, low, high, self.k)
+        span = float(pairs.high - pairs.low)
+        bins = math.ceil(span * self.k * _BINS_PER_UNIT_SHARPNESS) + 1
+        exact = [bins >= count or bins > _MAX_BINS for count in pairs.counts]
+        if not all(exact):
+            width = span / (bins - 1)
+            histograms = pairs.histograms(pairs.low, width, bins).to(pairs.low.dtype)
+            centers = pairs.low + width * torch.arange(bins, dtype=histograms.dtype, device=histograms.device)
+        points = []
+        for side, exact_side in enumerate(exact):
+            distances = pairs.concat(side) if exact_side else centers
+            points.append((distances, torch.ones_like(distances) if exact_side else histograms[side]))
+        return points
 
-        def rate(points: torch.Tensor, weights: torch.Tensor, d: torch.Tensor, sign: float) -> torch.Tensor:
-            return (weights * torch.tanh(self.k * ((points - d) * sign).clamp_min(0))).sum()
+    def _bisection_search(
+        self, points: list[tuple[torch.Tensor, torch.Tensor]], pairs: _PairSet
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard bisection on the soft rates of the (binned) points, without autograd."""
+        weights = [counts / size for (_, counts), size in zip(points, pairs.sizes, strict=True)]
 
-        left, right = low.clone(), high.clone()
+        def rate(side: int, d: torch.Tensor) -> torch.Tensor:
+            return (weights[side] * self._soft_step(points[side][0], d, side)[0]).sum()
+
+        left, right = pairs.low.clone(), pairs.high.clone()
         midpoint = (left + right) / 2
         for _ in range(self.search_steps):
             midpoint = (left + right) / 2
-            frr = rate(genuine_points, genuine_weights, midpoint, +1.0)
-            far = rate(impostor_points, impostor_weights, midpoint, -1.0)
-            too_low = self._equation(frr, far) > 0
+            too_low = self._equation(rate(_GENUINE, midpoint), rate(_IMPOSTOR, midpoint)) > 0
             left = torch.where(too_low, midpoint, left)
             right = torch.where(too_low, right, midpoint)
         return (left + right) / 2, midpoint
 
-    def _unrolled_search(
-        self, genuine: torch.Tensor, impostor: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The authors' smooth binary search, differentiable through every step."""
-        left, right = 0.5 * genuine.mean(), 1.5 * impostor.mean()
+    def _unrolled_search(self, vectors: torch.Tensor, pairs: _PairSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The authors' smooth binary search, differentiable through every step (one pass each)."""
+        sums, _ = _PairSums.apply(vectors, vectors.new_zeros(()), pairs, self, _Terms(rates=False, distances=True))
+        means = sums[:, _DISTANCE] / pairs.sizes
+        left, right = 0.5 * means[_GENUINE], 1.5 * means[_IMPOSTOR]
         midpoint = (left + right) / 2
         for _ in range(self.search_steps):
             midpoint = (left + right) / 2
-            frr, _ = soft_rate(genuine, midpoint, self.k, +1.0)
-            far, _ = soft_rate(impostor, midpoint, self.k, -1.0)
-            push_right, push_left = self._search_pressures(100 * frr, 100 * far)
+            sums, _ = _PairSums.apply(vectors, midpoint, pairs, self, _Terms())
+            rates = sums[:, _RATE] / pairs.sizes
+            push_right, push_left = self._search_pressures(100 * rates[_GENUINE], 100 * rates[_IMPOSTOR])
             top = torch.maximum(push_right, push_left)
             move_left = torch.exp(self.k * (push_right - top))
             move_right = torch.exp(self.k * (push_left - top))
@@ -311,6 +682,35 @@ class EERLoss(torch.nn.Module):
             return frr_pct, target_pct
         return frr_pct, far_pct
 
+    # -- the per-pair terms (one implementation, used by the search, forward and backward) -------
+    def _soft_step(
+        self, x: torch.Tensor, d: torch.Tensor, side: int, derivative: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``tanh(k · max(0, s·(x − d)))`` per pair (``s`` = +1 genuine, −1 impostor), and its
+        derivative in ``x`` (the one in ``d`` is its negative)."""
+        scale = _SIGNS[side] * self.k
+        z = (x - d).mul_(scale).clamp_min_(0)
+        step = torch.tanh(z)
+        if not derivative:
+            return step, None
+        return step, torch.ops.aten.tanh_backward(z.sign_().mul_(scale), step)  # [z > 0]·(1 − t²)·s·k
+
+    def _area_term(
+        self, x: torch.Tensor, d: torch.Tensor, side: int, derivative: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``floor(u)^β`` per pair with ``u = (ℓ − (1−α)d)/d`` (genuine) or ``((1+α)d − i)/d``
+        (impostor), and its derivative in ``x`` (the one in ``d`` is ``−(x/d)`` times it)."""
+        along_u = _SIGNS[side] / d  # ∂u/∂x
+        u = (x * along_u).add_(-(1 - self.alpha) if side == _GENUINE else 1 + self.alpha)
+        softplus = self.floor == "softplus"
+        floored = F.softplus(u, beta=1 / self.tau) if softplus else u  # τ·softplus(u/τ)
+        clamped = floored.clamp_min(self.eps)
+        term = clamped.pow(self.beta)
+        if not derivative:
+            return term, None
+        along_x = (term / clamped).masked_fill_(floored < self.eps, 0).mul_(along_u * self.beta)
+        return term, along_x.mul_(u.mul_(1 / self.tau).sigmoid_()) if softplus else along_x
+
     # -- the loss at the threshold --------------------------------------------------------------
     def _direct(self, frr: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
         if self.target_kind == "fmr":
@@ -319,34 +719,30 @@ class EERLoss(torch.nn.Module):
             return 100 * far
         return 100 * (frr + far) / 2
 
-    def _area(self, genuine: torch.Tensor, impostor: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    def _area(self, means: torch.Tensor) -> torch.Tensor:
+        """100 · the power means ``(mean floor(u)^β)^(1/β)`` of the sides the target keeps."""
         terms = []
         if self.target_kind != "fnmr" or self.both_sides:
-            terms.append(self._power_mean((genuine - (1 - self.alpha) * d) / d))
+            terms.append(means[_GENUINE].pow(1 / self.beta))
         if self.target_kind != "fmr" or self.both_sides:
-            terms.append(self._power_mean(((1 + self.alpha) * d - impostor) / d))
+            terms.append(means[_IMPOSTOR].pow(1 / self.beta))
         return 100 * sum(terms)
 
-    def _power_mean(self, x: torch.Tensor) -> torch.Tensor:
-        if self.floor == "softplus":
-            x = self.tau * F.softplus(x / self.tau)
-        return x.clamp_min(self.eps).pow(self.beta).mean().pow(1 / self.beta)
-
     def _stats(
-        self, genuine: torch.Tensor, impostor: torch.Tensor, d: torch.Tensor, frr: torch.Tensor, far: torch.Tensor
+        self,
+        points: list[tuple[torch.Tensor, torch.Tensor]],
+        pairs: _PairSet,
+        d: torch.Tensor,
+        frr: torch.Tensor,
+        far: torch.Tensor,
     ) -> EERStats:
-        from pipeline.metrics import eer as exact_eer
-
-        scores = -torch.cat([genuine, impostor]).detach().double().cpu().numpy()
-        labels = np.r_[np.ones(genuine.numel()), np.zeros(impostor.numel())]
-        value, _ = exact_eer(labels, scores)
         return EERStats(
             threshold=float(d.detach()),
             soft_far=float(far.detach()),
             soft_frr=float(frr.detach()),
-            exact_eer=float(value),
-            genuine_pairs=genuine.numel(),
-            impostor_pairs=impostor.numel(),
+            exact_eer=_points_eer(points),
+            genuine_pairs=pairs.counts[_GENUINE],
+            impostor_pairs=pairs.counts[_IMPOSTOR],
         )
 
 
@@ -360,22 +756,25 @@ def _parse_target(target: Target) -> tuple[str, float]:
     raise ValueError(f"target must be 'eer', {{'fmr': t}} or {{'fnmr': t}} with 0 < t < 1, got {target!r}")
 
 
-def _weighted_points(
-    x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, k: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as (points, weights) whose weighted soft rate is the mean soft rate of ``x``.
+def _row_range(rows: range | slice, n: int) -> range:
+    """``rows`` as a contiguous ``range`` inside ``[0, n)``."""
+    own = range(n)[rows] if isinstance(rows, slice) else rows
+    if not isinstance(own, range) or own.step != 1 or (len(own) and (own.start < 0 or own.stop > n)):
+        raise ValueError(f"rows must be a contiguous range of rows in [0, {n}), got {rows!r}")
+    return own
 
-    Binning moves each pair by at most half a bin, ``1/(2·64·k)``: far below the soft step.
-    """
-    span = float(high - low)
-    bins = math.ceil(span * k * _BINS_PER_UNIT_SHARPNESS) + 1
-    if bins >= x.numel() or bins > _MAX_BINS:
-        return x, torch.full_like(x, 1 / x.numel())
-    width = span / (bins - 1)
-    index = ((x - low) / width).round_().long()
-    counts = torch.bincount(index, minlength=bins).to(x.dtype)
-    centers = low + width * torch.arange(bins, dtype=x.dtype, device=x.device)
-    return centers, counts / x.numel()
+
+def _points_eer(points: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The official EER of the points weighted by their counts (exact when the points are)."""
+    from sklearn.metrics import roc_curve
+
+    from pipeline.metrics.verification import Roc
+
+    scores = -torch.cat([p for p, _ in points]).detach().double().cpu().numpy()
+    counts = torch.cat([c for _, c in points]).double().cpu().numpy()
+    truth = np.r_[np.ones(points[_GENUINE][0].numel()), np.zeros(points[_IMPOSTOR][0].numel())]
+    kept = counts > 0
+    return Roc(*roc_curve(truth[kept], scores[kept], sample_weight=counts[kept])).eer()[0]
 
 
 def _implicit_shift(equation: torch.Tensor, equation_slope: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,14 @@ called as ``loss(embeddings [N, D], labels [N]) → scalar``, or with ``return_s
 ``soft_far``, ``soft_frr``, ``batch_eer``; the others none), so training logs whatever a loss
 reports without knowing which loss it is.
 
+Pair sharding: given ``rows`` (this rank's rows of the gathered global batch) and ``group``, a
+loss that can shard its pairs across ranks scores only this rank's share of them
+(:class:`~pipeline.losses.eer.EERLoss`: each unordered pair on exactly one rank, global sums
+all-reduced, value and gradients those of one process holding the batch); every other loss
+ignores them and computes the whole batch on every rank (replicated), which is also exact.
+Today only ``eer`` shards — the pytorch-metric-learning losses, Set2set and the classifiers
+are replicated; in a sum, each term does what it can.
+
 Classification-style losses (``arcface``, ``cosface``) hold a class-weight matrix as module
 parameters: optimise ``loss.parameters()`` together with the model's. Their ``num_classes`` is
 the number of training subjects (``SubjectBatchLoader.num_classes``; labels are global).
@@ -17,6 +25,7 @@ metric-learning term beside it (issue 8).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,22 +38,33 @@ from pipeline.losses.set2set import Set2SetLoss
 Stats = dict[str, float]
 
 
+@dataclass(frozen=True)
+class PairShard:
+    """This rank's rows of the gathered global batch, and the ranks that share its pairs."""
+
+    rows: range
+    group: Any = None  # a torch.distributed process group; None: the default one
+
+
 class Criterion(nn.Module):
     """A loss with the registry's calling convention; ``stats`` turns the statistics of a loss
-    that has some (called with ``return_stats=True``) into named values."""
+    that has some (called with ``return_stats=True``) into named values; ``shardable`` says
+    whether the loss takes a :class:`PairShard` (``rows=``, ``group=``)."""
 
-    def __init__(self, loss: nn.Module, stats: Callable[[Any], Stats] | None = None) -> None:
+    def __init__(self, loss: nn.Module, stats: Callable[[Any], Stats] | None = None, shardable: bool = False) -> None:
         super().__init__()
-        self.loss, self.stats = loss, stats
+        self.loss, self.stats, self.shardable = loss, stats, shardable
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
+        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False,
+        shard: PairShard | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
+        sharding = {"rows": shard.rows, "group": shard.group} if shard is not None and self.shardable else {}
         if not return_stats:
-            return self.loss(embeddings, labels)
+            return self.loss(embeddings, labels, **sharding)
         if self.stats is None:
-            return self.loss(embeddings, labels), {}
-        value, raw = self.loss(embeddings, labels, return_stats=True)
+            return self.loss(embeddings, labels, **sharding), {}
+        value, raw = self.loss(embeddings, labels, return_stats=True, **sharding)
         return value, self.stats(raw)
 
 
@@ -54,7 +74,7 @@ def _eer_stats(stats: EERStats) -> Stats:
 
 
 def _eer(**kwargs: Any) -> Criterion:
-    return Criterion(EERLoss(**kwargs), _eer_stats)
+    return Criterion(EERLoss(**kwargs), _eer_stats, shardable=True)
 
 
 def _plain(loss: Callable[..., nn.Module]) -> Callable[..., Criterion]:
@@ -119,12 +139,13 @@ class WeightedSum(nn.Module):
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
 
     def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
+        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False,
+        shard: PairShard | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
         total, stats = torch.zeros((), device=embeddings.device), {}
         for name, term in self.terms.items():
-            value, term_stats = term(embeddings, labels, return_stats=True) if return_stats else (
-                term(embeddings, labels), {})
+            value, term_stats = term(embeddings, labels, return_stats=True, shard=shard) if return_stats else (
+                term(embeddings, labels, shard=shard), {})
             stats = {**term_stats, **stats}
             total = total + self.weights[name] * value
         return (total, stats) if return_stats else total

@@ -41,7 +41,7 @@ def build_engine(config: TrainConfig, world: int, schedule: Schedule, model: nn.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op: skip its JIT build
     warmup, kind = config.train.warmup_steps, config.train.schedule
     engine, *_ = deepspeed.initialize(
-        model=Verifier(model, criterion),
+        model=Verifier(model, criterion, shard_pairs=config.loss.pairs == "sharded"),
         config=deepspeed_config(config, world),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup, schedule.total_steps, kind)

@@ -1,0 +1,103 @@
+"""EERLoss with its pairs sharded across gloo ranks trains exactly like one process holding the batch.
+
+Each rank gathers the global batch, scores only the pairs its own rows own
+(``rows=range(start, start + n_local)``), and the global sums are all-reduced; the loss value
+must be the same on every rank and the parameter gradients, after the all-gather's backward
+and data-parallel averaging, those of one process with the whole batch (float64, 1e-5).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.distributed import gather_embeddings
+from pipeline.losses.eer import EERLoss
+from tests.test_distributed import free_port
+
+FEATURES, EMBEDDING = 5, 4
+TOLERANCE = 1e-5
+SPLITS = {2: (13, 7), 3: (9, 4, 7)}  # unequal local batches of a 20-row global batch
+
+CONFIGS = [
+    {},
+    {"variant": "direct"},
+    {"distance": "cosine", "normalize": False},
+    {"floor": "hard", "alpha": 0.1, "beta": 0.6},
+    {"target": {"fmr": 0.1}},
+    {"target": {"fnmr": 0.1}, "both_sides": True},
+    {"target": {"fmr": 0.1}, "variant": "direct", "k": 3.0},  # k = 3: the search bins the impostors
+    {"threshold_grad": "detached", "evaluate_at": "midpoint"},
+    {"threshold_grad": "unrolled", "search_steps": 5},
+]
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """20 rows of 5 subjects in a shuffled order, so every rank holds genuine pairs of others."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat(4)[torch.randperm(20, generator=generator)]
+    features = torch.randn(20, FEATURES, generator=generator, dtype=torch.float64) + labels[:, None] * 0.3
+    return features, labels
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(FEATURES, 6), torch.nn.Tanh(), torch.nn.Linear(6, EMBEDDING)).double()
+
+
+def train_step(features: torch.Tensor, labels: torch.Tensor, config: dict, rows: range | None):
+    """Gather, loss (sharded when ``rows`` is given), backward, average the gradients over ranks."""
+    net = model()
+    embeddings, global_labels = gather_embeddings(net(features), labels)
+    loss, stats = EERLoss(**config)(embeddings, global_labels, return_stats=True, rows=rows)
+    loss.backward()
+    grads = [p.grad for p in net.parameters()]
+    if rows is not None:
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+    return loss.item(), grads, stats
+
+
+def rank_main(rank: int, world: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        features, labels = global_batch()
+        sizes = SPLITS[world]
+        start = sum(sizes[:rank])
+        rows = range(start, start + sizes[rank])
+        mine = slice(rows.start, rows.stop)
+        results = [train_step(features[mine], labels[mine], config, rows) for config in CONFIGS]
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", sorted(SPLITS))
+def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path, world: int) -> None:
+    mp.start_processes(rank_main, args=(world, free_port(), tmp_path), nprocs=world, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    features, labels = global_batch()
+    for index, config in enumerate(CONFIGS):
+        loss, grads, stats = train_step(features, labels, config, rows=None)
+        for rank, results in enumerate(ranks):
+            rank_loss, rank_grads, rank_stats = results[index]
+            assert rank_loss == pytest.approx(loss, rel=TOLERANCE), (config, rank)
+            assert rank_stats.exact_eer == pytest.approx(stats.exact_eer)
+            assert (rank_stats.genuine_pairs, rank_stats.impostor_pairs) == (stats.genuine_pairs, stats.impostor_pairs)
+            assert rank_stats.threshold == pytest.approx(stats.threshold, rel=TOLERANCE)
+            scale = max(grad.abs().max().item() for grad in grads)
+            for rank_grad, grad in zip(rank_grads, grads, strict=True):
+                torch.testing.assert_close(rank_grad, grad, rtol=TOLERANCE, atol=TOLERANCE * scale, msg=str((config, rank)))
+
+
+def test_rows_without_a_process_group_are_refused() -> None:
+    with pytest.raises(ValueError, match="process group"):
+        EERLoss()(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), rows=range(0, 2))
