@@ -80,6 +80,10 @@ class Roc:
         """FNMR at the curve point whose FMR is nearest to `target` (the first one on ties)."""
         return float(self.fnmr[np.nanargmin(np.abs(target - self.fmr))])
 
+    def fmr_at(self, target: float) -> float:
+        """FMR at the curve point whose FNMR is nearest to `target` (the first one on ties)."""
+        return float(self.fmr[np.nanargmin(np.abs(target - self.fnmr))])
+
     def auc(self) -> float:
         return float(auc(self.fmr, self.tmr))
 

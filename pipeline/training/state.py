@@ -12,7 +12,7 @@ class RunState:
     """The run's progress: a relaunch continues from these values."""
 
     step: int = 0  # optimizer steps taken
-    best_val_eer: float = math.inf  # the best export's validation EER
+    best_val: float = math.inf  # the best export's value of the validation metric that selects it
     train_seconds: float = 0.0  # training wall time, summed over the launches of the run
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,24 +2,61 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.config import TrainConfig
 from pipeline.exports import export_path, save_model
+from pipeline.metrics.report import fnmr_key
+from pipeline.metrics.verification import Roc, validate
 from pipeline.training.state import RunState
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The validation metric (lower is better) that picks a run's best export: the operating
+    point its EERLoss trains for. A model trained for FMR 0.1 % is kept for its FNMR there, not
+    for its EER — the EER-best checkpoint of such a run is the wrong model to ship."""
+
+    key: str  # the metric's name in the validation report, without ``val/``
+    measure: Callable[[Roc], float]
+
+
+def selection_of(config: TrainConfig) -> Selection:
+    """EER, or the FNMR at the target FMR (the FMR at the target FNMR) of the run's EERLoss term."""
+    kind, rate = _trained_target(config)
+    if kind == "fmr":
+        return Selection(fnmr_key(rate), lambda roc: roc.fnmr_at(rate))
+    if kind == "fnmr":
+        return Selection(f"fmr_at_fnmr_{100 * rate:g}%", lambda roc: roc.fmr_at(rate))
+    return Selection("eer", lambda roc: roc.eer()[0])
+
+
+def _trained_target(config: TrainConfig) -> tuple[str, float]:
+    """``(kind, rate)`` of the ``target`` of the loss's ``eer`` term (itself or in a sum);
+    ``("eer", 0.0)`` for losses without one. The driver has built the loss, so it is valid."""
+    terms = config.loss.name.split("+")
+    if "eer" not in terms:
+        return "eer", 0.0
+    options = (config.loss.options.get("eer") or {}) if len(terms) > 1 else config.loss.options
+    target = options.get("target", "eer")
+    if not isinstance(target, Mapping):
+        return "eer", 0.0
+    ((kind, rate),) = target.items()
+    return str(kind), float(rate)
 
 
 class Validator:
     """The full KVC report of the val split, by the evaluation protocol; the model with the
-    lowest validation EER so far is exported as the run's best."""
+    best validation value of the run's :class:`Selection` so far is exported as the run's best."""
 
     def __init__(self, config: TrainConfig, rank: int, world: int) -> None:
         from pipeline.data import SessionLoader
 
-        self.config, self.rank = config, rank
+        self.config, self.rank, self.selection = config, rank, selection_of(config)
         self.loader = SessionLoader(
             config.data.shards, "val", batch_size=config.data.eval_batch_size, max_len=config.data.max_len,
             features=tuple(config.data.features), rank=rank, world_size=world,
@@ -40,7 +77,9 @@ class Validator:
         results = {f"val/{k}": v for k, v in report["global"].items() if isinstance(v, float)}
         per_subject = report.get("mean_per_subject", {})
         results.update({f"val/per_subject_{k}": v for k, v in per_subject.items() if isinstance(v, float)})
-        if results["val/eer"] < state.best_val_eer:
-            state.best_val_eer = results["val/eer"]
+        value = self.selection.measure(Roc.of(*validate(truth, scores)))
+        results[f"val/{self.selection.key}"] = value
+        if value < state.best_val:
+            state.best_val = value
             save_model(export_path(self.config.run_dir, "best"), model, self.config.to_dict())
         return results

@@ -1,0 +1,47 @@
+"""Which validation metric picks a run's best export: the operating point its loss trains for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import TrainConfig
+from pipeline.metrics.verification import Roc, validate
+from pipeline.training.validator import selection_of
+
+# 4 genuine and 6 impostor scores, higher = more alike; each threshold step moves one rate
+LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+SCORES = np.array([0.9, 0.8, 0.55, 0.3, 0.7, 0.5, 0.4, 0.2, 0.1, 0.05])
+ROC = Roc.of(*validate(LABELS, SCORES))
+
+
+def config_of(*overrides: str) -> TrainConfig:
+    return TrainConfig.load(None, ["data.shards=unused", *overrides])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.name=eer"],
+    ["loss.name=multisimilarity"],
+    ["loss.name=eer+multisimilarity"],
+])
+def test_a_run_trained_for_the_eer_keeps_its_lowest_validation_eer(overrides):
+    selection = selection_of(config_of(*overrides))
+    assert selection.key == "eer"
+    assert selection.measure(ROC) == ROC.eer()[0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.name=eer", "loss.options.target.fmr=0.001"],
+    ["loss.name=eer+multisimilarity", "loss.options.eer.target.fmr=0.001"],
+])
+def test_a_run_trained_for_an_fmr_keeps_its_lowest_validation_fnmr_at_that_fmr(overrides):
+    selection = selection_of(config_of(*overrides))
+    assert selection.key == "fnmr_at_fmr_0.1%"  # the report's own key for that point
+    assert selection.measure(ROC) == ROC.fnmr_at(0.001)
+
+
+def test_a_run_trained_for_an_fnmr_keeps_its_lowest_validation_fmr_at_that_fnmr():
+    selection = selection_of(config_of("loss.name=eer", "loss.options.target.fnmr=0.25"))
+    assert selection.key == "fmr_at_fnmr_25%"
+    # FNMR 0.25 first holds at threshold 0.55: three genuine scores accepted, one impostor (0.7)
+    assert selection.measure(ROC) == ROC.fmr_at(0.25) == pytest.approx(1 / 6)
