@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 
 
+GPU_ONLY = {"gpu"}  # `make bench-gpu`: exits non-zero without CUDA
+
+
 def main(selected: list[str]) -> None:
     names = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    names = [name for name in names if name not in GPU_ONLY]
     for name in selected or names:
         print(f"\n=== bench.{name} ===", flush=True)
         importlib.import_module(f"bench.{name}").main()

@@ -49,6 +49,15 @@ def test_models_train_on_a_batch_with_an_empty_session(name: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_run_under_bf16_autocast_as_on_a_gpu(name: str) -> None:
+    """configs/gpu.yaml trains in bf16: padded keys must be masked with bf16's own limits."""
+    model = build_model(name, embedding_size=24, **CONFIGS[name])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = model(*sessions([37, 12, 1, 30], 40, garbage=True))
+    assert embeddings.shape == (4, 24) and torch.isfinite(embeddings.float()).all()
+
+
 def test_registry_configs_and_parameter_counts() -> None:
     with torch.device("meta"):  # shapes only: the large config has ~80 M parameters
         small, large = build_model("type2branch", size="small"), build_model("type2branch", size="large")

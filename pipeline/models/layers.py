@@ -74,8 +74,9 @@ class TemporalAttention(nn.Module):
         self.score = nn.Linear(channels, 1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        scores = self.score(x).squeeze(-1).masked_fill(~mask, torch.finfo(x.dtype).min)
-        weights = torch.softmax(scores, dim=1) * mask.sum(1, keepdim=True).to(x.dtype)
+        scores = self.score(x).squeeze(-1)  # bf16 under autocast even when x is fp32
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=1) * mask.sum(1, keepdim=True).to(scores.dtype)
         return zero_padding(x * weights.unsqueeze(-1), mask)
 
 
