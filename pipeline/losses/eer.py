@@ -63,10 +63,10 @@ owned distances (1-D, per side) are kept for the later passes when all of them f
 ``_CACHE_BYTES`` (N = 8,192 in fp32 does), else each pass recomputes them from the Gram block, so
 ``N = 65,536`` runs in bounded memory. With a cross-batch ``memory`` of ``M`` earlier embeddings
 (constants), every batch row also meets every memory row, in ``B × M'`` slabs of the same bound;
-a rank then scores its own rows against the whole memory. The loss is a scalar function of the sums; backward
-(``_PairSums``) recomputes each block's per-pair coefficient ``∂L/∂distance`` from the sums'
-gradients and turns it into the embedding gradient with two block matmuls. Time and peak memory
-against the bare Gram matmul: ``bench/README.md``.
+a rank then scores its own rows against the whole memory. The loss is a scalar function of the
+sums; backward (``_PairSums``) recomputes each block's per-pair coefficient ``∂L/∂distance`` from
+the sums' gradients and turns it into the embedding gradient with two block matmuls. Time and
+peak memory against the bare Gram matmul: ``bench/README.md``.
 
 ``return_stats``' exact EER is the official EER of the points the search uses: exact distances
 where a side has fewer pairs than the search grid has bins, else that side's histogram, i.e. the
