@@ -54,6 +54,7 @@ class MomentumEncoder:
 
     @torch.no_grad()
     def embed(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """This rank's batch as the average embeds it (no gradient: the queue holds constants)."""
         return self.average.to(features.device)(features, mask).float()
 
     @torch.no_grad()
