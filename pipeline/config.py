@@ -12,7 +12,7 @@ import json
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -24,7 +24,7 @@ PATH_KEYS: tuple[tuple[str, str], ...] = (
 
 def _at_least(section: Any, minimum: int, *names: str) -> None:
     """Refuse the first of ``names`` below ``minimum``, naming the key."""
-    prefix = type(section).__name__.removesuffix("Section").lower()
+    prefix = getattr(section, "KEY", type(section).__name__.removesuffix("Section").lower())
     for name in names:
         if getattr(section, name) < minimum:
             raise ValueError(f"{prefix}.{name} must be ≥ {minimum}, got {getattr(section, name)}")
@@ -65,12 +65,30 @@ class ModelSection:
 
 
 @dataclass
+class MemorySection:
+    """A cross-batch memory of earlier global batches (pipeline/training/memory.py); off by
+    default: a naive memory raised the EER (docs/design.md §7)."""
+
+    KEY: ClassVar[str] = "loss.memory"
+    size: int = 0  # rows of the queue; 0: no memory
+    start_step: int = 0  # the memory is filled and used from this step on
+    encoder: Literal["momentum", "current"] = "momentum"  # who embeds the queue: an EMA copy of the model, or it
+    momentum: float = 0.99  # after every optimizer step: copy = m · copy + (1 − m) · model
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "size", "start_step")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"{self.KEY}.momentum must lie in [0, 1), got {self.momentum}")
+
+
+@dataclass
 class LossSection:
     name: str = "eer"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the loss's constructor
     # sharded: each rank scores its share of the global batch's pairs (losses that can: eer);
     # replicated: every rank computes the whole loss. Both are exact (pipeline/losses/registry.py).
     pairs: Literal["sharded", "replicated"] = "sharded"
+    memory: MemorySection = field(default_factory=MemorySection)
 
 
 @dataclass
@@ -176,6 +194,8 @@ class TrainConfig:
         how many worker failures it tolerates (resuming is exact) or where it logs."""
         settings = self.to_dict()
         del settings["run"]["name"], settings["train"]["max_failures"], settings["wandb"]
+        if not self.loss.memory.size:  # no memory: the digests (arm run names) of configs before it
+            del settings["loss"]["memory"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -58,6 +58,10 @@ def test_bad_overrides_are_refused_with_the_key_named(override, message):
         ("data.subjects_per_batch=0", "data.subjects_per_batch must be ≥ 1"),
         ("train.max_steps=-5", "train.max_steps must be ≥ 0"),
         ("run.name=' '", "run.name must not be empty"),
+        ("loss.memory.size=-1", "loss.memory.size must be ≥ 0, got -1"),
+        ("loss.memory.start_step=-2", "loss.memory.start_step must be ≥ 0, got -2"),
+        ("loss.memory.momentum=1", "loss.memory.momentum must lie in [0, 1), got 1.0"),
+        ("loss.memory.encoder=ema", "loss.memory.encoder must be one of 'momentum', 'current', got 'ema'"),
     ],
 )
 def test_a_config_refuses_a_value_outside_what_its_setting_allows_naming_the_key(override, message):
@@ -79,3 +83,10 @@ def test_the_wandb_run_id_is_stable_per_run_and_differs_between_runs():
     assert run_id(a) == run_id(TrainConfig.load(None, ["run.name=kvc run/1"]))
     assert run_id(a) != run_id(b)
     assert run_id(a).startswith("kvc-run-1-")
+
+
+def test_the_memory_is_off_by_default_and_a_memory_left_off_keeps_a_config_s_digest():
+    plain = TrainConfig.load(None)
+    assert plain.loss.memory.size == 0
+    assert TrainConfig.load(None, ["loss.memory.momentum=0.5"]).digest() == plain.digest()  # earlier arms' names
+    assert TrainConfig.load(None, ["loss.memory.size=512"]).digest() != plain.digest()

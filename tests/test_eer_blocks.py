@@ -34,6 +34,29 @@ def reference_pairs(x: torch.Tensor, labels: torch.Tensor, distance: str) -> tup
     return dist[same & upper], dist[~same & upper]
 
 
+def reference_memory_loss(
+    loss: EERLoss, x: torch.Tensor, labels: torch.Tensor, memory: torch.Tensor, memory_labels: torch.Tensor
+):
+    """:func:`reference_loss` over an explicit pair list: every unordered pair of the batch, then
+    every (batch row, memory row) pair, the memory a constant."""
+    memory = memory.detach()
+    if loss.normalize:
+        x, memory = F.normalize(x, dim=1), F.normalize(memory, dim=1)
+    if loss.distance == "cosine":
+        x, memory = F.normalize(x, dim=1), F.normalize(memory, dim=1)
+    n, m = len(labels), len(memory_labels)
+    batch_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    memory_pairs = [(i, j) for i in range(n) for j in range(m)]
+    (left, right), (rows, slots) = (torch.tensor(pairs).T for pairs in (batch_pairs, memory_pairs))
+    first, second = torch.cat([x[left], x[rows]]), torch.cat([x[right], memory[slots]])
+    same = torch.cat([labels[left] == labels[right], labels[rows] == memory_labels[slots]])
+    if loss.distance == "cosine":
+        distances = 1 - (first * second).sum(1)
+    else:
+        distances = (first - second).pow(2).sum(1).clamp_min(1e-12).sqrt()
+    return reference_loss_of_pairs(loss, distances[same], distances[~same])
+
+
 def reference_rate(x: torch.Tensor, d: torch.Tensor, k: float, sign: float) -> torch.Tensor:
     return torch.tanh(k * ((x - d) * sign).clamp_min(0)).mean()
 
@@ -90,10 +113,14 @@ def reference_power_mean(o: dict, x: torch.Tensor) -> torch.Tensor:
 
 def reference_loss(loss: EERLoss, x: torch.Tensor, labels: torch.Tensor):
     """The pre-blocking EERLoss: (loss, threshold, soft FRR, soft FAR, exact EER)."""
-    o = dict(vars(loss), kind=loss.target_kind, rate=loss.target_rate)
-    if o["normalize"]:
+    if loss.normalize:
         x = F.normalize(x, dim=1)
-    genuine, impostor = reference_pairs(x, labels, o["distance"])
+    return reference_loss_of_pairs(loss, *reference_pairs(x, labels, loss.distance))
+
+
+def reference_loss_of_pairs(loss: EERLoss, genuine: torch.Tensor, impostor: torch.Tensor):
+    """:func:`reference_loss` given the genuine and impostor distances of the scored pairs."""
+    o = dict(vars(loss), kind=loss.target_kind, rate=loss.target_rate)
     threshold, mid = reference_search(o, genuine, impostor)
     at = mid if o["evaluate_at"] == "midpoint" else threshold
     frr, far = reference_rate(genuine, at, o["k"], 1), reference_rate(impostor, at, o["k"], -1)
@@ -147,11 +174,17 @@ OPTIONS = [
 ]
 
 
-def assert_same_as_reference(loss_fn: EERLoss, x: torch.Tensor, labels: torch.Tensor, stats_exact: bool) -> None:
+def assert_same_as_reference(
+    loss_fn: EERLoss, x: torch.Tensor, labels: torch.Tensor, stats_exact: bool,
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     x = x.clone().requires_grad_()
-    value, stats = loss_fn(x, labels, return_stats=True)
+    value, stats = loss_fn(x, labels, return_stats=True, memory=memory)
     (gradient,) = torch.autograd.grad(value, x)
-    expected, threshold, frr, far, eer = reference_loss(loss_fn, x, labels)
+    if memory is None:
+        expected, threshold, frr, far, eer = reference_loss(loss_fn, x, labels)
+    else:
+        expected, threshold, frr, far, eer = reference_memory_loss(loss_fn, x, labels, *memory)
     (expected_gradient,) = torch.autograd.grad(expected, x)
     torch.testing.assert_close(value, expected.detach(), rtol=TOLERANCE, atol=0)
     scale = expected_gradient.abs().max().item()
@@ -209,3 +242,19 @@ def test_the_block_size_adapts_to_n_and_bounds_each_slab() -> None:
         size = blocks[0][1] - blocks[0][0]
         assert size * (size - 1 + n // 2) <= eer_module._BLOCK_ELEMENTS
         assert blocks[-1][1] == n
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize(
+    "options", [{}, {"distance": "cosine", "target": {"fmr": 0.05}}, {"threshold_grad": "unrolled", "search_steps": 4}],
+    ids=str,
+)
+def test_a_memory_adds_every_batch_row_memory_row_pair_in_small_blocks(
+    monkeypatch: pytest.MonkeyPatch, options: dict, cache: bool
+) -> None:
+    monkeypatch.setattr(eer_module, "_BLOCK_ELEMENTS", 29)  # several memory blocks per row and per column
+    monkeypatch.setattr(eer_module, "_CACHE_BYTES", eer_module._CACHE_BYTES if cache else 0)
+    x, labels = clustered(seed=1, subjects=6, per_subject=3)
+    memory, memory_labels = clustered(seed=2, subjects=8, per_subject=5)
+    assert len(eer_module._memory_blocks(range(len(labels)), len(memory_labels))) > 10
+    assert_same_as_reference(EERLoss(**options), x, labels, stats_exact=True, memory=(memory, memory_labels))

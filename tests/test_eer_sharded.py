@@ -19,10 +19,11 @@ import torch.multiprocessing as mp
 from pipeline.distributed import gather_embeddings
 from pipeline.losses.eer import EERLoss
 from tests.test_distributed import free_port
+from tests.test_eer_blocks import reference_memory_loss
 
 FEATURES, EMBEDDING = 5, 4
 TOLERANCE = 1e-5
-SPLITS = {2: (13, 7), 3: (9, 4, 7)}  # unequal local batches of a 20-row global batch
+SPLITS = {1: (20,), 2: (13, 7), 3: (9, 4, 7)}  # unequal local batches of a 20-row global batch
 
 CONFIGS = [
     {},
@@ -37,6 +38,9 @@ CONFIGS = [
 ]
 
 
+MEMORY_CONFIGS = [{}, {"target": {"fmr": 0.1}}]  # the EER target and an FMR target
+
+
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """20 rows of 5 subjects in a shuffled order, so every rank holds genuine pairs of others."""
     generator = torch.Generator().manual_seed(0)
@@ -45,16 +49,23 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return features, labels
 
 
+def memory_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """A cross-batch memory of 12 embeddings: 3 of the batch's subjects and 2 others."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 1, 2, 5, 6, 0, 1, 2, 5, 6, 0, 5])
+    return torch.randn(12, EMBEDDING, generator=generator, dtype=torch.float64) + labels[:, None] * 0.2, labels
+
+
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(FEATURES, 6), torch.nn.Tanh(), torch.nn.Linear(6, EMBEDDING)).double()
 
 
-def train_step(features: torch.Tensor, labels: torch.Tensor, config: dict, rows: range | None):
+def train_step(features: torch.Tensor, labels: torch.Tensor, config: dict, rows: range | None, memory=None):
     """Gather, loss (sharded when ``rows`` is given), backward, average the gradients over ranks."""
     net = model()
     embeddings, global_labels = gather_embeddings(net(features), labels)
-    loss, stats = EERLoss(**config)(embeddings, global_labels, return_stats=True, rows=rows)
+    loss, stats = EERLoss(**config)(embeddings, global_labels, return_stats=True, rows=rows, memory=memory)
     loss.backward()
     grads = [p.grad for p in net.parameters()]
     if rows is not None:
@@ -64,7 +75,15 @@ def train_step(features: torch.Tensor, labels: torch.Tensor, config: dict, rows:
     return loss.item(), grads, stats
 
 
-def rank_main(rank: int, world: int, port: int, out: Path) -> None:
+def reference_step(features: torch.Tensor, labels: torch.Tensor, config: dict):
+    """One process, the brute-force loss over the explicit list of batch and memory pairs."""
+    net = model()
+    loss, *_ = reference_memory_loss(EERLoss(**config), net(features), labels, *memory_rows())
+    loss.backward()
+    return loss.item(), [p.grad for p in net.parameters()]
+
+
+def rank_main(rank: int, world: int, port: int, out: Path, with_memory: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -74,16 +93,28 @@ def rank_main(rank: int, world: int, port: int, out: Path) -> None:
         start = sum(sizes[:rank])
         rows = range(start, start + sizes[rank])
         mine = slice(rows.start, rows.stop)
-        results = [train_step(features[mine], labels[mine], config, rows) for config in CONFIGS]
+        memory, configs = (memory_rows(), MEMORY_CONFIGS) if with_memory else (None, CONFIGS)
+        results = [train_step(features[mine], labels[mine], config, rows, memory) for config in configs]
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", sorted(SPLITS))
+def run_ranks(world: int, out: Path, with_memory: bool) -> list:
+    """Every rank's results (loss, parameter gradients, stats), one list per rank."""
+    mp.start_processes(rank_main, args=(world, free_port(), out, with_memory), nprocs=world, start_method="spawn")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def assert_same_gradients(rank_grads: list[torch.Tensor], grads: list[torch.Tensor], context: tuple) -> None:
+    scale = max(grad.abs().max().item() for grad in grads)
+    for rank_grad, grad in zip(rank_grads, grads, strict=True):
+        torch.testing.assert_close(rank_grad, grad, rtol=TOLERANCE, atol=TOLERANCE * scale, msg=str(context))
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path, world: int) -> None:
-    mp.start_processes(rank_main, args=(world, free_port(), tmp_path), nprocs=world, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    ranks = run_ranks(world, tmp_path, with_memory=False)
     features, labels = global_batch()
     for index, config in enumerate(CONFIGS):
         loss, grads, stats = train_step(features, labels, config, rows=None)
@@ -93,9 +124,22 @@ def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path
             assert rank_stats.exact_eer == pytest.approx(stats.exact_eer)
             assert (rank_stats.genuine_pairs, rank_stats.impostor_pairs) == (stats.genuine_pairs, stats.impostor_pairs)
             assert rank_stats.threshold == pytest.approx(stats.threshold, rel=TOLERANCE)
-            scale = max(grad.abs().max().item() for grad in grads)
-            for rank_grad, grad in zip(rank_grads, grads, strict=True):
-                torch.testing.assert_close(rank_grad, grad, rtol=TOLERANCE, atol=TOLERANCE * scale, msg=str((config, rank)))
+            assert_same_gradients(rank_grads, grads, (config, rank))
+
+
+@pytest.mark.parametrize("world", sorted(SPLITS))
+def test_with_a_memory_each_rank_scores_its_rows_against_it_and_all_equal_the_explicit_pair_list(
+    tmp_path: Path, world: int
+) -> None:
+    ranks = run_ranks(world, tmp_path, with_memory=True)
+    features, labels = global_batch()
+    for index, config in enumerate(MEMORY_CONFIGS):
+        loss, grads = reference_step(features, labels, config)
+        for rank, results in enumerate(ranks):
+            rank_loss, rank_grads, rank_stats = results[index]
+            assert rank_loss == pytest.approx(loss, rel=TOLERANCE), (config, rank)
+            assert rank_stats.genuine_pairs + rank_stats.impostor_pairs == 20 * 19 // 2 + 20 * 12
+            assert_same_gradients(rank_grads, grads, (config, rank))
 
 
 def test_rows_without_a_process_group_are_refused() -> None:

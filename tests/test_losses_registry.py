@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 import torch
+from pytorch_metric_learning import losses
 
-from pipeline.losses.registry import LOSSES, build_loss
+from pipeline.losses.registry import LOSSES, MEMORY_LOSSES, build_loss
 from pipeline.losses.set2set import Set2SetLoss
 
 P, K, D = 8, 4, 16
@@ -111,3 +112,55 @@ def test_set2set_survives_repeated_sessions() -> None:
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     Set2SetLoss()(embeddings, labels).backward()
     assert torch.isfinite(embeddings.grad).all()
+
+
+def memory_batch(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Earlier batches: some of the batch's subjects, some others."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(100, 104), torch.arange(200, 206)]).repeat(2)
+    return torch.randn(len(labels), D, generator=generator), labels
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_exactly_the_pair_losses_take_a_memory(name: str) -> None:
+    assert build_loss(name, D, num_classes=300).takes_memory == (name in MEMORY_LOSSES)
+
+
+@pytest.mark.parametrize("name", ["set2set", "arcface", "eer+set2set"])
+def test_a_loss_that_cannot_take_a_memory_refuses_one_naming_those_that_can(name: str) -> None:
+    embeddings, labels = pk_batch()
+    with pytest.raises(ValueError, match="cannot take a cross-batch memory; these losses can: .*multisimilarity"):
+        build_loss(name, D, num_classes=300)(embeddings, labels, memory=memory_batch())
+
+
+@pytest.mark.parametrize("name", sorted(set(MEMORY_LOSSES) - {"eer"}))
+def test_a_metric_learning_loss_scores_the_memory_as_the_librarys_cross_batch_memory_does(name: str) -> None:
+    """The value of pytorch-metric-learning's ``CrossBatchMemory`` holding the same rows, once
+    the batch is enqueued: the batch against the batch and the memory, without self-comparisons."""
+    embeddings, labels = pk_batch(4)
+    memory, memory_labels = memory_batch()
+    criterion = build_loss(name, D)
+    library = losses.CrossBatchMemory(criterion.loss.loss, D, memory_size=len(labels) + len(memory_labels),
+                                      miner=criterion.loss.miner)
+    library.add_to_memory(memory, memory_labels, len(memory_labels))
+    expected = library(embeddings, labels)
+    torch.testing.assert_close(criterion(embeddings, labels, memory=(memory, memory_labels)), expected)
+
+
+@pytest.mark.parametrize("name", MEMORY_LOSSES)
+def test_with_an_empty_memory_a_loss_and_its_gradient_are_those_without_one(name: str) -> None:
+    embeddings, labels = pk_batch(6)
+    criterion = build_loss(name, D)
+    empty = (embeddings.new_zeros(0, D), labels[:0])
+    (with_memory,) = torch.autograd.grad(value := criterion(embeddings, labels, memory=empty), embeddings)
+    (without,) = torch.autograd.grad(plain := criterion(embeddings, labels), embeddings)
+    torch.testing.assert_close(value, plain)
+    torch.testing.assert_close(with_memory, without)
+
+
+def test_a_sum_gives_every_term_the_same_memory() -> None:
+    embeddings, labels = pk_batch(7)
+    memory = memory_batch()
+    summed = build_loss("eer+multisimilarity", D)(embeddings, labels, memory=memory)
+    terms = [build_loss(name, D)(embeddings, labels, memory=memory) for name in ("eer", "multisimilarity")]
+    torch.testing.assert_close(summed, sum(terms))

@@ -27,6 +27,9 @@ from tests.wandb_offline import history, run_config
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
+# A cross-batch memory of 1.5 global batches (2 ranks × 16 subjects × 8 sessions), from step 2:
+# a run stopped after its first epoch (3 steps) saves a full queue and the momentum encoder.
+MEMORY = ("loss.memory.size=384", "loss.memory.start_step=2")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,12 @@ def config(shards: str, storage: str, name: str, *overrides: str) -> TrainConfig
 def straight_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     storage = tmp_path_factory.mktemp("runs")
     return train(config(shards, str(storage), "straight"), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def straight_memory_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    storage = tmp_path_factory.mktemp("runs")
+    return train(config(shards, str(storage), "straight-memory", *MEMORY, "wandb.enabled=false"), show_progress=False)
 
 
 def parameters(export: str) -> dict[str, torch.Tensor]:
@@ -96,19 +105,27 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     assert run_config(logs[0])["loss"]["name"] == "eer"
 
 
+@pytest.mark.parametrize("memory", [(), MEMORY], ids=["plain", "memory"])
 def test_stopping_after_an_epoch_and_relaunching_or_resuming_from_it_on_s3_matches_the_straight_run(
-    shards, ray_cluster, straight_run, s3_url
+    shards, ray_cluster, s3_url, request, memory
 ):
-    first = train(config(shards, s3_url, "resumed", "train.stop_after_epochs=1", "wandb.enabled=false"), show_progress=False)
+    straight_run = request.getfixturevalue("straight_memory_run" if memory else "straight_run")
+    resumed, forked = (f"{name}{'-memory' if memory else ''}" for name in ("resumed", "forked"))
+    first = train(config(shards, s3_url, resumed, "train.stop_after_epochs=1", "wandb.enabled=false", *memory),
+                  show_progress=False)
     assert first.metrics["step"] == straight_run.metrics["step"] // 2
     assert first.checkpoint.startswith("s3://")
-    second = train(config(shards, s3_url, "resumed", "wandb.enabled=false"), show_progress=False)
+    second = train(config(shards, s3_url, resumed, "wandb.enabled=false", *memory), show_progress=False)
     assert second.metrics["step"] == straight_run.metrics["step"]
     assert_same_parameters(second.final_model, straight_run.final_model)
-    forked = train(
-        config(shards, s3_url, "forked", "wandb.enabled=false"), resume_from=first.checkpoint, show_progress=False
-    )
-    assert_same_parameters(forked.final_model, straight_run.final_model)
+    fork = train(config(shards, s3_url, forked, "wandb.enabled=false", *memory), resume_from=first.checkpoint,
+                 show_progress=False)
+    assert_same_parameters(fork.final_model, straight_run.final_model)
+
+
+def test_a_run_with_a_memory_logs_its_fill_and_its_momentum_encoder_time(straight_memory_run):
+    assert straight_memory_run.metrics["train/memory_rows"] == 384
+    assert straight_memory_run.metrics["time/momentum_encoder"] > 0
 
 
 def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:

@@ -69,6 +69,8 @@ def assert_refused_in_one_line(result: object, *fragments: str) -> None:
         (["data.subjects_per_batch=40"], "data.subjects_per_batch=40 on train.num_workers=2 ranks needs 80 training subjects"),
         (["data.loader_workers=4"], "4 shards cannot feed 8 readers"),
         (["data.subjects_per_batch=34"], "cannot fill one batch of 34 subjects"),
+        (["loss.name=set2set", "loss.memory.size=64"],
+         "loss.memory.size=64 needs a loss that scores pairs against a memory (contrastive, eer,"),
     ],
 )
 def test_settings_the_shards_cannot_serve_are_refused_before_ray_starts(shards, tmp_path, overrides, message):
@@ -112,6 +114,13 @@ def test_a_relative_resume_path_is_the_driver_s_and_must_exist(shards, tmp_path,
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint in"):
         prepare(config, "empty")
+
+
+def test_a_checkpoint_resumes_only_with_the_memory_it_was_saved_with(shards, tmp_path):
+    write_checkpoint(tmp_path / "saved", {"module": {"weight": torch.zeros(2)}})
+    config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={tmp_path}", "loss.memory.size=64"])
+    with pytest.raises(ValueError, match="saved with cross-batch memory none, this run has size=64 encoder=momentum$"):
+        prepare(config, str(tmp_path / "saved"))
 
 
 @pytest.fixture

@@ -61,10 +61,12 @@ block at a time: a ``B × (B−1+⌊N/2⌋)`` slab of the Gram matrix (never ``N
 mask), ``B`` adapting to ``N`` so that a slab holds at most ``_BLOCK_ELEMENTS`` pairs. A block's
 owned distances (1-D, per side) are kept for the later passes when all of them fit in
 ``_CACHE_BYTES`` (N = 8,192 in fp32 does), else each pass recomputes them from the Gram block, so
-``N = 65,536`` runs in bounded memory. The loss is a scalar function of the sums; backward
-(``_PairSums``) recomputes each block's per-pair coefficient ``∂L/∂distance`` from the sums'
-gradients and turns it into the embedding gradient with two block matmuls. Time and peak memory
-against the bare Gram matmul: ``bench/README.md``.
+``N = 65,536`` runs in bounded memory. With a cross-batch ``memory`` of ``M`` earlier embeddings
+(constants), every batch row also meets every memory row, in ``B × M'`` slabs of the same bound;
+a rank then scores its own rows against the whole memory. The loss is a scalar function of the
+sums; backward (``_PairSums``) recomputes each block's per-pair coefficient ``∂L/∂distance`` from
+the sums' gradients and turns it into the embedding gradient with two block matmuls. Time and
+peak memory against the bare Gram matmul: ``bench/README.md``.
 
 ``return_stats``' exact EER is the official EER of the points the search uses: exact distances
 where a side has fewer pairs than the search grid has bins, else that side's histogram, i.e. the
@@ -102,7 +104,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -158,6 +160,16 @@ class _Collective:
 
 
 Sides = tuple[torch.Tensor, torch.Tensor]  # (genuine, impostor) distances of one row block
+Memory = tuple[torch.Tensor, torch.Tensor]  # (embeddings [M, D], labels [M]) of earlier batches, constants
+
+
+class _MemoryBlock(NamedTuple):
+    """Batch rows ``[a, b)`` against memory rows ``[start, stop)``: a dense slab, every pair owned."""
+
+    a: int
+    b: int
+    start: int
+    stop: int
 
 
 class _PairSet:
@@ -170,25 +182,36 @@ class _PairSet:
     columns ``a+1 … b−1+⌊N/2⌋`` (mod N) only, so a block is a dense ``B × (B−1+⌊N/2⌋)`` slab
     of the Gram matrix with a band of owned pairs.
 
+    With a cross-batch ``memory`` (embeddings of earlier batches, constants), every row also owns
+    its pairs with every memory row: ``_MemoryBlock`` slabs of at most ``_BLOCK_ELEMENTS`` pairs,
+    so the rows × memory pairs are partitioned across ranks exactly as the rows are, and only
+    the batch side of such a pair receives a gradient.
+
     The first pass (construction) finds the distance range and the pair counts, all-reduced.
     The owned distances of each block are kept for the later passes when they fit in
     ``_CACHE_BYTES``, else every pass recomputes them from the Gram block.
     """
 
     def __init__(
-        self, vectors: torch.Tensor, labels: torch.Tensor, rows: range, distance: str, collective: _Collective
+        self, vectors: torch.Tensor, labels: torch.Tensor, rows: range, distance: str, collective: _Collective,
+        memory: Memory | None = None,
     ) -> None:
         self.vectors, self.labels, self.distance, self.collective = vectors, labels, distance, collective
+        self.memory_vectors, self.memory_labels = memory if memory is not None else (vectors[:0], labels[:0])
         self.reach = len(labels) // 2
         self.norms = vectors.pow(2).sum(1) if distance == "euclidean" else None
+        self.memory_norms = self.memory_vectors.pow(2).sum(1) if distance == "euclidean" else None
         self.min_distance = vectors.new_tensor(_EPS_SQUARED_DISTANCE).sqrt()  # where the clamp holds
-        self.blocks = _row_blocks(rows, self.reach)
+        self.blocks: list[tuple[int, int] | _MemoryBlock] = [
+            *_row_blocks(rows, self.reach), *_memory_blocks(rows, len(self.memory_labels))
+        ]
         self._bands: dict[int, torch.Tensor] = {}
-        fits = len(rows) * self.reach * vectors.element_size() <= _CACHE_BYTES
+        owned_at_most = len(rows) * (self.reach + len(self.memory_labels))
+        fits = owned_at_most * vectors.element_size() <= _CACHE_BYTES
         self._cache: list[Sides] | None = [] if fits else None
         # One buffer for every kept distance: thousands of long-lived pieces between short-lived
         # slabs fragment the heap (measured: 1.06 GB instead of 0.4 GB at N = 16,384).
-        self._buffer = vectors.new_empty(len(rows) * self.reach if fits else 0)
+        self._buffer = vectors.new_empty(owned_at_most if fits else 0)
         self._kept = 0
         self.low, self.high, counts = self._first_pass()
         self.counts = tuple(int(c) for c in counts)
@@ -236,18 +259,41 @@ class _PairSet:
             self._bands[height] = ones.triu_(0).tril_(self.reach - 1)
         return self._bands[height]
 
-    def _distances(self, block: tuple[int, int], columns: torch.Tensor) -> torch.Tensor:
+    def _slab(self, block: tuple[int, int] | _MemoryBlock) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The block's (genuine, impostor) masks of owned pairs and its slab of distances."""
+        if isinstance(block, _MemoryBlock):
+            column_norms = None if self.memory_norms is None else self.memory_norms[block.start : block.stop]
+            return self._masks(block), self._distances(block, column_norms)
+        columns, *masks = self._geometry(block)
+        return masks, self._distances(block, None if self.norms is None else self.norms[columns])
+
+    def _masks(self, block: tuple[int, int] | _MemoryBlock) -> list[torch.Tensor]:
+        """The block's (genuine, impostor) masks of owned pairs (a memory block owns all of them)."""
+        if not isinstance(block, _MemoryBlock):
+            return list(self._geometry(block)[1:])
+        genuine = self.labels[block.a : block.b, None] == self.memory_labels[None, block.start : block.stop]
+        return [genuine, ~genuine]
+
+    def _distances(self, block: tuple[int, int] | _MemoryBlock, column_norms: torch.Tensor | None) -> torch.Tensor:
         """The block's slab of distances, from its Gram block (never an ``N×N×D`` tensor):
         ``1 − x_i·x_j`` (cosine, unit rows) or ``√(|x_i|² + |x_j|² − 2 x_i·x_j)``."""
-        a, b = block
+        a, b = block[:2]
         rows = self.vectors[a:b]
-        if self.norms is None:
-            slab, alpha = rows.new_ones(b - a, len(columns)), -1
+        pieces = self._column_pieces(block)
+        if column_norms is None:
+            slab, alpha = rows.new_ones(b - a, sum(len(others) for _, others, _ in pieces)), -1
         else:
-            slab, alpha = self.norms[a:b, None] + self.norms[columns][None, :], -2
-        for offset, start, stop in self._pieces(block):
-            slab[:, offset : offset + stop - start].addmm_(rows, self.vectors[start:stop].T, alpha=alpha)
-        return slab if self.norms is None else slab.clamp_min_(_EPS_SQUARED_DISTANCE).sqrt_()
+            slab, alpha = self.norms[a:b, None] + column_norms[None, :], -2
+        for offset, others, _ in pieces:
+            slab[:, offset : offset + len(others)].addmm_(rows, others.T, alpha=alpha)
+        return slab if column_norms is None else slab.clamp_min_(_EPS_SQUARED_DISTANCE).sqrt_()
+
+    def _column_pieces(self, block: tuple[int, int] | _MemoryBlock) -> list[tuple[int, torch.Tensor, slice | None]]:
+        """(slab offset, column vectors, their rows in the batch) of the block's columns; memory
+        columns have no batch rows: they are constants and receive no gradient."""
+        if isinstance(block, _MemoryBlock):
+            return [(0, self.memory_vectors[block.start : block.stop], None)]
+        return [(offset, self.vectors[start:stop], slice(start, stop)) for offset, start, stop in self._pieces(block)]
 
     def _pieces(self, block: tuple[int, int]) -> list[tuple[int, int, int]]:
         """(slab offset, first row, end row) of the block's columns, split where they wrap past N:
@@ -260,10 +306,9 @@ class _PairSet:
             offset, start = offset + end - start, end
         return pieces
 
-    def _sides(self, block: tuple[int, int], keep: bool = False) -> Sides:
+    def _sides(self, block: tuple[int, int] | _MemoryBlock, keep: bool = False) -> Sides:
         """The block's (genuine, impostor) owned distances; ``keep``: written into the buffer."""
-        columns, *masks = self._geometry(block)
-        distances = self._distances(block, columns)
+        masks, distances = self._slab(block)
         if not keep:
             return distances[masks[0]], distances[masks[1]]
         kept = []
@@ -303,7 +348,7 @@ class _PairSet:
         """
         grad = torch.zeros_like(self.vectors)
         for block, sides in zip(self.blocks, self.sides(), strict=True):
-            _, *masks = self._geometry(block)
+            masks = self._masks(block)
             slab = self.vectors.new_zeros(masks[0].shape)
             for side, (mask, x) in enumerate(zip(masks, sides, strict=True)):
                 slab.masked_scatter_(mask, self._per_gram_term(weights(side, x), x))
@@ -316,18 +361,21 @@ class _PairSet:
             return weight
         return weight.div_(x).masked_fill_(x <= self.min_distance, 0)
 
-    def _accumulate(self, grad: torch.Tensor, block: tuple[int, int], slab: torch.Tensor) -> None:
-        """Add ``Σ_j C_ij ∂d_ij/∂x`` to the rows and columns: ``−C x_j`` (+ ``Σ_j C_ij x_i`` for Euclidean)."""
-        a, b = block
+    def _accumulate(self, grad: torch.Tensor, block: tuple[int, int] | _MemoryBlock, slab: torch.Tensor) -> None:
+        """Add ``Σ_j C_ij ∂d_ij/∂x`` to the rows and the batch columns: ``−C x_j`` (+ ``Σ_j C_ij x_i``
+        for Euclidean)."""
+        a, b = block[:2]
         rows = self.vectors[a:b]
         euclidean = self.norms is not None
         column_sums = slab.sum(0) if euclidean else None
-        for offset, start, stop in self._pieces(block):
-            part, others = slab[:, offset : offset + stop - start], self.vectors[start:stop]
+        for offset, others, batch_rows in self._column_pieces(block):
+            part = slab[:, offset : offset + len(others)]
             grad[a:b].addmm_(part, others, alpha=-1)
-            grad[start:stop].addmm_(part.T, rows, alpha=-1)
+            if batch_rows is None:
+                continue
+            grad[batch_rows].addmm_(part.T, rows, alpha=-1)
             if euclidean:
-                grad[start:stop].addcmul_(column_sums[offset : offset + stop - start, None], others)
+                grad[batch_rows].addcmul_(column_sums[offset : offset + len(others), None], others)
         if euclidean:
             grad[a:b].addcmul_(slab.sum(1, keepdim=True), rows)
 
@@ -339,6 +387,19 @@ def _row_blocks(rows: range, reach: int) -> list[tuple[int, int]]:
     size = int((-(reach - 1) + math.sqrt((reach - 1) ** 2 + 4 * _BLOCK_ELEMENTS)) / 2)
     size = max(1, min(len(rows), size))
     return [(a, min(a + size, rows.stop)) for a in range(rows.start, rows.stop, size)]
+
+
+def _memory_blocks(rows: range, memory_rows: int) -> list[_MemoryBlock]:
+    """Slabs of ``rows`` × memory rows holding at most ``_BLOCK_ELEMENTS`` pairs each."""
+    if memory_rows == 0 or len(rows) == 0:
+        return []
+    width = min(memory_rows, _BLOCK_ELEMENTS)
+    height = max(1, _BLOCK_ELEMENTS // width)
+    return [
+        _MemoryBlock(a, min(a + height, rows.stop), start, min(start + width, memory_rows))
+        for a in range(rows.start, rows.stop, height)
+        for start in range(0, memory_rows, width)
+    ]
 
 
 _GENUINE, _IMPOSTOR = 0, 1
@@ -545,6 +606,7 @@ class EERLoss(torch.nn.Module):
         *,
         rows: range | slice | None = None,
         group: dist.ProcessGroup | None = None,
+        memory: Memory | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, EERStats]:
         """The loss of the batch; with ``rows``, this rank's share of it (see "Sharding" above).
 
@@ -555,22 +617,24 @@ class EERLoss(torch.nn.Module):
             rows: this rank's own rows of the batch (``range(start, start + n_local)``); it
                 then scores only the pairs those rows own, and ``group`` sums the shares.
             group: the process group of the ranks sharing the batch (default: the world).
+            memory: ``(embeddings [M, D], labels [M])`` of earlier batches (a cross-batch memory,
+                identical on every rank): every pair (batch row, memory row) is scored too, as a
+                constant on the memory side (``pipeline/training/memory.py``).
         """
         if rows is not None and not (dist.is_available() and dist.is_initialized()):
             raise ValueError("rows= shards the pairs across a process group, but none is initialised")
         collective = _Collective(group, sharded=rows is not None)
         own = range(len(labels)) if rows is None else _row_range(rows, len(labels))
-        return self._loss(embeddings, labels, return_stats, own, collective)
+        return self._loss(embeddings, labels, return_stats, own, collective, memory)
 
     def _loss(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool, rows: range, collective: _Collective
+        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool, rows: range, collective: _Collective,
+        memory: Memory | None,
     ) -> torch.Tensor | tuple[torch.Tensor, EERStats]:
-        if embeddings.dtype not in (torch.float32, torch.float64):
-            embeddings = embeddings.float()  # bf16/fp16 embeddings: the search needs fp32 resolution
-        if self.normalize:
-            embeddings = F.normalize(embeddings, dim=1)
-        vectors = _distance_vectors(embeddings, labels, self.distance)
-        pairs = _PairSet(vectors.detach(), labels, rows, self.distance, collective)
+        vectors = self._vectors(embeddings, labels)
+        if memory is not None:
+            memory = self._vectors(memory[0].detach().to(vectors.dtype), memory[1]), memory[1]
+        pairs = _PairSet(vectors.detach(), labels, rows, self.distance, collective, memory)
         points = None
         if self.threshold_grad == "unrolled":
             threshold, midpoint = self._unrolled_search(vectors, pairs)
@@ -602,6 +666,14 @@ class EERLoss(torch.nn.Module):
         frr, far = means[_GENUINE, _RATE], means[_IMPOSTOR, _RATE]
         loss = self._direct(frr, far) if self.variant == "direct" else self._area(means[:, _AREA])
         return loss, at, frr, far
+
+    def _vectors(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The rows whose Gram matrix gives the pair distances, as the options ask."""
+        if embeddings.dtype not in (torch.float32, torch.float64):
+            embeddings = embeddings.float()  # bf16/fp16 embeddings: the search needs fp32 resolution
+        if self.normalize:
+            embeddings = F.normalize(embeddings, dim=1)
+        return _distance_vectors(embeddings, labels, self.distance)
 
     # -- the threshold search -------------------------------------------------------------------
     def _equation(self, frr: torch.Tensor, far: torch.Tensor, constant: bool = True) -> torch.Tensor:

@@ -12,6 +12,15 @@ ignores them and computes the whole batch on every rank (replicated), which is a
 Today only ``eer`` shards — the pytorch-metric-learning losses, Set2set and the classifiers
 are replicated; in a sum, each term does what it can.
 
+Cross-batch memory: given ``memory=(embeddings [M, D], labels [M])`` of earlier batches
+(``pipeline/training/memory.py``), a loss that can take it (:data:`MEMORY_LOSSES`) also scores
+every pair (batch row, memory row), the memory a constant. EERLoss adds the memory pairs to its
+pair set; the pytorch-metric-learning losses take the batch and the memory together as their
+references (``ref_emb``), with every anchor's comparison with itself removed (the library's
+``CrossBatchMemory`` semantics; unlike it, the batch's own pairs keep their gradient on both
+sides, so an empty memory is exactly the loss without one). Set2set and the classifiers cannot
+take a memory: their terms are sets or class weights, not pairs.
+
 Classification-style losses (``arcface``, ``cosface``) hold a class-weight matrix as module
 parameters: optimise ``loss.parameters()`` together with the model's. Their ``num_classes`` is
 the number of training subjects (``SubjectBatchLoader.num_classes``; labels are global).
@@ -30,9 +39,10 @@ from typing import Any
 
 import torch
 from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.utils import loss_and_miner_utils
 from torch import nn
 
-from pipeline.losses.eer import EERLoss, EERStats
+from pipeline.losses.eer import EERLoss, EERStats, Memory
 from pipeline.losses.set2set import Set2SetLoss
 
 Stats = dict[str, float]
@@ -49,22 +59,32 @@ class PairShard:
 class Criterion(nn.Module):
     """A loss with the registry's calling convention; ``stats`` turns the statistics of a loss
     that has some (called with ``return_stats=True``) into named values; ``shardable`` says
-    whether the loss takes a :class:`PairShard` (``rows=``, ``group=``)."""
+    whether the loss takes a :class:`PairShard` (``rows=``, ``group=``), ``takes_memory``
+    whether it takes a cross-batch ``memory=``."""
 
-    def __init__(self, loss: nn.Module, stats: Callable[[Any], Stats] | None = None, shardable: bool = False) -> None:
+    def __init__(
+        self, loss: nn.Module, stats: Callable[[Any], Stats] | None = None, shardable: bool = False,
+        takes_memory: bool = False,
+    ) -> None:
         super().__init__()
-        self.loss, self.stats, self.shardable = loss, stats, shardable
+        self.loss, self.stats, self.shardable, self.takes_memory = loss, stats, shardable, takes_memory
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False,
-        shard: PairShard | None = None,
+        shard: PairShard | None = None, memory: Memory | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
-        sharding = {"rows": shard.rows, "group": shard.group} if shard is not None and self.shardable else {}
+        options = {"rows": shard.rows, "group": shard.group} if shard is not None and self.shardable else {}
+        if memory is not None:
+            if not self.takes_memory:
+                raise ValueError(
+                    f"{type(self.loss).__name__} cannot take a cross-batch memory; these losses can: {MEMORY_LOSSES}"
+                )
+            options["memory"] = memory
         if not return_stats:
-            return self.loss(embeddings, labels, **sharding)
+            return self.loss(embeddings, labels, **options)
         if self.stats is None:
-            return self.loss(embeddings, labels, **sharding), {}
-        value, raw = self.loss(embeddings, labels, return_stats=True, **sharding)
+            return self.loss(embeddings, labels, **options), {}
+        value, raw = self.loss(embeddings, labels, return_stats=True, **options)
         return value, self.stats(raw)
 
 
@@ -74,7 +94,7 @@ def _eer_stats(stats: EERStats) -> Stats:
 
 
 def _eer(**kwargs: Any) -> Criterion:
-    return Criterion(EERLoss(**kwargs), _eer_stats, shardable=True)
+    return Criterion(EERLoss(**kwargs), _eer_stats, shardable=True, takes_memory=True)
 
 
 def _plain(loss: Callable[..., nn.Module]) -> Callable[..., Criterion]:
@@ -82,26 +102,50 @@ def _plain(loss: Callable[..., nn.Module]) -> Callable[..., Criterion]:
     return lambda **kwargs: Criterion(loss(**kwargs))
 
 
-class MinedLoss(nn.Module):
-    """A pytorch-metric-learning loss applied to the tuples its miner selects from the batch."""
+def _metric(loss: Callable[..., nn.Module]) -> Callable[..., Criterion]:
+    """A pytorch-metric-learning pair or triplet loss, as a :class:`Criterion` that takes a memory."""
+    return lambda **kwargs: Criterion(MetricLoss(loss(**kwargs)), takes_memory=True)
 
-    def __init__(self, loss: nn.Module, miner: nn.Module) -> None:
+
+class MetricLoss(nn.Module):
+    """A pytorch-metric-learning loss, on the tuples its miner selects if it has one, scoring the
+    batch's rows against the batch and, if given, a cross-batch memory."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None = None) -> None:
         super().__init__()
         self.loss, self.miner = loss, miner
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss(embeddings, labels, self.miner(embeddings, labels))
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        if memory is None:
+            return self.loss(embeddings, labels, self.miner(embeddings, labels) if self.miner else None)
+        references = torch.cat([embeddings, memory[0].detach().to(embeddings.dtype)])
+        reference_labels = torch.cat([labels, memory[1]])
+        if self.miner:
+            tuples = self.miner(embeddings, labels, references, reference_labels)
+        else:
+            tuples = loss_and_miner_utils.get_all_pairs_indices(labels, reference_labels)
+        return self.loss(embeddings, labels, _without_self_comparisons(tuples), references, reference_labels)
+
+
+def _without_self_comparisons(tuples: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)`` without an anchor paired with itself as
+    its own positive (the references start with the batch, so that is ``p == a``)."""
+    anchors, positives, *rest = tuples
+    kept = anchors != positives
+    if len(tuples) == 3:
+        return anchors[kept], positives[kept], rest[0][kept]
+    return anchors[kept], positives[kept], *rest
 
 
 def _triplet(margin: float = 0.2, **kwargs: Any) -> nn.Module:
     miner = miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard")
-    return Criterion(MinedLoss(losses.TripletMarginLoss(margin=margin, **kwargs), miner))
+    return Criterion(MetricLoss(losses.TripletMarginLoss(margin=margin, **kwargs), miner), takes_memory=True)
 
 
 def _triplet_all(margin: float = 0.2, **kwargs: Any) -> nn.Module:
     """Every valid triplet of the batch on L2-normalised embeddings: the strongest baseline of
     docs/research-notes.md (the semi-hard miner finds too few triplets in small batches)."""
-    return Criterion(losses.TripletMarginLoss(margin=margin, **kwargs))
+    return _metric(losses.TripletMarginLoss)(margin=margin, **kwargs)
 
 
 def _classifier(loss: type[nn.Module]) -> Callable[..., nn.Module]:
@@ -118,34 +162,39 @@ _PAIR_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "set2set": _plain(Set2SetLoss),
     "triplet": _triplet,
     "triplet_all": _triplet_all,
-    "contrastive": _plain(losses.ContrastiveLoss),
-    "multisimilarity": _plain(losses.MultiSimilarityLoss),
-    "supcon": _plain(losses.SupConLoss),
+    "contrastive": _metric(losses.ContrastiveLoss),
+    "multisimilarity": _metric(losses.MultiSimilarityLoss),
+    "supcon": _metric(losses.SupConLoss),
 }
 _CLASS_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "arcface": _classifier(losses.ArcFaceLoss),
     "cosface": _classifier(losses.CosFaceLoss),
 }
 LOSSES: tuple[str, ...] = tuple(sorted(_PAIR_LOSSES | _CLASS_LOSSES))
+MEMORY_LOSSES: tuple[str, ...] = ("contrastive", "eer", "multisimilarity", "supcon", "triplet", "triplet_all")
 
 
 class WeightedSum(nn.Module):
     """``Σ wᵢ · lossᵢ(embeddings, labels)``; its statistics are its terms' (the first term that
-    names a statistic wins), so a run trained with a sum logs what its EERLoss term reports."""
+    names a statistic wins), so a run trained with a sum logs what its EERLoss term reports.
+    It takes a memory when every term does: a comparison gives every term the same memory."""
 
     def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float]) -> None:
         super().__init__()
         self.terms = nn.ModuleDict(terms)
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
+        self.takes_memory = all(term.takes_memory for term in terms.values())
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False,
-        shard: PairShard | None = None,
+        shard: PairShard | None = None, memory: Memory | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
         total, stats = torch.zeros((), device=embeddings.device), {}
         for name, term in self.terms.items():
-            value, term_stats = term(embeddings, labels, return_stats=True, shard=shard) if return_stats else (
-                term(embeddings, labels, shard=shard), {})
+            if return_stats:
+                value, term_stats = term(embeddings, labels, return_stats=True, shard=shard, memory=memory)
+            else:
+                value, term_stats = term(embeddings, labels, shard=shard, memory=memory), {}
             stats = {**term_stats, **stats}
             total = total + self.weights[name] * value
         return (total, stats) if return_stats else total

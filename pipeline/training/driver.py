@@ -6,7 +6,7 @@ Relaunching the same ``run.name`` resumes from the latest checkpoint in ``run.st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.config import TrainConfig, absolute
@@ -64,8 +64,8 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
 
 def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainConfig, str | None]:
     """The config with absolute paths and the checked ``resume_from``, or one clear error: bad
-    shards, a batch the split cannot fill, an unknown model or loss, a foreign warm start, an
-    unwritable storage, a missing or unsafe checkpoint."""
+    shards, a batch the split cannot fill, an unknown model or loss, a memory the loss cannot
+    use, a foreign warm start, an unwritable storage, a missing or unsafe checkpoint."""
     from sharding.format import load_manifest
     from sharding.storage import check_writable
 
@@ -102,22 +102,26 @@ def _check_batch(config: TrainConfig, subjects: int) -> None:
 
 def _check_model_and_loss(config: TrainConfig, subjects: int) -> None:
     """Build the model and the loss once, as the workers will: a bad name or option fails here."""
-    from pipeline.losses.registry import build_loss
+    from pipeline.losses.registry import MEMORY_LOSSES, build_loss
     from pipeline.models import build_model
     from pipeline.training.warm_start import warm_start_weights
 
     build_model(config.model.name, features=tuple(config.data.features),
                 embedding_size=config.model.embedding_size, **config.model.options)
-    build_loss(config.loss.name, config.model.embedding_size, num_classes=subjects, **config.loss.options)
+    criterion = build_loss(config.loss.name, config.model.embedding_size, num_classes=subjects, **config.loss.options)
+    if config.loss.memory.size and not criterion.takes_memory:
+        raise ValueError(
+            f"loss.memory.size={config.loss.memory.size} needs a loss that scores pairs against a memory "
+            f"({', '.join(MEMORY_LOSSES)}, or a sum of them); loss.name={config.loss.name!r} cannot"
+        )
     if config.train.init_from:
         warm_start_weights(config)
 
 
 def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
-    """A checkpoint continues only the model and the stream it was saved with: the loader's own
-    resume check (batch shape, ranks, workers, manifest…) and the model's settings, on the driver."""
-    from dataclasses import asdict
-
+    """A checkpoint continues only the model, the stream and the memory it was saved with: the
+    loader's own resume check (batch shape, ranks, workers, manifest…), the model's settings and
+    the memory's size and encoder, on the driver."""
     from pipeline.data import SubjectBatchLoader
     from pipeline.training.worker import sampler_config
 
@@ -131,3 +135,16 @@ def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> 
     model = saved.get("config", {}).get("model")
     if model is not None and model != asdict(config.model):
         raise ValueError(f"{where}: saved for model {model}, this run trains {asdict(config.model)}")
+    _check_memory_resumable(config, where, saved)
+
+
+def _check_memory_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
+    """The memory's queue and momentum encoder continue only with the same size and encoder."""
+    saved_memory = saved.get("config", {}).get("loss", {}).get("memory") if "memory" in saved else None
+    theirs, mine = _memory_shape(saved_memory or {"size": 0}), _memory_shape(asdict(config.loss.memory))
+    if theirs != mine:
+        raise ValueError(f"{where}: saved with cross-batch memory {theirs}, this run has {mine}")
+
+
+def _memory_shape(memory: dict[str, Any]) -> str:
+    return f"size={memory['size']} encoder={memory['encoder']}" if memory["size"] else "none"

@@ -9,6 +9,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.training.checkpointer import install_safe_loading
+from pipeline.training.memory import CrossBatchMemory
 from pipeline.training.schedule import Schedule, lr_factor
 from pipeline.training.verifier import Verifier
 
@@ -33,7 +34,10 @@ def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
     }
 
 
-def build_engine(config: TrainConfig, world: int, schedule: Schedule, model: nn.Module, criterion: nn.Module) -> Any:
+def build_engine(
+    config: TrainConfig, world: int, schedule: Schedule, model: nn.Module, criterion: nn.Module,
+    memory: CrossBatchMemory | None = None,
+) -> Any:
     """``deepspeed.initialize`` over :class:`Verifier`, with warm-up + decay over the whole
     schedule and checkpoints loaded without running code."""
     import deepspeed
@@ -41,7 +45,7 @@ def build_engine(config: TrainConfig, world: int, schedule: Schedule, model: nn.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op: skip its JIT build
     warmup, kind = config.train.warmup_steps, config.train.schedule
     engine, *_ = deepspeed.initialize(
-        model=Verifier(model, criterion, shard_pairs=config.loss.pairs == "sharded"),
+        model=Verifier(model, criterion, shard_pairs=config.loss.pairs == "sharded", memory=memory),
         config=deepspeed_config(config, world),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup, schedule.total_steps, kind)

@@ -48,6 +48,7 @@ def step_metrics(engine: Any, loss: torch.Tensor, stats: dict[str, float], param
     }
     if norm is not None:
         metrics["train/grad_norm"] = float(norm)
+    metrics.update(engine.module.memory_metrics())
     metrics.update({f"train/{name}": value for name, value in stats.items()})
     return metrics
 

@@ -1,4 +1,4 @@
-"""The module DeepSpeed trains: model, cross-rank gather, loss."""
+"""The module DeepSpeed trains: model, cross-rank gather, loss (and the cross-batch memory)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 
 from pipeline.distributed import gather_batch, world_size
 from pipeline.losses.registry import PairShard
+from pipeline.training.memory import CrossBatchMemory
 
 
 class Verifier(nn.Module):
@@ -16,24 +17,43 @@ class Verifier(nn.Module):
 
     One module so that DeepSpeed optimises the loss's own weights too (ArcFace, CosFace), and
     so that "where does the loss see global pairs" is this forward. With ``shard_pairs`` (and
-    more than one rank) a loss that can shard scores only this rank's share of the pairs.
+    more than one rank) a loss that can shard scores only this rank's share of the pairs. With
+    a ``memory``, the loss also scores the global batch against the queued earlier batches, and
+    the batch then joins the queue; the memory is a plain attribute, not a submodule, so that
+    DeepSpeed neither optimises nor saves its momentum encoder (the checkpointer does).
     """
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, shard_pairs: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, criterion: nn.Module, shard_pairs: bool = True, memory: CrossBatchMemory | None = None
+    ) -> None:
         super().__init__()
-        self.model, self.criterion, self.shard_pairs = model, criterion, shard_pairs
+        self.model, self.criterion, self.shard_pairs, self.memory = model, criterion, shard_pairs, memory
         self.timings: dict[str, float] = {}
 
     def forward(
-        self, features: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, return_stats: bool = False
+        self, features: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, return_stats: bool = False,
+        step: int = 0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss on the global batch, and the loss's statistics when asked (else ``{}``)."""
+        """The loss of step ``step`` on the global batch, and the loss's statistics when asked (else ``{}``)."""
         start = time.perf_counter()
         embeddings = self.model(features, mask)
         middle = time.perf_counter()
-        embeddings, labels, rows = gather_batch(embeddings.float(), labels)
-        shard = PairShard(rows) if self.shard_pairs and world_size() > 1 else None
-        result = self.criterion(embeddings, labels, return_stats=return_stats, shard=shard)
+        batch = gather_batch(embeddings.float(), labels)
+        shard = PairShard(batch.rows) if self.shard_pairs and world_size() > 1 else None
+        remembering = self.memory is not None and self.memory.active(step)
+        memory = self.memory.rows(batch.embeddings.device) if remembering else None
+        result = self.criterion(batch.embeddings, batch.labels, return_stats=return_stats, shard=shard, memory=memory)
         loss, stats = result if return_stats else (result, {})
         self.timings = {"forward": middle - start, "gather_loss": time.perf_counter() - middle}
+        if remembering:
+            self.memory.enqueue(features, mask, labels, batch)
         return loss, stats
+
+    def follow_weights(self) -> None:
+        """After an optimizer step: the momentum encoder (if any) takes in the new weights."""
+        if self.memory is not None:
+            self.memory.follow(self.model)
+
+    def memory_metrics(self) -> dict[str, float]:
+        """The memory's fill and encoder time (nothing without a memory)."""
+        return self.memory.metrics() if self.memory is not None else {}

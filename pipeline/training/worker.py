@@ -1,8 +1,9 @@
 """The training function every Ray Train worker (one DeepSpeed rank) runs.
 
 Each step: this rank's P × K batch → embeddings all-gathered with gradients → the loss on the
-global batch (:class:`~pipeline.training.verifier.Verifier`); DeepSpeed averages the gradients,
-which makes them those of one process holding the global batch. Validation, checkpoints and
+global batch, and on its pairs with a cross-batch memory if the run has one
+(:class:`~pipeline.training.verifier.Verifier`); DeepSpeed averages the gradients, which makes
+them those of one process holding the global batch. Validation, checkpoints and
 reports happen at the steps the config names; a checkpoint's report is a barrier on all ranks.
 """
 
@@ -17,6 +18,7 @@ from pipeline.config import TrainConfig
 from pipeline.exports import export_path, save_model
 from pipeline.training.checkpointer import Checkpointer
 from pipeline.training.engine import build_engine
+from pipeline.training.memory import CrossBatchMemory, memory_of
 from pipeline.training.metrics_sink import MetricsSink, StepTimer, parameter_grad_norm, step_metrics
 from pipeline.training.schedule import schedule_of
 from pipeline.training.state import RunState
@@ -31,9 +33,11 @@ def worker_loop(payload: dict[str, Any]) -> None:
     torch.manual_seed(config.run.seed)  # identical initial weights on every rank
     loader = _train_loader(config, rank, world)
     schedule = schedule_of(config, loader.shard_set.manifest)
-    engine = build_engine(config, world, schedule, *_model_and_loss(config, loader.num_classes))
+    model, criterion = _model_and_loss(config, loader.num_classes)
+    memory = memory_of(config, model)
+    engine = build_engine(config, world, schedule, model, criterion, memory)
     state = RunState()
-    checkpointer = Checkpointer(engine, {"run": state, "loader": loader}, config, rank)
+    checkpointer = Checkpointer(engine, _checkpoint_parts(state, loader, memory), config, rank)
     checkpointer.restore(payload.get("resume_from"))
     validate, sink, timer = Validator(config, rank, world), MetricsSink(config, rank), StepTimer()
     sessions_per_step = config.data.subjects_per_batch * config.data.sessions_per_subject * world
@@ -43,12 +47,13 @@ def worker_loop(payload: dict[str, Any]) -> None:
             timer.lap("data")
             state.step += 1
             log_now = state.step % config.train.log_every == 0 or state.step == schedule.stop_step
-            loss, stats = engine(batch.features, batch.mask, batch.labels, return_stats=log_now)
+            loss, stats = engine(batch.features, batch.mask, batch.labels, return_stats=log_now, step=state.step)
             timer.lap("model")
             engine.backward(loss)
             norm = parameter_grad_norm(engine) if log_now else None
             timer.lap("backward")
             engine.step()
+            engine.module.follow_weights()
             timer.lap("optimizer")
             epoch_end = loader.step >= loader.batches_per_epoch
             state.train_seconds = seconds_before + timer.last - launched
@@ -72,6 +77,15 @@ def worker_loop(payload: dict[str, Any]) -> None:
     if rank == 0:
         save_model(export_path(config.run_dir, "final"), engine.module.model, config.to_dict())
     sink.finish()
+
+
+def _checkpoint_parts(state: RunState, loader: Any, memory: CrossBatchMemory | None) -> dict[str, Any]:
+    """The run's parts a checkpoint saves; the memory only when the run has one, so that runs
+    without keep their checkpoints' layout (and older checkpoints stay loadable)."""
+    parts: dict[str, Any] = {"run": state, "loader": loader}
+    if memory is not None:
+        parts["memory"] = memory
+    return parts
 
 
 def _every(step: int, interval: int) -> bool:
