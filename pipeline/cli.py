@@ -131,13 +131,9 @@ def ablation(
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """Every loss with the same model, batches, optimizer, seed and steps."""
-    from pipeline.experiment import ABLATION_ARMS
+    from pipeline.experiment import chosen_arms
 
-    chosen = [a for a in arms.split(",") if a] or list(ABLATION_ARMS)
-    unknown = sorted(set(chosen) - set(ABLATION_ARMS))
-    if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ABLATION_ARMS)}")
-    _run_arms(config, shards, out, {a: ABLATION_ARMS[a] for a in chosen}, overrides)
+    _run_arms(config, shards, out, chosen_arms([a for a in arms.split(",") if a]), overrides)
 
 
 @experiment.command("batch-size")
@@ -151,6 +147,26 @@ def batch_size(
 ) -> None:
     """EER against the number of subjects per global batch (P × ranks, gathered)."""
     arms = {f"P{p}": [f"data.subjects_per_batch={int(p)}"] for p in subjects.split(",")}
+    _run_arms(config, shards, out, arms, overrides)
+
+
+@experiment.command()
+@_expected
+def memory(
+    shards: str = _SHARDS,
+    config: Optional[Path] = _CONFIG,
+    out: Path = _OUT,
+    sizes: str = typer.Option("0,1024,4096,16384", "--sizes", help="Memory rows, comma-separated; 0: none."),
+    losses: str = typer.Option("eer-area,multisimilarity", "--losses", help="Ablation arms that get each memory."),
+    encoders: str = typer.Option("momentum,current", "--encoders",
+                                 help="Who embeds the queue: momentum (an EMA of the model), current (the model)."),
+    overrides: Optional[list[str]] = _OVERRIDES,
+) -> None:
+    """Each loss with each cross-batch memory size and encoder, at the same budget."""
+    from pipeline.experiment import memory_arms
+
+    arms = memory_arms([a for a in losses.split(",") if a], [int(s) for s in sizes.split(",")],
+                       [e for e in encoders.split(",") if e])
     _run_arms(config, shards, out, arms, overrides)
 
 

@@ -48,6 +48,34 @@ ABLATION_ARMS: dict[str, list[str]] = {
     "multisimilarity": ["loss.name=multisimilarity"],
     "arcface": ["loss.name=arcface"],
 }
+MEMORY_ENCODERS = ("momentum", "current")
+
+
+def chosen_arms(names: list[str]) -> dict[str, list[str]]:
+    """The named ablation arms (all of them for none); an unknown name is refused, listing the choices."""
+    unknown = sorted(set(names) - set(ABLATION_ARMS))
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ABLATION_ARMS)}")
+    return {name: ABLATION_ARMS[name] for name in names or ABLATION_ARMS}
+
+
+def memory_arms(losses: list[str], sizes: list[int], encoders: list[str]) -> dict[str, list[str]]:
+    """Each loss arm without a memory (size 0: the ablation's own arm, hence the same run) and
+    with every size and encoder, e.g. ``eer-area-mem4096-momentum``."""
+    if not set(encoders) <= set(MEMORY_ENCODERS):
+        raise ValueError(f"unknown memory encoder(s) {sorted(set(encoders) - set(MEMORY_ENCODERS))}; "
+                         f"choose from {list(MEMORY_ENCODERS)}")
+    arms = {}
+    for name, overrides in chosen_arms(losses).items():
+        for size in sizes:
+            if size == 0:
+                arms[name] = overrides
+            for encoder in encoders if size else ():
+                memory = [f"loss.memory.size={size}", f"loss.memory.encoder={encoder}"]
+                arms[f"{name}-mem{size}-{encoder}"] = [*overrides, *memory]
+    return arms
+
+
 OURS = "eer"  # arms whose loss is this, or a sum with it, are "ours"; the others are baselines
 
 

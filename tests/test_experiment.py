@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import TrainConfig
-from pipeline.experiment import ABLATION_ARMS, steps_to_reach
+from pipeline.experiment import ABLATION_ARMS, memory_arms, steps_to_reach
 
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
 
@@ -37,6 +37,25 @@ def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
     )
     assert result.exit_code == 1
     assert "unknown arm(s) ['hinge']" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_memory_experiment_gives_each_loss_every_memory_and_keeps_the_plain_arm():
+    arms = memory_arms(["eer-area", "multisimilarity"], [0, 4096], ["momentum", "current"])
+    assert list(arms) == [
+        "eer-area", "eer-area-mem4096-momentum", "eer-area-mem4096-current",
+        "multisimilarity", "multisimilarity-mem4096-momentum", "multisimilarity-mem4096-current",
+    ]
+    assert arms["eer-area"] == ABLATION_ARMS["eer-area"]  # size 0 is the ablation's own run
+    config = TrainConfig.load(CONFIG, arms["multisimilarity-mem4096-current"])
+    assert (config.loss.name, config.loss.memory.size, config.loss.memory.encoder) == ("multisimilarity", 4096, "current")
+
+
+def test_an_unknown_memory_encoder_is_refused_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(app, ["experiment", "memory", "--shards", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--encoders", "momentum,stale"])
+    assert result.exit_code == 1
+    assert "unknown memory encoder(s) ['stale']" in result.output
     assert not (tmp_path / "out").exists()
 
 
