@@ -146,9 +146,25 @@ def test_the_table_is_computed_with_the_model_for_every_subject_within_its_reade
         assert sorted(s for s in table.nearest if s in subjects) == subjects
         for subject in subjects:
             assert len(table.nearest[subject]) == 3 and set(table.nearest[subject]) <= set(subjects) - {subject}
-    before = table
-    hard.refresh()  # not an epoch's start of a new epoch: the table in force stays
-    assert stream.neighbours is before
+    hard.refresh()  # the same epoch: the table in force stays
+    assert stream.neighbours is table
+    stream.set_epoch(1)
+    hard.refresh()
+    assert stream.neighbours.epoch == 1
+
+
+def test_the_table_is_recomputed_every_every_epochs(shards):
+    train = TrainConfig.load(None, [f"data.shards={shards}", "data.hard_batches.enabled=true",
+                                    "data.hard_batches.every_epochs=2"])
+    stream = loader(shards)
+    hard = HardBatches(train, stream, torch.nn.Linear(1, 1))
+    hard._centroids = lambda shards, reader: (np.array([reader]), torch.zeros(1, 2))  # no model needed
+    epochs = []
+    for epoch_index in range(5):
+        stream.set_epoch(epoch_index)
+        hard.refresh()
+        epochs.append(stream.neighbours.epoch)
+    assert epochs == [0, 0, 2, 2, 4]
 
 
 def test_the_neighbour_share_counts_subjects_that_are_another_ones_neighbour():

@@ -27,6 +27,9 @@ from tests.wandb_offline import history, run_config
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
+# Hard batches from the first step; the table of epoch 0 stays in force in epoch 1, so a resume
+# at the epoch boundary matches only if the checkpoint carried it.
+HARD_BATCHES = ("data.hard_batches.enabled=true", "data.hard_batches.every_epochs=2")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,12 @@ def config(shards: str, storage: str, name: str, *overrides: str) -> TrainConfig
 def straight_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
     storage = tmp_path_factory.mktemp("runs")
     return train(config(shards, str(storage), "straight"), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def straight_hard_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    storage = tmp_path_factory.mktemp("runs")
+    return train(config(shards, str(storage), "straight-hard", *HARD_BATCHES), show_progress=False)
 
 
 def parameters(export: str) -> dict[str, torch.Tensor]:
@@ -96,17 +105,28 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     assert run_config(logs[0])["loss"]["name"] == "eer"
 
 
+def test_hard_batches_log_their_neighbour_share_impostor_distance_and_centroid_time(straight_hard_run):
+    (log,) = Path(straight_hard_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
+    logged = [row for row in history(log) if "train/neighbour_share" in row]
+    assert logged and logged[0]["train/neighbour_share"] >= 6 / 16  # 2 seeds × 3 neighbours, nothing used yet
+    assert all(0 < row["train/impostor_distance"] <= 2 and row["time/centroids_s"] > 0 for row in logged)
+
+
+@pytest.mark.parametrize("batches", ["random", "hard"])
 def test_stopping_after_an_epoch_and_relaunching_or_resuming_from_it_on_s3_matches_the_straight_run(
-    shards, ray_cluster, straight_run, s3_url
+    shards, ray_cluster, s3_url, batches, request
 ):
-    first = train(config(shards, s3_url, "resumed", "train.stop_after_epochs=1", "wandb.enabled=false"), show_progress=False)
+    straight_run = request.getfixturevalue({"random": "straight_run", "hard": "straight_hard_run"}[batches])
+    arm = HARD_BATCHES if batches == "hard" else ()
+    first = train(config(shards, s3_url, "resumed", "train.stop_after_epochs=1", "wandb.enabled=false", *arm),
+                  show_progress=False)
     assert first.metrics["step"] == straight_run.metrics["step"] // 2
     assert first.checkpoint.startswith("s3://")
-    second = train(config(shards, s3_url, "resumed", "wandb.enabled=false"), show_progress=False)
+    second = train(config(shards, s3_url, "resumed", "wandb.enabled=false", *arm), show_progress=False)
     assert second.metrics["step"] == straight_run.metrics["step"]
     assert_same_parameters(second.final_model, straight_run.final_model)
     forked = train(
-        config(shards, s3_url, "forked", "wandb.enabled=false"), resume_from=first.checkpoint, show_progress=False
+        config(shards, s3_url, "forked", "wandb.enabled=false", *arm), resume_from=first.checkpoint, show_progress=False
     )
     assert_same_parameters(forked.final_model, straight_run.final_model)
 

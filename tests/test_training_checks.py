@@ -69,6 +69,9 @@ def assert_refused_in_one_line(result: object, *fragments: str) -> None:
         (["data.subjects_per_batch=40"], "data.subjects_per_batch=40 on train.num_workers=2 ranks needs 80 training subjects"),
         (["data.loader_workers=4"], "4 shards cannot feed 8 readers"),
         (["data.subjects_per_batch=34"], "cannot fill one batch of 34 subjects"),
+        (["data.hard_batches.enabled=true", "data.hard_batches.cap=8"],
+         "data.hard_batches: seeds × (1 + cap) = 18 subjects do not fit in data.subjects_per_batch=16"),
+        (["data.hard_batches.sessions_per_centroid=0"], "data.hard_batches.sessions_per_centroid must be ≥ 1, got 0"),
     ],
 )
 def test_settings_the_shards_cannot_serve_are_refused_before_ray_starts(shards, tmp_path, overrides, message):

@@ -3,7 +3,9 @@ recomputed with the current model, and how hard the batches are.
 
 At an epoch's start (every ``every_epochs``, once the schedule gives neighbours) each rank embeds
 ``sessions_per_centroid`` sessions of each of its own subjects — subjects are disjoint across
-ranks, so the ranks share the work — and averages them into centroids. A subject's nearest
+ranks, so the ranks share the work — and averages them into centroids. The sessions are drawn
+once per run and kept featurised: reading and decoding the shards again would cost more than
+embedding them. A subject's nearest
 subjects are searched among its own reader's subjects only, since a batch is built from one
 reader's shards. Only the neighbour lists cross ranks (all-gathered, never the centroids), so
 every rank's loader holds the same merged table and a checkpoint, saved from rank 0, restores it.
@@ -44,6 +46,7 @@ class HardBatches:
         self.batch_size = config.data.eval_batch_size
         self.centroid_seconds = 0.0
         self.embeddings: torch.Tensor | None = None
+        self.session_batches: dict[int, list[Batch]] = {}  # per reader, read at the first refresh
         model.register_forward_hook(self._keep_output)
 
     def refresh(self) -> None:
@@ -74,6 +77,8 @@ class HardBatches:
         return metrics
 
     def _due(self) -> bool:
+        """At an epoch's first step only: a batch must depend on (seed, epoch, table) alone for
+        a resume to replay it, which a table changed mid-epoch would break."""
         loader = self.loader
         last_step = (loader.epoch + 1) * loader.batches_per_epoch - 1
         if loader.step > 0 or neighbours_at(self.settings, last_step) == 0:
@@ -84,7 +89,9 @@ class HardBatches:
     def _centroids(self, shards: list[ShardInfo], reader: int) -> tuple[np.ndarray, torch.Tensor]:
         """(labels, unit-length mean embeddings) of a reader's subjects. Unit length because the
         losses normalise embeddings (EERLoss by default) and evaluation scores cosine."""
-        embeddings, labels, _ = embed(self.model, self._session_batches(shards, reader))
+        if reader not in self.session_batches:
+            self.session_batches[reader] = list(self._session_batches(shards, reader))
+        embeddings, labels, _ = embed(self.model, self.session_batches[reader])
         subjects, rows = np.unique(labels, return_inverse=True)
         sums = torch.zeros(len(subjects), embeddings.shape[1]).index_add_(
             0, torch.from_numpy(rows), F.normalize(embeddings, dim=1)
@@ -92,9 +99,10 @@ class HardBatches:
         return subjects, F.normalize(sums, dim=1)
 
     def _session_batches(self, shards: list[ShardInfo], reader: int) -> Iterator[Batch]:
-        """A few sessions of every subject of ``shards``, drawn for (seed, epoch, rank, reader)."""
+        """A few sessions of every subject of ``shards``, drawn for (seed, rank, reader): the
+        same in a resumed run, whichever epoch it resumes at."""
         loader = self.loader
-        rng = np.random.default_rng([loader.config.seed, loader.epoch, loader.rank, reader, 0xCE])
+        rng = np.random.default_rng([loader.config.seed, loader.rank, reader, 0xCE])
         labels = {subject: i for i, subject in enumerate(loader.subject_ids)}
         rows: list[Row] = []
         for shard in shards:
