@@ -97,7 +97,7 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     logged = set().union(*rows)
     assert {
         "train/loss", "train/threshold", "train/soft_far", "train/soft_frr", "train/batch_eer",
-        "train/lr", "train/grad_norm", "train/sessions_per_s", "train/step_time",
+        "train/lr", "train/grad_norm", "train/sessions_per_s", "train/step_time", "train/impostor_distance",
         "val/eer", "val/auc", "val/per_subject_eer", "val/fnmr_at_fmr_0.1%",
     } <= logged
     assert {row["val/det/_type"] for row in rows if "val/det/_type" in row} == {"image-file"}

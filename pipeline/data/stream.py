@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from pipeline.config import HardBatchesSection
 from pipeline.data.batch import (
     Batch,
     current_worker,
@@ -50,7 +51,6 @@ from pipeline.data.batch import (
     make_batch,
     round_robin,
 )
-from pipeline.config import HardBatchesSection
 from pipeline.data.features import DEFAULT_FEATURES, check_features
 from pipeline.data.hard_batches import NeighbourTable, active_neighbours, neighbours_at, pick_hard
 from pipeline.data.shards import ShardSet, assign_shards
@@ -219,8 +219,8 @@ class SubjectBatchDataset(IterableDataset):
         count = neighbours_at(hard, self.epoch * self.plan.batches_per_epoch + rank_step)
         if count == 0 or self.neighbours is None:
             return rng.choice(len(pool.entries), cfg.subjects_per_batch, replace=False)
-        labels = [entry.label for entry in pool.entries]
-        return pick_hard(labels, cfg.subjects_per_batch, hard.seeds, rng, active_neighbours(self.neighbours, hard, count))
+        labels, neighbours = [entry.label for entry in pool.entries], active_neighbours(self.neighbours, hard, count)
+        return pick_hard(labels, cfg.subjects_per_batch, hard.seeds, rng, neighbours)
 
     def _sessions(self, available: int, rng: np.random.Generator) -> np.ndarray:
         k = self.config.sessions_per_subject
