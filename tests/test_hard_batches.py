@@ -29,8 +29,8 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def loader(root: Path, hard: HardBatchesSection = HARD, num_workers: int = 0, **overrides) -> SubjectBatchLoader:
-    """Rank 0 of 2; the buffer holds a reader's every subject, so every neighbour is at hand."""
-    settings = config(hard_batches=hard, shuffle_buffer=200, **overrides)
+    """Rank 0 of 2, with the smallest shuffle buffer: hard batches buffer a reader's every subject."""
+    settings = config(**{"hard_batches": hard, "shuffle_buffer": P, **overrides})
     return SubjectBatchLoader(str(root), config=settings, rank=0, world_size=2, num_workers=num_workers)
 
 
@@ -99,15 +99,18 @@ def test_batches_follow_the_count_of_their_global_step(shards):
     assert_seeds_then_neighbours(epoch(stream), table, counts)
 
 
-def test_off_or_before_the_schedule_starts_the_batches_are_todays(shards):
+def test_off_the_batches_are_todays_and_before_the_schedule_starts_they_are_random(shards):
     today = epoch(loader(shards, HardBatchesSection()))
-    for hard in (HardBatchesSection(), HardBatchesSection(enabled=True, start_step=10_000)):
-        stream = loader(shards, hard)
-        stream.neighbours = ring_table(stream)
-        assert same(epoch(stream), today)
+    off = loader(shards, HardBatchesSection())
+    off.neighbours = ring_table(off)
+    assert same(epoch(off), today)
+    random_from_whole_readers = epoch(loader(shards, HardBatchesSection(), shuffle_buffer=200))
+    waiting = loader(shards, HardBatchesSection(enabled=True, start_step=10_000))
+    waiting.neighbours = ring_table(waiting)
+    assert same(epoch(waiting), random_from_whole_readers)
     hard = loader(shards)
     hard.neighbours = ring_table(hard)
-    assert not same(epoch(hard), today)
+    assert not same(epoch(hard), random_from_whole_readers)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -21,9 +21,10 @@ How a rank's epoch is made (all ranks run the same code on the same manifest):
    permutation of their sessions up to K (each used ⌊K/S⌋ or ⌈K/S⌉ times); the repeated
    sessions form zero-distance genuine pairs. Subjects with no session are always skipped.
 
-5. **Hard batches** (``hard_batches``, off by default; :mod:`.hard_batches`): from the step
-   its schedule names, a batch is ``seeds`` random subjects of the buffer, each followed by its
-   nearest subjects in the neighbour table that are still buffered, then random subjects up to P.
+5. **Hard batches** (``hard_batches``, off by default; :mod:`.hard_batches`): the buffer holds
+   the reader's every subject; from the step the schedule names, a batch is ``seeds`` random
+   subjects of the buffer, each followed by its nearest subjects in the neighbour table that are
+   still buffered (not drawn yet this epoch), then random subjects up to P.
 
 All randomness comes from ``numpy.random.default_rng([seed, epoch, rank, worker, …])``, so an
 epoch depends on (seed, epoch, world size, workers, config, manifest, neighbour table) and nothing
@@ -203,7 +204,7 @@ class SubjectBatchDataset(IterableDataset):
     def _batches(self, worker: int, skip: int) -> Iterator[Batch]:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, worker])
-        pool = _Pool(lambda p: self._entries(worker, p), cfg.shuffle_buffer)
+        pool = _Pool(lambda p: self._entries(worker, p), self._buffer_size(worker))
         rank_steps = [i for i, w in enumerate(self.plan.order(self.rank)) if w == worker]
         for step in range(self.plan.quotas[self.rank][worker]):
             pool.refill(cfg.subjects_per_batch)
@@ -211,6 +212,13 @@ class SubjectBatchDataset(IterableDataset):
             picks = [self._sessions(e.sessions, rng) for e in chosen]
             if step >= skip:
                 yield self._build(chosen, picks)
+
+    def _buffer_size(self, worker: int) -> int:
+        """``shuffle_buffer`` bounds a reader's memory; hard batches buffer the reader's every
+        subject instead, so that a seed's neighbours are at hand until they are drawn."""
+        if not self.config.hard_batches.enabled:
+            return self.config.shuffle_buffer
+        return max(self.config.shuffle_buffer, sum(s.samples for s in self.plan.readers[self.rank][worker]))
 
     def _choose(self, pool: _Pool, rng: np.random.Generator, rank_step: int) -> np.ndarray:
         """Buffer indices of the P subjects of this rank's step ``rank_step``: at random, or a
