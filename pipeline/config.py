@@ -41,6 +41,36 @@ class RunSection:
             raise ValueError("run.name must not be empty")
 
 
+@dataclass(frozen=True)
+class HardBatchesSection:
+    """Type2Branch's hard batches (docs/design.md §3, §8): seed subjects plus the subjects nearest
+    to them by embedding centroid, recomputed with the current model. Off by default: a quick study
+    found naive hard batches hurt both losses on real data, so this is a tool for experiments."""
+
+    KEY: ClassVar[str] = "data.hard_batches"
+    enabled: bool = False
+    seeds: int = 2  # seed subjects per rank batch; each brings its neighbours, the rest of P is random
+    start: int = 1  # neighbours per seed at start_step
+    cap: int = 3  # neighbours per seed once the ramp is over
+    start_step: int = 0  # steps trained on random batches before neighbours are used
+    ramp_steps: int = 0  # steps over which the count grows linearly from start to cap
+    every_epochs: int = 1  # centroids recomputed with the current model at every this many epochs' start
+    sessions_per_centroid: int = 2  # sessions embedded per subject: ≈ sessions / (3 K) of an epoch's compute
+    kind: Literal["nearest", "semihard"] = "nearest"  # semihard: the closest `skip` subjects are passed over
+    skip: int = 1  # semihard only
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "seeds", "cap", "every_epochs", "sessions_per_centroid", "skip")
+        _at_least(self, 0, "start", "start_step", "ramp_steps")
+        if self.start > self.cap:
+            raise ValueError(f"{self.KEY}.start must be ≤ cap={self.cap}, got {self.start}")
+
+    @property
+    def passed_over(self) -> int:
+        """How many of a subject's nearest subjects are never its neighbours."""
+        return self.skip if self.kind == "semihard" else 0
+
+
 @dataclass
 class DataSection:
     shards: str = "shards"  # the shard set's folder or URL (its manifest.json)
@@ -51,10 +81,17 @@ class DataSection:
     short_subjects: Literal["skip", "repeat"] = "skip"  # see pipeline/data/stream.py
     loader_workers: int = 0
     eval_batch_size: int = 1024
+    hard_batches: HardBatchesSection = field(default_factory=HardBatchesSection)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "subjects_per_batch", "sessions_per_subject", "max_len", "eval_batch_size")
         _at_least(self, 0, "loader_workers")
+        hard = self.hard_batches
+        if hard.enabled and hard.seeds * (1 + hard.cap) > self.subjects_per_batch:
+            raise ValueError(
+                f"{hard.KEY}: seeds × (1 + cap) = {hard.seeds * (1 + hard.cap)} subjects do not fit in "
+                f"data.subjects_per_batch={self.subjects_per_batch}"
+            )
 
 
 @dataclass
@@ -196,6 +233,8 @@ class TrainConfig:
         del settings["run"]["name"], settings["train"]["max_failures"], settings["wandb"]
         if not self.loss.memory.size:  # no memory: the digests (arm run names) of configs before it
             del settings["loss"]["memory"]
+        if not self.data.hard_batches.enabled:  # off trains as before the setting existed: same digest
+            del settings["data"]["hard_batches"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -62,11 +62,31 @@ def test_bad_overrides_are_refused_with_the_key_named(override, message):
         ("loss.memory.start_step=-2", "loss.memory.start_step must be ≥ 0, got -2"),
         ("loss.memory.momentum=1", "loss.memory.momentum must lie in [0, 1), got 1.0"),
         ("loss.memory.encoder=ema", "loss.memory.encoder must be one of 'momentum', 'current', got 'ema'"),
+        ("data.hard_batches.cap=0", "data.hard_batches.cap must be ≥ 1, got 0"),
+        ("data.hard_batches.start=4", "data.hard_batches.start must be ≤ cap=3, got 4"),
+        ("data.hard_batches.ramp_steps=-1", "data.hard_batches.ramp_steps must be ≥ 0"),
+        ("data.hard_batches.kind=farthest", "data.hard_batches.kind must be one of 'nearest', 'semihard'"),
+        ("data.hard_batches.every=2", "unknown config key(s) data.hard_batches.every"),
     ],
 )
 def test_a_config_refuses_a_value_outside_what_its_setting_allows_naming_the_key(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig.load(None, [override])
+
+
+def test_hard_batches_must_fit_their_seeds_and_neighbours_in_a_batch():
+    fits = ["data.subjects_per_batch=8", "data.hard_batches.seeds=2", "data.hard_batches.cap=3"]
+    assert TrainConfig.load(None, [*fits, "data.hard_batches.enabled=true"]).data.hard_batches.enabled
+    with pytest.raises(ValueError, match=re.escape("data.hard_batches: seeds × (1 + cap) = 10 subjects do not fit "
+                                                   "in data.subjects_per_batch=8")):
+        TrainConfig.load(None, [*fits, "data.hard_batches.cap=4", "data.hard_batches.enabled=true"])
+
+
+def test_hard_batches_off_leave_the_config_digest_as_before_the_setting():
+    """Experiment runs are named by digest: existing arms keep their names."""
+    plain = TrainConfig.load(None)
+    assert plain.digest() == TrainConfig.load(None, ["data.hard_batches.cap=5"]).digest()
+    assert plain.digest() != TrainConfig.load(None, ["data.hard_batches.enabled=true"]).digest()
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():

@@ -30,6 +30,9 @@ CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
 # A cross-batch memory of 1.5 global batches (2 ranks × 16 subjects × 8 sessions), from step 2:
 # a run stopped after its first epoch (3 steps) saves a full queue and the momentum encoder.
 MEMORY = ("loss.memory.size=384", "loss.memory.start_step=2")
+# Hard batches from the first step; the table of epoch 0 stays in force in epoch 1, so a resume
+# at the epoch boundary matches only if the checkpoint carried it.
+HARD_BATCHES = ("data.hard_batches.enabled=true", "data.hard_batches.every_epochs=2")
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,12 @@ def straight_memory_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempP
     return train(config(shards, str(storage), "straight-memory", *MEMORY, "wandb.enabled=false"), show_progress=False)
 
 
+@pytest.fixture(scope="module")
+def straight_hard_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    storage = tmp_path_factory.mktemp("runs")
+    return train(config(shards, str(storage), "straight-hard", *HARD_BATCHES), show_progress=False)
+
+
 def parameters(export: str) -> dict[str, torch.Tensor]:
     model, _ = load_model(export)
     return model.state_dict()
@@ -97,7 +106,7 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     logged = set().union(*rows)
     assert {
         "train/loss", "train/threshold", "train/soft_far", "train/soft_frr", "train/batch_eer",
-        "train/lr", "train/grad_norm", "train/sessions_per_s", "train/step_time",
+        "train/lr", "train/grad_norm", "train/sessions_per_s", "train/step_time", "train/impostor_distance",
         "val/eer", "val/auc", "val/per_subject_eer", "val/fnmr_at_fmr_0.1%",
     } <= logged
     assert {row["val/det/_type"] for row in rows if "val/det/_type" in row} == {"image-file"}
@@ -105,27 +114,39 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     assert run_config(logs[0])["loss"]["name"] == "eer"
 
 
-@pytest.mark.parametrize("memory", [(), MEMORY], ids=["plain", "memory"])
-def test_stopping_after_an_epoch_and_relaunching_or_resuming_from_it_on_s3_matches_the_straight_run(
-    shards, ray_cluster, s3_url, request, memory
-):
-    straight_run = request.getfixturevalue("straight_memory_run" if memory else "straight_run")
-    resumed, forked = (f"{name}{'-memory' if memory else ''}" for name in ("resumed", "forked"))
-    first = train(config(shards, s3_url, resumed, "train.stop_after_epochs=1", "wandb.enabled=false", *memory),
-                  show_progress=False)
-    assert first.metrics["step"] == straight_run.metrics["step"] // 2
-    assert first.checkpoint.startswith("s3://")
-    second = train(config(shards, s3_url, resumed, "wandb.enabled=false", *memory), show_progress=False)
-    assert second.metrics["step"] == straight_run.metrics["step"]
-    assert_same_parameters(second.final_model, straight_run.final_model)
-    fork = train(config(shards, s3_url, forked, "wandb.enabled=false", *memory), resume_from=first.checkpoint,
-                 show_progress=False)
-    assert_same_parameters(fork.final_model, straight_run.final_model)
+def test_hard_batches_log_their_neighbour_share_impostor_distance_and_centroid_time(straight_hard_run):
+    (log,) = Path(straight_hard_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
+    logged = [row for row in history(log) if "train/neighbour_share" in row]
+    assert logged and logged[0]["train/neighbour_share"] >= 6 / 16  # 2 seeds × 3 neighbours, nothing used yet
+    assert all(0 < row["train/impostor_distance"] <= 2 and row["time/centroids_s"] > 0 for row in logged)
 
 
 def test_a_run_with_a_memory_logs_its_fill_and_its_momentum_encoder_time(straight_memory_run):
     assert straight_memory_run.metrics["train/memory_rows"] == 384
     assert straight_memory_run.metrics["time/momentum_encoder"] > 0
+
+
+VARIANTS = {"plain": ((), "straight_run"), "memory": (MEMORY, "straight_memory_run"),
+            "hard": (HARD_BATCHES, "straight_hard_run")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_stopping_after_an_epoch_and_relaunching_or_resuming_from_it_on_s3_matches_the_straight_run(
+    shards, ray_cluster, s3_url, request, variant
+):
+    settings, straight = VARIANTS[variant]
+    straight_run = request.getfixturevalue(straight)
+    resumed, forked = f"resumed-{variant}", f"forked-{variant}"
+    first = train(config(shards, s3_url, resumed, "train.stop_after_epochs=1", "wandb.enabled=false", *settings),
+                  show_progress=False)
+    assert first.metrics["step"] == straight_run.metrics["step"] // 2
+    assert first.checkpoint.startswith("s3://")
+    second = train(config(shards, s3_url, resumed, "wandb.enabled=false", *settings), show_progress=False)
+    assert second.metrics["step"] == straight_run.metrics["step"]
+    assert_same_parameters(second.final_model, straight_run.final_model)
+    fork = train(config(shards, s3_url, forked, "wandb.enabled=false", *settings), resume_from=first.checkpoint,
+                 show_progress=False)
+    assert_same_parameters(fork.final_model, straight_run.final_model)
 
 
 def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:

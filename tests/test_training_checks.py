@@ -71,6 +71,9 @@ def assert_refused_in_one_line(result: object, *fragments: str) -> None:
         (["data.subjects_per_batch=34"], "cannot fill one batch of 34 subjects"),
         (["loss.name=set2set", "loss.memory.size=64"],
          "loss.memory.size=64 needs a loss that scores pairs against a memory (contrastive, eer,"),
+        (["data.hard_batches.enabled=true", "data.hard_batches.cap=8"],
+         "data.hard_batches: seeds × (1 + cap) = 18 subjects do not fit in data.subjects_per_batch=16"),
+        (["data.hard_batches.sessions_per_centroid=0"], "data.hard_batches.sessions_per_centroid must be ≥ 1, got 0"),
     ],
 )
 def test_settings_the_shards_cannot_serve_are_refused_before_ray_starts(shards, tmp_path, overrides, message):

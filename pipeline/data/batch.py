@@ -52,6 +52,15 @@ def make_batch(
     )
 
 
+Row = tuple[np.ndarray, int, str, str]  # one session: (keystrokes, label, subject id, session id)
+
+
+def batch_of_rows(rows: Sequence[Row], features: Sequence[str], max_len: int) -> Batch:
+    """A batch of sessions gathered row by row (evaluation, centroids)."""
+    sessions, labels, subjects, session_ids = (list(column) for column in zip(*rows))
+    return make_batch(sessions, labels, subjects, session_ids, features, max_len)
+
+
 def distributed_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Rank and world size: explicit values, else ``RANK``/``WORLD_SIZE`` as Ray Train sets them."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank

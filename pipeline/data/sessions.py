@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from pipeline.data.batch import Batch, current_worker, distributed_env, iterate, make_batch
+from pipeline.data.batch import Batch, Row, batch_of_rows, current_worker, distributed_env, iterate, make_batch
 from pipeline.data.features import DEFAULT_FEATURES, check_features
 from pipeline.data.shards import ShardIntegrityError, ShardSet, assign_shards
 from sharding.format import ShardInfo, decode_subject
@@ -41,7 +41,7 @@ class SessionDataset(IterableDataset):
         return sum(math.ceil(sum(s.sessions for s in g) / self.batch_size) for g in self.readers[rank])
 
     def __iter__(self) -> Iterator[Batch]:
-        rows: list[tuple[np.ndarray, int, str, str]] = []
+        rows: list[Row] = []
         for shard in self.readers[self.rank][current_worker(self.num_workers)]:
             for label, _, sample in self.shard_set.labelled_samples(shard, self.labels):
                 subject = decode_subject(sample)
@@ -53,9 +53,8 @@ class SessionDataset(IterableDataset):
         if rows:
             yield self._build(rows)
 
-    def _build(self, rows: list[tuple[np.ndarray, int, str, str]]) -> Batch:
-        sessions, labels, subjects, session_ids = (list(column) for column in zip(*rows))
-        return make_batch(sessions, labels, subjects, session_ids, self.features, self.max_len)
+    def _build(self, rows: list[Row]) -> Batch:
+        return batch_of_rows(rows, self.features, self.max_len)
 
     def empty(self) -> Batch:
         """A zero-row batch: what a rank that ran out of sessions yields to keep step with the others."""

@@ -21,9 +21,14 @@ How a rank's epoch is made (all ranks run the same code on the same manifest):
    permutation of their sessions up to K (each used ⌊K/S⌋ or ⌈K/S⌉ times); the repeated
    sessions form zero-distance genuine pairs. Subjects with no session are always skipped.
 
+5. **Hard batches** (``hard_batches``, off by default; :mod:`.hard_batches`): the buffer holds
+   the reader's every subject; from the step the schedule names, a batch is ``seeds`` random
+   subjects of the buffer, each followed by its nearest subjects in the neighbour table that are
+   still buffered (not drawn yet this epoch), then random subjects up to P.
+
 All randomness comes from ``numpy.random.default_rng([seed, epoch, rank, worker, …])``, so an
-epoch depends on (seed, epoch, world size, workers, config, manifest) and nothing else.
-Resuming replays the reader up to the saved step (the same draws, without decoding): the
+epoch depends on (seed, epoch, world size, workers, config, manifest, neighbour table) and nothing
+else. Resuming replays the reader up to the saved step (the same draws, without decoding): the
 batches after a resume equal those of an uninterrupted run.
 """
 
@@ -32,12 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from pipeline.config import HardBatchesSection
 from pipeline.data.batch import (
     Batch,
     current_worker,
@@ -47,6 +53,7 @@ from pipeline.data.batch import (
     round_robin,
 )
 from pipeline.data.features import DEFAULT_FEATURES, check_features
+from pipeline.data.hard_batches import NeighbourTable, active_neighbours, neighbours_at, pick_hard
 from pipeline.data.shards import ShardSet, assign_shards
 from sharding.format import ShardInfo, decode_subject
 
@@ -65,6 +72,7 @@ class SamplerConfig:
     short_subjects: str = "skip"  # see the module docstring
     shuffle_buffer: int = 1024  # subjects held per reader
     seed: int = 0
+    hard_batches: HardBatchesSection = field(default_factory=HardBatchesSection)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", check_features(self.features))
@@ -182,6 +190,7 @@ class SubjectBatchDataset(IterableDataset):
         )
         self.epoch = 0
         self.start_step = 0
+        self.neighbours: NeighbourTable | None = None  # set with the epoch, before iterating
 
     def __iter__(self) -> Iterator[Batch]:
         # The DataLoader always asks worker 0 first; after a resume the next step may belong to
@@ -195,13 +204,31 @@ class SubjectBatchDataset(IterableDataset):
     def _batches(self, worker: int, skip: int) -> Iterator[Batch]:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, worker])
-        pool = _Pool(lambda p: self._entries(worker, p), cfg.shuffle_buffer)
+        pool = _Pool(lambda p: self._entries(worker, p), self._buffer_size(worker))
+        rank_steps = [i for i, w in enumerate(self.plan.order(self.rank)) if w == worker]
         for step in range(self.plan.quotas[self.rank][worker]):
             pool.refill(cfg.subjects_per_batch)
-            chosen = pool.take(rng.choice(len(pool.entries), cfg.subjects_per_batch, replace=False))
+            chosen = pool.take(self._choose(pool, rng, rank_steps[step]))
             picks = [self._sessions(e.sessions, rng) for e in chosen]
             if step >= skip:
                 yield self._build(chosen, picks)
+
+    def _buffer_size(self, worker: int) -> int:
+        """``shuffle_buffer`` bounds a reader's memory; hard batches buffer the reader's every
+        subject instead, so that a seed's neighbours are at hand until they are drawn."""
+        if not self.config.hard_batches.enabled:
+            return self.config.shuffle_buffer
+        return max(self.config.shuffle_buffer, sum(s.samples for s in self.plan.readers[self.rank][worker]))
+
+    def _choose(self, pool: _Pool, rng: np.random.Generator, rank_step: int) -> np.ndarray:
+        """Buffer indices of the P subjects of this rank's step ``rank_step``: at random, or a
+        hard batch once the schedule gives neighbours and a table is in force."""
+        cfg, hard = self.config, self.config.hard_batches
+        count = neighbours_at(hard, self.epoch * self.plan.batches_per_epoch + rank_step)
+        if count == 0 or self.neighbours is None:
+            return rng.choice(len(pool.entries), cfg.subjects_per_batch, replace=False)
+        labels, neighbours = [entry.label for entry in pool.entries], active_neighbours(self.neighbours, hard, count)
+        return pick_hard(labels, cfg.subjects_per_batch, hard.seeds, rng, neighbours)
 
     def _sessions(self, available: int, rng: np.random.Generator) -> np.ndarray:
         k = self.config.sessions_per_subject
@@ -240,8 +267,9 @@ class SubjectBatchLoader:
     advances to the next epoch. ``state_dict()`` is ``{"format": 1, "epoch": e, "step": s,
     "fingerprint": {...}}`` — ``s`` batches of epoch ``e`` were handed out (an epoch that was
     finished reads as ``(e + 1, 0)``); the fingerprint (config, split, world size, workers,
-    manifest digest) must match on load. It is the same on every rank: save it
-    from rank 0, load it everywhere. A resume replays the reader's draws up to ``s`` (reading the
+    manifest digest) must match on load. With hard batches on it also holds ``"neighbours"``, the
+    neighbour table in force (merged over ranks). It is the same on every rank: save it from
+    rank 0, load it everywhere. A resume replays the reader's draws up to ``s`` (reading the
     shards again, without decoding), so its cost grows with the position in the epoch.
     """
 
@@ -266,6 +294,7 @@ class SubjectBatchLoader:
         )
         self.epoch = 0
         self.step = 0
+        self.neighbours: NeighbourTable | None = None  # hard batches' table; set before an epoch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -282,6 +311,11 @@ class SubjectBatchLoader:
         return self.dataset.subject_ids
 
     @property
+    def readers(self) -> list[list[ShardInfo]]:
+        """This rank's shards per reader: a hard batch's subjects all come from one reader."""
+        return self.dataset.plan.readers[self.rank]
+
+    @property
     def num_features(self) -> int:
         return len(self.config.features)
 
@@ -290,6 +324,7 @@ class SubjectBatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.dataset.epoch, self.dataset.start_step = self.epoch, self.step
+        self.dataset.neighbours = self.neighbours  # pickled to the DataLoader workers with the dataset
         for batch in iterate(self.dataset, self.num_workers, self.pin_memory):
             self.step += 1
             yield batch
@@ -301,7 +336,10 @@ class SubjectBatchLoader:
 
     def state_dict(self) -> dict[str, Any]:
         epoch, step = (self.epoch + 1, 0) if self.step >= self.batches_per_epoch else (self.epoch, self.step)
-        return {"format": STATE_FORMAT, "epoch": epoch, "step": step, "fingerprint": self._fingerprint()}
+        state = {"format": STATE_FORMAT, "epoch": epoch, "step": step, "fingerprint": self._fingerprint()}
+        if self.neighbours is not None:
+            state["neighbours"] = self.neighbours.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` was taken."""
@@ -318,10 +356,14 @@ class SubjectBatchLoader:
         if not 0 <= state["step"] < self.batches_per_epoch or state["epoch"] < 0:
             raise ValueError(f"step {state['step']} is outside an epoch of {self.batches_per_epoch} batches")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.neighbours = NeighbourTable.from_state(state["neighbours"]) if "neighbours" in state else None
 
     def _fingerprint(self) -> dict[str, Any]:
+        settings = asdict(self.config)
+        if not self.config.hard_batches.enabled:  # states saved before the setting existed still load
+            del settings["hard_batches"]
         return {
-            **asdict(self.config),
+            **settings,
             "features": list(self.config.features),
             "split": self.dataset.split,
             "world_size": self.world_size,

@@ -20,6 +20,7 @@ from pipeline.training.checkpointer import Checkpointer
 from pipeline.training.engine import build_engine
 from pipeline.training.memory import CrossBatchMemory, memory_of
 from pipeline.training.metrics_sink import MetricsSink, StepTimer, parameter_grad_norm, step_metrics
+from pipeline.training.neighbours import HardBatches
 from pipeline.training.schedule import schedule_of
 from pipeline.training.state import RunState
 from pipeline.training.validator import Validator
@@ -40,9 +41,12 @@ def worker_loop(payload: dict[str, Any]) -> None:
     checkpointer = Checkpointer(engine, _checkpoint_parts(state, loader, memory), config, rank)
     checkpointer.restore(payload.get("resume_from"))
     validate, sink, timer = Validator(config, rank, world), MetricsSink(config, rank), StepTimer()
+    hard = HardBatches(config, loader, engine.module.model)
     sessions_per_step = config.data.subjects_per_batch * config.data.sessions_per_subject * world
     seconds_before, launched = state.train_seconds, timer.last  # time of earlier launches of this run
     while state.step < schedule.stop_step:
+        hard.refresh()  # an epoch's start: the neighbour table, when due
+        timer.lap("centroids")
         for batch in loader:
             timer.lap("data")
             state.step += 1
@@ -61,6 +65,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
                                        "time/train_s": state.train_seconds}
             if log_now:
                 metrics.update(step_metrics(engine, loss, stats, norm, timer, sessions_per_step))
+                metrics.update(hard.metrics(batch))
             validate_now = epoch_end or _every(state.step, config.train.val_every)
             if validate_now:
                 metrics.update(validate(engine.module.model, state))
@@ -106,7 +111,7 @@ def sampler_config(config: TrainConfig) -> Any:
     data = config.data
     return SamplerConfig(subjects_per_batch=data.subjects_per_batch, sessions_per_subject=data.sessions_per_subject,
                          max_len=data.max_len, features=tuple(data.features), short_subjects=data.short_subjects,
-                         seed=config.run.seed)
+                         seed=config.run.seed, hard_batches=data.hard_batches)
 
 
 def _model_and_loss(config: TrainConfig, num_classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
