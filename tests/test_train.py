@@ -66,15 +66,10 @@ def straight_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def straight_memory_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+def straight_extras_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    """A run with a cross-batch memory and hard batches: both carry state a resume must restore."""
     storage = tmp_path_factory.mktemp("runs")
-    return train(config(shards, str(storage), "straight-memory", *MEMORY, "wandb.enabled=false"), show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def straight_hard_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
-    storage = tmp_path_factory.mktemp("runs")
-    return train(config(shards, str(storage), "straight-hard", *HARD_BATCHES), show_progress=False)
+    return train(config(shards, str(storage), "straight-extras", *MEMORY, *HARD_BATCHES), show_progress=False)
 
 
 def parameters(export: str) -> dict[str, torch.Tensor]:
@@ -114,20 +109,19 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     assert run_config(logs[0])["loss"]["name"] == "eer"
 
 
-def test_hard_batches_log_their_neighbour_share_impostor_distance_and_centroid_time(straight_hard_run):
-    (log,) = Path(straight_hard_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
+def test_hard_batches_log_their_neighbour_share_impostor_distance_and_centroid_time(straight_extras_run):
+    (log,) = Path(straight_extras_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
     logged = [row for row in history(log) if "train/neighbour_share" in row]
     assert logged and logged[0]["train/neighbour_share"] >= 6 / 16  # 2 seeds × 3 neighbours, nothing used yet
     assert all(0 < row["train/impostor_distance"] <= 2 and row["time/centroids_s"] > 0 for row in logged)
 
 
-def test_a_run_with_a_memory_logs_its_fill_and_its_momentum_encoder_time(straight_memory_run):
-    assert straight_memory_run.metrics["train/memory_rows"] == 384
-    assert straight_memory_run.metrics["time/momentum_encoder"] > 0
+def test_a_run_with_a_memory_logs_its_fill_and_its_momentum_encoder_time(straight_extras_run):
+    assert straight_extras_run.metrics["train/memory_rows"] == 384
+    assert straight_extras_run.metrics["time/momentum_encoder"] > 0
 
 
-VARIANTS = {"plain": ((), "straight_run"), "memory": (MEMORY, "straight_memory_run"),
-            "hard": (HARD_BATCHES, "straight_hard_run")}
+VARIANTS = {"plain": ((), "straight_run"), "memory-and-hard-batches": ((*MEMORY, *HARD_BATCHES), "straight_extras_run")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
