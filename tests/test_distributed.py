@@ -162,14 +162,17 @@ def test_two_ranks_match_one_process_holding_the_global_batch(
 def test_the_training_module_matches_one_process_whether_pairs_are_sharded_or_replicated(
     rank_results: list[dict], split: str, name: str
 ) -> None:
-    """The Verifier feeds the loss float32 embeddings, so the tolerance is relative too."""
+    """The Verifier feeds the loss float32 embeddings: partial sums added in another order round
+    differently, by about 1e-6 of the largest gradient here (as much as float32 against float64
+    in one process), so gradients are compared relative to their largest magnitude. Exactness
+    itself is tested in float64 (tests/test_eer_sharded.py)."""
     features, labels = global_batch()
     loss, grads = verifier_step(features, labels, name)
     for rank, results in enumerate(rank_results):
         rank_loss, rank_grads = results[split, name]
         assert rank_loss == pytest.approx(loss, rel=TOLERANCE, abs=TOLERANCE), rank
         for rank_grad, grad in zip(rank_grads, grads, strict=True):
-            torch.testing.assert_close(rank_grad, grad, atol=TOLERANCE, rtol=TOLERANCE)
+            torch.testing.assert_close(rank_grad, grad, atol=TOLERANCE * grad.abs().max().item(), rtol=TOLERANCE)
 
 
 @pytest.mark.parametrize("split", SPLITS)
