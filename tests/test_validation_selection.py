@@ -45,3 +45,11 @@ def test_a_run_trained_for_an_fnmr_keeps_its_lowest_validation_fmr_at_that_fnmr(
     assert selection.key == "fmr_at_fnmr_25%"
     # FNMR 0.25 first holds at threshold 0.55: three genuine scores accepted, one impostor (0.7)
     assert selection.measure(ROC) == ROC.fmr_at(0.25) == pytest.approx(1 / 6)
+
+
+def test_a_checkpoint_written_before_the_selection_metric_keeps_its_best_value():
+    from pipeline.training.state import RunState
+
+    state = RunState()
+    state.load_state_dict({"step": 608, "best_val_eer": 0.0709, "train_seconds": 201.5})  # older run state
+    assert (state.step, state.best_val, state.train_seconds) == (608, 0.0709, 201.5)

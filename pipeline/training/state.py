@@ -19,5 +19,11 @@ class RunState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {_RENAMED.get(key, key): value for key, value in state.items()}
         for field in fields(self):
             setattr(self, field.name, type(getattr(self, field.name))(state[field.name]))
+
+
+# Keys that checkpoints written before a rename still hold: their runs must resume (and an
+# experiment re-scores its finished arms by relaunching them).
+_RENAMED = {"best_val_eer": "best_val"}
