@@ -629,7 +629,7 @@ class EERLoss(torch.nn.Module):
 
     def _loss(
         self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool, rows: range, collective: _Collective,
-        memory: Memory | None,
+        memory: Memory | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, EERStats]:
         vectors = self._vectors(embeddings, labels)
         if memory is not None:
