@@ -121,6 +121,14 @@ def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, li
     typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
 
 
+def _integers(option: str, text: str) -> list[int]:
+    """A comma-separated list of whole numbers, or a one-line error naming the option."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes whole numbers separated by commas, got {text!r}") from None
+
+
 @experiment.command()
 @_expected
 def ablation(
@@ -146,7 +154,7 @@ def batch_size(
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """EER against the number of subjects per global batch (P × ranks, gathered)."""
-    arms = {f"P{p}": [f"data.subjects_per_batch={int(p)}"] for p in subjects.split(",")}
+    arms = {f"P{p}": [f"data.subjects_per_batch={p}"] for p in _integers("--subjects", subjects)}
     _run_arms(config, shards, out, arms, overrides)
 
 
@@ -165,7 +173,7 @@ def memory(
     """Each loss with each cross-batch memory size and encoder, at the same budget."""
     from pipeline.experiment import memory_arms
 
-    arms = memory_arms([a for a in losses.split(",") if a], [int(s) for s in sizes.split(",")],
+    arms = memory_arms([a for a in losses.split(",") if a], _integers("--sizes", sizes),
                        [e for e in encoders.split(",") if e])
     _run_arms(config, shards, out, arms, overrides)
 

@@ -109,11 +109,14 @@ def run_experiment(
     from pipeline.evaluation.commands import embed_split
     from pipeline.training import train
 
+    # every arm's settings are checked before the first one trains for an hour
+    configs = {name: _arm_config(config_path, shards, [*overrides, *arm_overrides], validations)
+               for name, arm_overrides in arms.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name, arm_overrides in arms.items():
-        config = _arm_config(config_path, shards, [*overrides, *arm_overrides], validations)
+        config = configs[name]
         result = train(config, show_progress=show_progress)
         embedded = embed_split(result.best_model, shards, split="test")
         sessions, kvc = embedded.score("session"), embedded.score("kvc")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -56,6 +58,28 @@ def test_an_unknown_memory_encoder_is_refused_before_anything_runs(tmp_path):
                                       "--encoders", "momentum,stale"])
     assert result.exit_code == 1
     assert "unknown memory encoder(s) ['stale']" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("memory", "--sizes", "0,abc"), ("batch-size", "--subjects", "4,x"),
+])
+def test_a_list_that_is_not_whole_numbers_is_refused_naming_the_option(tmp_path, command, option, value):
+    result = CliRunner().invoke(app, ["experiment", command, "--shards", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      option, value])
+    assert result.exit_code == 1
+    assert f"{option} takes whole numbers separated by commas, got {value!r}" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_setting_of_any_arm_is_refused_before_the_first_arm_trains(tmp_path):
+    from sharding.writer import write_shards
+
+    write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
+    result = CliRunner().invoke(app, ["experiment", "memory", "--shards", str(tmp_path / "shards"), "-c", str(CONFIG),
+                                      "--out", str(tmp_path / "out"), "--sizes", "0,-5", "run.storage=" + str(tmp_path)])
+    assert result.exit_code == 1
+    assert "loss.memory.size must be ≥ 0, got -5" in result.output
     assert not (tmp_path / "out").exists()
 
 
