@@ -28,7 +28,8 @@ the number of training subjects (``SubjectBatchLoader.num_classes``; labels are 
 Losses add up with ``+``: ``build_loss("eer+multisimilarity", D, eer={...},
 multisimilarity={...}, weights={"multisimilarity": 2.0})`` is the weighted sum of the two (each
 term's options under its own name, weights default to 1): the EER surrogate with a dense
-metric-learning term beside it (issue 8).
+metric-learning term beside it (issue 8); ``eer+subject_eer`` adds every subject's own EER
+surrogate to the global one (:mod:`pipeline.losses.subject_eer`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import nn
 
 from pipeline.losses.eer import EERLoss, EERStats, Memory
 from pipeline.losses.set2set import Set2SetLoss
+from pipeline.losses.subject_eer import SubjectEERLoss
 
 Stats = dict[str, float]
 
@@ -159,6 +161,7 @@ def _classifier(loss: type[nn.Module]) -> Callable[..., nn.Module]:
 
 _PAIR_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "eer": _eer,
+    "subject_eer": _plain(SubjectEERLoss),
     "set2set": _plain(Set2SetLoss),
     "triplet": _triplet,
     "triplet_all": _triplet_all,
