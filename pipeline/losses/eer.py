@@ -870,7 +870,7 @@ class EERLoss(torch.nn.Module):
     ) -> EERStats:
         return EERStats(
             threshold=float(d.detach()),
-            batch_threshold=float(batch_d),
+            batch_threshold=float(batch_d.detach()),
             soft_far=float(far.detach()),
             soft_frr=float(frr.detach()),
             exact_eer=_points_eer(points),
