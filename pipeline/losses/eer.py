@@ -107,9 +107,9 @@ every rank. Gradients, precisely:
 
 Every option can be sharded (both variants, every target, ``both_sides``, both distances,
 ``normalize``, both floors, every ``threshold_grad`` — unrolled costs two collectives per search
-step —, ``evaluate_at``). Without ``rows`` every rank computes the whole loss (replicated). In a
-sum of losses only the EERLoss term takes ``rows``; the other terms stay replicated (the scale
-belongs to the sharded term alone).
+step —, ``evaluate_at``, ``threshold_momentum``). Without ``rows`` every rank computes the whole
+loss (replicated). In a sum of losses only the EERLoss term takes ``rows``; the other terms stay
+replicated (the scale belongs to the sharded term alone).
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ class EERStats:
 
     threshold: float  # where the loss was evaluated, in distance units: d*, or d̄ when persistent
     batch_threshold: float  # the batch's own d* (the midpoint with evaluate_at="midpoint")
-    soft_far: float  # FAR_s(d*)
-    soft_frr: float  # FRR_s(d*)
+    soft_far: float  # FAR_s at the threshold
+    soft_frr: float  # FRR_s at the threshold
     exact_eer: float  # EER of the batch's pair distances by the official formula
     genuine_pairs: int
     impostor_pairs: int
@@ -628,8 +628,8 @@ class EERLoss(torch.nn.Module):
             raise ValueError(f"threshold_momentum must lie in [0, 1), got {threshold_momentum}")
         if threshold_momentum and threshold_grad != "implicit":
             raise ValueError(
-                f"threshold_momentum={threshold_momentum} needs threshold_grad='implicit' (a persistent "
-                f"threshold replaces the searched root, whose implicit gradient it keeps), got {threshold_grad!r}"
+                f"threshold_momentum={threshold_momentum} needs threshold_grad='implicit' (the persistent "
+                f"threshold carries the implicit gradient of the root), got {threshold_grad!r}"
             )
         if k <= 0 or search_steps < 1:
             raise ValueError(f"k must be > 0 and search_steps >= 1, got k={k}, search_steps={search_steps}")
