@@ -185,11 +185,16 @@ def operating_point(
     config: Optional[Path] = _CONFIG,
     out: Path = _OUT,
     fmr: float = typer.Option(1e-3, "--fmr", help="The FMR the second arm trains for."),
+    threshold_momentum: Optional[float] = typer.Option(
+        None, "--threshold-momentum",
+        help="Add a third arm, target-fmr-<t>-persistent: the FMR target at a persistent threshold of this momentum.",
+    ),
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
-    """EERLoss at the EER point vs at a fixed FMR: FNMR there and EER for both."""
-    arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": ["loss.name=eer", f"loss.options.target.fmr={fmr}"]}
-    _run_arms(config, shards, out, arms, overrides)
+    """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold): FNMR there and EER for each."""
+    from pipeline.experiment import operating_point_arms
+
+    _run_arms(config, shards, out, operating_point_arms(fmr, threshold_momentum), overrides)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,18 @@ def memory_arms(losses: list[str], sizes: list[int], encoders: list[str]) -> dic
     return arms
 
 
+def operating_point_arms(fmr: float, threshold_momentum: float | None = None) -> dict[str, list[str]]:
+    """EERLoss trained for the EER and for FNMR at ``fmr`` (``target-eer``, ``target-fmr-0.001``);
+    with a ``threshold_momentum``, also for ``fmr`` at a persistent threshold
+    (``target-fmr-0.001-persistent``: the per-batch threshold of a low FMR is set by a batch's
+    few hardest impostor pairs, so it is noisy)."""
+    fmr_arm = ["loss.name=eer", f"loss.options.target.fmr={fmr}"]
+    arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": fmr_arm}
+    if threshold_momentum is not None:
+        arms[f"target-fmr-{fmr:g}-persistent"] = [*fmr_arm, f"loss.options.threshold_momentum={threshold_momentum}"]
+    return arms
+
+
 OURS = "eer"  # arms whose loss is this, or a sum with it, are "ours"; the others are baselines
 
 

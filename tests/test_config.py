@@ -62,6 +62,8 @@ def test_bad_overrides_are_refused_with_the_key_named(override, message):
         ("loss.memory.start_step=-2", "loss.memory.start_step must be ≥ 0, got -2"),
         ("loss.memory.momentum=1", "loss.memory.momentum must lie in [0, 1), got 1.0"),
         ("loss.memory.encoder=ema", "loss.memory.encoder must be one of 'momentum', 'current', got 'ema'"),
+        ("loss.options.threshold_momentum=1", "loss.options.threshold_momentum must lie in [0, 1), got 1"),
+        ("loss.options.threshold_momentum=fast", "loss.options.threshold_momentum must lie in [0, 1), got 'fast'"),
         ("data.hard_batches.cap=0", "data.hard_batches.cap must be ≥ 1, got 0"),
         ("data.hard_batches.start=4", "data.hard_batches.start must be ≤ cap=3, got 4"),
         ("data.hard_batches.ramp_steps=-1", "data.hard_batches.ramp_steps must be ≥ 0"),
@@ -110,3 +112,11 @@ def test_the_memory_is_off_by_default_and_a_memory_left_off_keeps_a_config_s_dig
     assert plain.loss.memory.size == 0
     assert TrainConfig.load(None, ["loss.memory.momentum=0.5"]).digest() == plain.digest()  # earlier arms' names
     assert TrainConfig.load(None, ["loss.memory.size=512"]).digest() != plain.digest()
+
+
+def test_a_loss_sum_s_threshold_momentum_is_its_eer_term_s_and_named_so_when_refused():
+    summed = ["loss.name=eer+multisimilarity", "loss.options.eer.threshold_momentum=0.9"]
+    assert TrainConfig.load(None, summed).loss.threshold_momentum == 0.9
+    assert TrainConfig.load(None).loss.threshold_momentum == 0.0  # off: the per-batch threshold
+    with pytest.raises(ValueError, match=re.escape("loss.options.eer.threshold_momentum must lie in [0, 1), got -0.5")):
+        TrainConfig.load(None, ["loss.name=eer+multisimilarity", "loss.options.eer.threshold_momentum=-0.5"])

@@ -3,7 +3,8 @@
 Each rank gathers the global batch, scores only the pairs its own rows own
 (``rows=range(start, start + n_local)``), and the global sums are all-reduced; the loss value
 must be the same on every rank and the parameter gradients, after the all-gather's backward
-and data-parallel averaging, those of one process with the whole batch (float64, 1e-5).
+and data-parallel averaging, those of one process with the whole batch (float64, 1e-5). A
+persistent threshold, carried from batch to batch, stays bit-identical on every rank.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ CONFIGS = [
 
 
 MEMORY_CONFIGS = [{}, {"target": {"fmr": 0.1}}]  # the EER target and an FMR target
+PERSISTENT_CONFIGS = [{"target": {"fmr": 0.1}, "threshold_momentum": 0.5}, {"variant": "direct", "threshold_momentum": 0.9}]
+BATCHES = (0, 1, 2)  # seeds of the consecutive global batches a persistent threshold follows
 
 
-def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """20 rows of 5 subjects in a shuffled order, so every rank holds genuine pairs of others."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(5).repeat(4)[torch.randperm(20, generator=generator)]
     features = torch.randn(20, FEATURES, generator=generator, dtype=torch.float64) + labels[:, None] * 0.3
     return features, labels
@@ -61,11 +64,11 @@ def model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(FEATURES, 6), torch.nn.Tanh(), torch.nn.Linear(6, EMBEDDING)).double()
 
 
-def train_step(features: torch.Tensor, labels: torch.Tensor, config: dict, rows: range | None, memory=None):
+def train_step(features: torch.Tensor, labels: torch.Tensor, criterion: EERLoss, rows: range | None, memory=None):
     """Gather, loss (sharded when ``rows`` is given), backward, average the gradients over ranks."""
     net = model()
     embeddings, global_labels = gather_embeddings(net(features), labels)
-    loss, stats = EERLoss(**config)(embeddings, global_labels, return_stats=True, rows=rows, memory=memory)
+    loss, stats = criterion(embeddings, global_labels, return_stats=True, rows=rows, memory=memory)
     loss.backward()
     grads = [p.grad for p in net.parameters()]
     if rows is not None:
@@ -73,6 +76,17 @@ def train_step(features: torch.Tensor, labels: torch.Tensor, config: dict, rows:
             dist.all_reduce(grad)
             grad /= dist.get_world_size()
     return loss.item(), grads, stats
+
+
+def consecutive_steps(config: dict, rows: range | None) -> list:
+    """One loss trained on each of the ``BATCHES`` in turn (this rank's ``rows`` of each, or
+    all of them): (loss, gradients, stats, persistent threshold d̄) after every step."""
+    criterion, steps = EERLoss(**config), []
+    for seed in BATCHES:
+        features, labels = global_batch(seed)
+        mine = slice(None) if rows is None else slice(rows.start, rows.stop)
+        steps.append((*train_step(features[mine], labels[mine], criterion, rows), criterion.running_threshold.value))
+    return steps
 
 
 def reference_step(features: torch.Tensor, labels: torch.Tensor, config: dict):
@@ -83,7 +97,7 @@ def reference_step(features: torch.Tensor, labels: torch.Tensor, config: dict):
     return loss.item(), [p.grad for p in net.parameters()]
 
 
-def rank_main(rank: int, world: int, port: int, out: Path, with_memory: bool) -> None:
+def rank_main(rank: int, world: int, port: int, out: Path, scenario: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -93,16 +107,20 @@ def rank_main(rank: int, world: int, port: int, out: Path, with_memory: bool) ->
         start = sum(sizes[:rank])
         rows = range(start, start + sizes[rank])
         mine = slice(rows.start, rows.stop)
-        memory, configs = (memory_rows(), MEMORY_CONFIGS) if with_memory else (None, CONFIGS)
-        results = [train_step(features[mine], labels[mine], config, rows, memory) for config in configs]
+        if scenario == "persistent":
+            results = [consecutive_steps(config, rows) for config in PERSISTENT_CONFIGS]
+        else:
+            memory, configs = (memory_rows(), MEMORY_CONFIGS) if scenario == "memory" else (None, CONFIGS)
+            results = [train_step(features[mine], labels[mine], EERLoss(**config), rows, memory) for config in configs]
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, out: Path, with_memory: bool) -> list:
-    """Every rank's results (loss, parameter gradients, stats), one list per rank."""
-    mp.start_processes(rank_main, args=(world, free_port(), out, with_memory), nprocs=world, start_method="spawn")
+def run_ranks(world: int, out: Path, scenario: str) -> list:
+    """Every rank's results (loss, parameter gradients, stats) in ``scenario`` ("pairs", "memory"
+    or "persistent"), one list per rank."""
+    mp.start_processes(rank_main, args=(world, free_port(), out, scenario), nprocs=world, start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
@@ -114,10 +132,10 @@ def assert_same_gradients(rank_grads: list[torch.Tensor], grads: list[torch.Tens
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path, world: int) -> None:
-    ranks = run_ranks(world, tmp_path, with_memory=False)
+    ranks = run_ranks(world, tmp_path, "pairs")
     features, labels = global_batch()
     for index, config in enumerate(CONFIGS):
-        loss, grads, stats = train_step(features, labels, config, rows=None)
+        loss, grads, stats = train_step(features, labels, EERLoss(**config), rows=None)
         for rank, results in enumerate(ranks):
             rank_loss, rank_grads, rank_stats = results[index]
             assert rank_loss == pytest.approx(loss, rel=TOLERANCE), (config, rank)
@@ -131,7 +149,7 @@ def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path
 def test_with_a_memory_each_rank_scores_its_rows_against_it_and_all_equal_the_explicit_pair_list(
     tmp_path: Path, world: int
 ) -> None:
-    ranks = run_ranks(world, tmp_path, with_memory=True)
+    ranks = run_ranks(world, tmp_path, "memory")
     features, labels = global_batch()
     for index, config in enumerate(MEMORY_CONFIGS):
         loss, grads = reference_step(features, labels, config)
@@ -140,6 +158,24 @@ def test_with_a_memory_each_rank_scores_its_rows_against_it_and_all_equal_the_ex
             assert rank_loss == pytest.approx(loss, rel=TOLERANCE), (config, rank)
             assert rank_stats.genuine_pairs + rank_stats.impostor_pairs == 20 * 19 // 2 + 20 * 12
             assert_same_gradients(rank_grads, grads, (config, rank))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_persistent_threshold_stays_bit_identical_on_every_rank_and_trains_like_one_process(
+    tmp_path: Path, world: int
+) -> None:
+    ranks = run_ranks(world, tmp_path, "persistent")
+    for index, config in enumerate(PERSISTENT_CONFIGS):
+        for step, (loss, grads, stats, running) in enumerate(consecutive_steps(config, rows=None)):
+            assert len({results[index][step][3].item() for results in ranks}) == 1, (config, step)  # bit for bit
+            assert (stats.threshold == stats.batch_threshold) == (step == 0)  # d̄ starts at d*, then lags it
+            for rank, results in enumerate(ranks):
+                rank_loss, rank_grads, rank_stats, rank_running = results[index][step]
+                context = (config, step, rank)
+                assert rank_loss == pytest.approx(loss, rel=TOLERANCE), context
+                assert rank_running.item() == pytest.approx(running.item(), rel=TOLERANCE), context
+                assert rank_stats.threshold == rank_running.item(), context
+                assert_same_gradients(rank_grads, grads, context)
 
 
 def test_rows_without_a_process_group_are_refused() -> None:

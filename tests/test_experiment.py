@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import TrainConfig
-from pipeline.experiment import ABLATION_ARMS, memory_arms, steps_to_reach
+from pipeline.experiment import ABLATION_ARMS, memory_arms, operating_point_arms, steps_to_reach
 
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
 
@@ -58,6 +58,27 @@ def test_an_unknown_memory_encoder_is_refused_before_anything_runs(tmp_path):
                                       "--encoders", "momentum,stale"])
     assert result.exit_code == 1
     assert "unknown memory encoder(s) ['stale']" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_operating_point_experiment_adds_a_persistent_threshold_arm_only_when_given_a_momentum():
+    plain = {"target-eer": ["loss.name=eer"], "target-fmr-0.001": ["loss.name=eer", "loss.options.target.fmr=0.001"]}
+    assert operating_point_arms(1e-3) == plain  # the finished arms keep their names and runs
+    arms = operating_point_arms(1e-3, threshold_momentum=0.99)
+    assert list(arms) == [*plain, "target-fmr-0.001-persistent"]
+    config = TrainConfig.load(CONFIG, arms["target-fmr-0.001-persistent"])
+    assert (config.loss.options["target"], config.loss.threshold_momentum) == ({"fmr": 0.001}, 0.99)
+
+
+def test_a_threshold_momentum_outside_0_to_1_is_refused_before_the_first_arm_trains(tmp_path):
+    from sharding.writer import write_shards
+
+    write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
+    result = CliRunner().invoke(app, ["experiment", "operating-point", "--shards", str(tmp_path / "shards"),
+                                      "-c", str(CONFIG), "--out", str(tmp_path / "out"), "--threshold-momentum", "1",
+                                      "run.storage=" + str(tmp_path)])
+    assert result.exit_code == 1
+    assert "loss.options.threshold_momentum must lie in [0, 1), got 1.0" in result.output
     assert not (tmp_path / "out").exists()
 
 

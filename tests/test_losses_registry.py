@@ -69,7 +69,7 @@ def test_a_sum_reports_the_batch_statistics_of_its_eer_term() -> None:
     alone, expected = build_loss("eer", D)(embeddings, labels, return_stats=True)
     torch.testing.assert_close(value, alone + 2 * build_loss("multisimilarity", D)(embeddings, labels))
     assert stats == expected
-    assert set(stats) == {"threshold", "soft_far", "soft_frr", "batch_eer"}  # logged as train/<name>
+    assert set(stats) == {"threshold", "batch_threshold", "soft_far", "soft_frr", "batch_eer"}  # logged as train/<name>
     assert build_loss("triplet_all+contrastive", D)(embeddings, labels, return_stats=True)[1] == {}
 
 

@@ -33,6 +33,9 @@ MEMORY = ("loss.memory.size=384", "loss.memory.start_step=2")
 # Hard batches from the first step; the table of epoch 0 stays in force in epoch 1, so a resume
 # at the epoch boundary matches only if the checkpoint carried it.
 HARD_BATCHES = ("data.hard_batches.enabled=true", "data.hard_batches.every_epochs=2")
+# A persistent threshold: a resume that lost it would restart it at the batch's own d*.
+THRESHOLD = ("loss.options.threshold_momentum=0.9",)
+EXTRAS = (*MEMORY, *HARD_BATCHES, *THRESHOLD)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +70,10 @@ def straight_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def straight_extras_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
-    """A run with a cross-batch memory and hard batches: both carry state a resume must restore."""
+    """A run with a cross-batch memory, hard batches and a persistent threshold: each carries
+    state a resume must restore."""
     storage = tmp_path_factory.mktemp("runs")
-    return train(config(shards, str(storage), "straight-extras", *MEMORY, *HARD_BATCHES), show_progress=False)
+    return train(config(shards, str(storage), "straight-extras", *EXTRAS), show_progress=False)
 
 
 def parameters(export: str) -> dict[str, torch.Tensor]:
@@ -121,7 +125,14 @@ def test_a_run_with_a_memory_logs_its_fill_and_its_momentum_encoder_time(straigh
     assert straight_extras_run.metrics["time/momentum_encoder"] > 0
 
 
-VARIANTS = {"plain": ((), "straight_run"), "memory-and-hard-batches": ((*MEMORY, *HARD_BATCHES), "straight_extras_run")}
+def test_a_persistent_threshold_is_logged_beside_the_batch_s_own_threshold(straight_extras_run):
+    (log,) = Path(straight_extras_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
+    logged = [row for row in history(log) if "train/threshold" in row]
+    assert len(logged) == 3  # steps 2, 4 and 6 of 6
+    assert all(row["train/threshold"] != row["train/batch_threshold"] for row in logged)  # d̄ lags d*
+
+
+VARIANTS = {"plain": ((), "straight_run"), "memory-hard-batches-threshold": (EXTRAS, "straight_extras_run")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

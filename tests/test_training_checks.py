@@ -7,6 +7,7 @@ one rank in this process (gloo on the CPU) to check the workers' own loading pat
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -124,6 +125,28 @@ def test_a_checkpoint_resumes_only_with_the_memory_it_was_saved_with(shards, tmp
     config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={tmp_path}", "loss.memory.size=64"])
     with pytest.raises(ValueError, match="saved with cross-batch memory none, this run has size=64 encoder=momentum$"):
         prepare(config, str(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize(
+    ("saved_parts", "overrides", "message"),
+    [
+        ({}, ["loss.options.threshold_momentum=0.9"], "saved without a persistent threshold (threshold_momentum > 0), this run has one"),
+        ({"threshold": {"value": torch.tensor(0.5)}}, [], "saved with a persistent threshold (threshold_momentum > 0), this run has none"),
+    ],
+)
+def test_a_checkpoint_resumes_only_with_the_persistent_threshold_it_was_saved_with(
+    shards, tmp_path, saved_parts, overrides, message
+):
+    write_checkpoint(tmp_path / "saved", {"module": {"weight": torch.zeros(2)}, **saved_parts})
+    config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={tmp_path}", *overrides])
+    with pytest.raises(ValueError, match=re.escape(message) + "$"):
+        prepare(config, str(tmp_path / "saved"))
+
+
+def test_a_persistent_threshold_without_the_implicit_gradient_is_refused_in_one_line(shards, tmp_path):
+    result = train(shards, tmp_path, "loss.options.threshold_momentum=0.9", "loss.options.threshold_grad=unrolled")
+    assert_refused_in_one_line(result, "threshold_momentum=0.9 needs threshold_grad='implicit'")
+    assert not (tmp_path / "cpu-local").exists()
 
 
 @pytest.fixture

@@ -51,6 +51,18 @@ Recipe options (issue 8, measured in ``docs/research-notes.md``):
 ``evaluate_at="midpoint"`` reproduces a quirk of the authors' code, which evaluates the rates at
 the last midpoint of the search instead of at the final ``d*``; the default evaluates at ``d*``.
 
+Persistent threshold (``threshold_momentum=m``, 0 = off, implicit gradient only): at an FMR target
+of 0.1 % a batch's ``d*`` is set by its ~30 hardest of ~30 k impostor pairs, so it jumps from
+batch to batch, and the loss chases that noise. With ``m > 0`` the loss keeps a running threshold
+``d̄ ← m·d̄ + (1−m)·d*`` across training calls (the first call starts it at ``d*``) and is
+evaluated at ``d̄`` instead of ``d*``. The gradient stays the implicit one, taken at ``d̄``:
+``−(∂F/∂θ)/(∂F/∂d)`` with ``F``'s derivatives at ``d̄``, a weighted mean of the movements of the
+pairs near ``d̄`` (so impostors there are still pushed); at ``d̄ = d*`` it is exactly today's
+gradient, and it costs no further pass over the pairs. Only calls that train (module in training
+mode, autograd on) move ``d̄``; others evaluate at the threshold a training call would use.
+``d̄`` is a float64 scalar, identical on every rank of a sharded loss (``d*`` is), and a run's
+checkpoint part (``RunningThreshold``), so a resumed run continues it bit for bit.
+
 Pairs in row blocks
 -------------------
 Every quantity the loss needs is a sum (or a min/max) over pairs: the distance range and the pair
@@ -95,9 +107,9 @@ every rank. Gradients, precisely:
 
 Every option can be sharded (both variants, every target, ``both_sides``, both distances,
 ``normalize``, both floors, every ``threshold_grad`` — unrolled costs two collectives per search
-step —, ``evaluate_at``). Without ``rows`` every rank computes the whole loss (replicated). In a
-sum of losses only the EERLoss term takes ``rows``; the other terms stay replicated (the scale
-belongs to the sharded term alone).
+step —, ``evaluate_at``, ``threshold_momentum``). Without ``rows`` every rank computes the whole
+loss (replicated). In a sum of losses only the EERLoss term takes ``rows``; the other terms stay
+replicated (the scale belongs to the sharded term alone).
 """
 
 from __future__ import annotations
@@ -124,9 +136,10 @@ _CACHE_BYTES = 256 << 20  # a rank's owned distances are kept between passes whe
 class EERStats:
     """Diagnostics of one loss call (fractions, not percent), for logging."""
 
-    threshold: float  # d*, in distance units
-    soft_far: float  # FAR_s(d*)
-    soft_frr: float  # FRR_s(d*)
+    threshold: float  # where the loss was evaluated, in distance units: d*, or d̄ when persistent
+    batch_threshold: float  # the batch's own d* (the midpoint with evaluate_at="midpoint")
+    soft_far: float  # FAR_s at the threshold
+    soft_frr: float  # FRR_s at the threshold
     exact_eer: float  # EER of the batch's pair distances by the official formula
     genuine_pairs: int
     impostor_pairs: int
@@ -529,6 +542,35 @@ def pair_distances(
     return pairs.concat(_GENUINE), pairs.concat(_IMPOSTOR)
 
 
+class RunningThreshold:
+    """A persistent threshold ``d̄ ← m·d̄ + (1−m)·d*`` (see the module doc): a float64 scalar, NaN
+    until the first training call sets it to that batch's ``d*``; a run's checkpoint part.
+
+    Not a buffer of the loss module: DeepSpeed would cast it to bf16 with the module, where the
+    update of a 0.99 average stalls (its steps fall below bf16's resolution of the threshold).
+    """
+
+    def __init__(self, momentum: float) -> None:
+        self.momentum = float(momentum)
+        self.value = torch.full((), math.nan, dtype=torch.float64)
+
+    def blend(self, batch_threshold: torch.Tensor, keep: bool) -> torch.Tensor:
+        """``m·d̄ + (1−m)·d*`` (``d*`` alone the first time), as a constant in ``d*``'s dtype;
+        ``keep``: it becomes the new ``d̄``."""
+        batch = batch_threshold.detach().double()
+        previous = self.value.to(batch.device)
+        value = torch.where(previous.isnan(), batch, torch.lerp(batch, previous, self.momentum))
+        if keep:
+            self.value = value
+        return value.to(batch_threshold.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]
+
+
 class EERLoss(torch.nn.Module):
     """Smooth EER (or any DET operating point) of a batch, ``loss(embeddings, labels)``.
 
@@ -545,6 +587,8 @@ class EERLoss(torch.nn.Module):
         floor, tau: the area variant's floor, ``"hard"`` ``max(ε, x)`` or ``"softplus"`` ``τ·softplus(x/τ)``.
         both_sides: with an FMR or FNMR target, keep both area terms instead of only the one the
             target does not fix (the authors' form; docs/results.md §5 measures both).
+        threshold_momentum: ``m`` of a persistent threshold ``d̄ ← m·d̄ + (1−m)·d*`` across
+            training calls (see the module doc); 0, the default, searches every batch afresh.
     """
 
     def __init__(
@@ -563,6 +607,7 @@ class EERLoss(torch.nn.Module):
         floor: Literal["hard", "softplus"] = "softplus",
         tau: float = 0.05,
         both_sides: bool = False,
+        threshold_momentum: float = 0.0,
     ) -> None:
         super().__init__()
         if variant not in ("area", "direct"):
@@ -579,6 +624,13 @@ class EERLoss(torch.nn.Module):
             raise ValueError(f"tau must be > 0, got {tau}")
         if not 0 < beta < 2:
             raise ValueError(f"beta must lie in (0, 2), got {beta}")
+        if not 0 <= threshold_momentum < 1:
+            raise ValueError(f"threshold_momentum must lie in [0, 1), got {threshold_momentum}")
+        if threshold_momentum and threshold_grad != "implicit":
+            raise ValueError(
+                f"threshold_momentum={threshold_momentum} needs threshold_grad='implicit' (the persistent "
+                f"threshold carries the implicit gradient of the root), got {threshold_grad!r}"
+            )
         if k <= 0 or search_steps < 1:
             raise ValueError(f"k must be > 0 and search_steps >= 1, got k={k}, search_steps={search_steps}")
         self.variant, self.distance = variant, distance
@@ -588,6 +640,7 @@ class EERLoss(torch.nn.Module):
         self.threshold_grad, self.evaluate_at = threshold_grad, evaluate_at
         self.normalize, self.floor, self.tau = bool(normalize), floor, float(tau)
         self.both_sides = bool(both_sides)
+        self.running_threshold = RunningThreshold(threshold_momentum) if threshold_momentum else None
 
     def extra_repr(self) -> str:
         target = "eer" if self.target_kind == "eer" else f"{self.target_kind}={self.target_rate:g}"
@@ -596,6 +649,7 @@ class EERLoss(torch.nn.Module):
             f"search_steps={self.search_steps}, target={target}, threshold_grad={self.threshold_grad}, "
             f"alpha={self.alpha:g}, beta={self.beta:g}, normalize={self.normalize}, floor={self.floor}, "
             f"both_sides={self.both_sides}"
+            + (f", threshold_momentum={self.running_threshold.momentum:g}" if self.running_threshold else "")
         )
 
     def forward(
@@ -642,13 +696,18 @@ class EERLoss(torch.nn.Module):
             points = self._points(pairs)
             with torch.no_grad():
                 threshold, midpoint = self._bisection_search(points, pairs)
-        at = midpoint if self.evaluate_at == "midpoint" else threshold
+        batch_at = midpoint if self.evaluate_at == "midpoint" else threshold
+        at = batch_at if self.running_threshold is None else self.running_threshold.blend(batch_at, self._trains())
         loss, at, frr, far = self._at_threshold(vectors, pairs, at)
         if collective.world > 1:
             loss = _ScaleGradient.apply(loss, float(collective.world))
         if not return_stats:
             return loss
-        return loss, self._stats(points or self._points(pairs), pairs, at, frr, far)
+        return loss, self._stats(points or self._points(pairs), pairs, at, batch_at, frr, far)
+
+    def _trains(self) -> bool:
+        """Whether this call trains (and so moves a persistent threshold): evaluation does not."""
+        return self.training and torch.is_grad_enabled()
 
     def _at_threshold(
         self, vectors: torch.Tensor, pairs: _PairSet, at: torch.Tensor
@@ -805,11 +864,13 @@ class EERLoss(torch.nn.Module):
         points: list[tuple[torch.Tensor, torch.Tensor]],
         pairs: _PairSet,
         d: torch.Tensor,
+        batch_d: torch.Tensor,
         frr: torch.Tensor,
         far: torch.Tensor,
     ) -> EERStats:
         return EERStats(
             threshold=float(d.detach()),
+            batch_threshold=float(batch_d.detach()),
             soft_far=float(far.detach()),
             soft_frr=float(frr.detach()),
             exact_eer=_points_eer(points),

@@ -1,8 +1,12 @@
 """Losses by name, so a training config picks ``loss.name``; every one is a :class:`Criterion`
 called as ``loss(embeddings [N, D], labels [N]) → scalar``, or with ``return_stats=True`` as
 ``→ (scalar, {name: value})``: the batch statistics a loss has (EERLoss: ``threshold``,
-``soft_far``, ``soft_frr``, ``batch_eer``; the others none), so training logs whatever a loss
-reports without knowing which loss it is.
+``batch_threshold``, ``soft_far``, ``soft_frr``, ``batch_eer``; the others none), so training
+logs whatever a loss reports without knowing which loss it is.
+
+State across steps: an EERLoss with a persistent threshold (``threshold_momentum``) carries a
+:class:`~pipeline.losses.eer.RunningThreshold`, which :func:`running_threshold_of` finds in a
+loss or a sum, for the checkpoint to save.
 
 Pair sharding: given ``rows`` (this rank's rows of the gathered global batch) and ``group``, a
 loss that can shard its pairs across ranks scores only this rank's share of them
@@ -43,7 +47,7 @@ from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import loss_and_miner_utils
 from torch import nn
 
-from pipeline.losses.eer import EERLoss, EERStats, Memory
+from pipeline.losses.eer import EERLoss, EERStats, Memory, RunningThreshold
 from pipeline.losses.set2set import Set2SetLoss
 from pipeline.losses.subject_eer import SubjectEERLoss
 
@@ -91,8 +95,14 @@ class Criterion(nn.Module):
 
 
 def _eer_stats(stats: EERStats) -> Stats:
-    return {"threshold": stats.threshold, "soft_far": stats.soft_far, "soft_frr": stats.soft_frr,
-            "batch_eer": stats.exact_eer}
+    return {"threshold": stats.threshold, "batch_threshold": stats.batch_threshold, "soft_far": stats.soft_far,
+            "soft_frr": stats.soft_frr, "batch_eer": stats.exact_eer}
+
+
+def running_threshold_of(criterion: nn.Module) -> RunningThreshold | None:
+    """The persistent threshold of the loss's EERLoss (itself or a term of a sum), or ``None``."""
+    thresholds = [m.running_threshold for m in criterion.modules() if isinstance(m, EERLoss)]
+    return next((threshold for threshold in thresholds if threshold is not None), None)
 
 
 def _eer(**kwargs: Any) -> Criterion:

@@ -119,9 +119,9 @@ def _check_model_and_loss(config: TrainConfig, subjects: int) -> None:
 
 
 def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
-    """A checkpoint continues only the model, the stream and the memory it was saved with: the
-    loader's own resume check (batch shape, ranks, workers, manifest…), the model's settings and
-    the memory's size and encoder, on the driver."""
+    """A checkpoint continues only the model, the stream, the memory and the persistent threshold
+    it was saved with: the loader's own resume check (batch shape, ranks, workers, manifest…), the
+    model's settings, the memory's size and encoder and whether the loss carries a threshold."""
     from pipeline.data import SubjectBatchLoader
     from pipeline.training.worker import sampler_config
 
@@ -136,6 +136,7 @@ def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> 
     if model is not None and model != asdict(config.model):
         raise ValueError(f"{where}: saved for model {model}, this run trains {asdict(config.model)}")
     _check_memory_resumable(config, where, saved)
+    _check_threshold_resumable(config, where, saved)
 
 
 def _check_memory_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
@@ -148,3 +149,14 @@ def _check_memory_resumable(config: TrainConfig, where: str, saved: dict[str, An
 
 def _memory_shape(memory: dict[str, Any]) -> str:
     return f"size={memory['size']} encoder={memory['encoder']}" if memory["size"] else "none"
+
+
+def _check_threshold_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
+    """A persistent threshold continues only from a checkpoint that saved one (and a checkpoint
+    that saved one continues only with one), as the memory does."""
+    theirs, mine = "threshold" in saved, bool(config.loss.threshold_momentum)
+    if theirs != mine:
+        raise ValueError(
+            f"{where}: saved {'with' if theirs else 'without'} a persistent threshold (threshold_momentum > 0), "
+            f"this run has {'one' if mine else 'none'}"
+        )

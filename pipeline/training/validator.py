@@ -38,11 +38,8 @@ def selection_of(config: TrainConfig) -> Selection:
 def _trained_target(config: TrainConfig) -> tuple[str, float]:
     """``(kind, rate)`` of the ``target`` of the loss's ``eer`` term (itself or in a sum);
     ``("eer", 0.0)`` for losses without one. The driver has built the loss, so it is valid."""
-    terms = config.loss.name.split("+")
-    if "eer" not in terms:
-        return "eer", 0.0
-    options = (config.loss.options.get("eer") or {}) if len(terms) > 1 else config.loss.options
-    target = options.get("target", "eer")
+    eer = config.loss.eer_options()
+    target = eer[1].get("target", "eer") if eer else "eer"
     if not isinstance(target, Mapping):
         return "eer", 0.0
     ((kind, rate),) = target.items()

@@ -38,7 +38,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
     memory = memory_of(config, model)
     engine = build_engine(config, world, schedule, model, criterion, memory)
     state = RunState()
-    checkpointer = Checkpointer(engine, _checkpoint_parts(state, loader, memory), config, rank)
+    checkpointer = Checkpointer(engine, _checkpoint_parts(state, loader, memory, criterion), config, rank)
     checkpointer.restore(payload.get("resume_from"))
     validate, sink, timer = Validator(config, rank, world), MetricsSink(config, rank), StepTimer()
     hard = HardBatches(config, loader, engine.module.model)
@@ -84,12 +84,20 @@ def worker_loop(payload: dict[str, Any]) -> None:
     sink.finish()
 
 
-def _checkpoint_parts(state: RunState, loader: Any, memory: CrossBatchMemory | None) -> dict[str, Any]:
-    """The run's parts a checkpoint saves; the memory only when the run has one, so that runs
-    without keep their checkpoints' layout (and older checkpoints stay loadable)."""
+def _checkpoint_parts(
+    state: RunState, loader: Any, memory: CrossBatchMemory | None, criterion: torch.nn.Module
+) -> dict[str, Any]:
+    """The run's parts a checkpoint saves; the memory and the loss's persistent threshold only
+    when the run has them, so that runs without keep their checkpoints' layout (and older
+    checkpoints stay loadable)."""
+    from pipeline.losses.registry import running_threshold_of
+
     parts: dict[str, Any] = {"run": state, "loader": loader}
     if memory is not None:
         parts["memory"] = memory
+    threshold = running_threshold_of(criterion)
+    if threshold is not None:
+        parts["threshold"] = threshold
     return parts
 
 
