@@ -244,6 +244,7 @@ def test_the_block_size_adapts_to_n_and_bounds_each_slab() -> None:
     for n in (64, 8191, 8192, 65536):
         blocks = eer_module._row_blocks(range(n), n)
         assert all((block.b - block.a) * block.columns <= eer_module._BLOCK_ELEMENTS for block in blocks)
+        assert all(block.b - block.a <= n // 2 * eer_module._ROWS_PER_BAND_WIDTH for block in blocks)
         assert [block.a for block in blocks] == [0] + [block.b for block in blocks[:-1]]
         assert blocks[-1].b == n
         # For even N, rows from N/2 on own one pair fewer: no block spans N/2.

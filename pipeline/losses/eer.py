@@ -124,6 +124,7 @@ _MAX_BINS = 1 << 22
 _BLOCK_ELEMENTS = 1 << 21  # pairs per row block: bounds every per-pair temporary (8–16 MB each)
 _CACHE_BYTES = 256 << 20  # a rank's owned distances are kept between passes when they fit
 _CHUNK_ELEMENTS = 1 << 16  # pairs per elementwise chunk: its temporaries stay in the core's cache
+_ROWS_PER_BAND_WIDTH = 1 / 4  # rows of a block per pair a row owns: B − 1 unowned columns cost ≤ 1/4 more
 
 
 @dataclass(frozen=True)
@@ -495,11 +496,12 @@ def _chunks(band: torch.Tensor, elements: int = _CHUNK_ELEMENTS) -> Iterator[tup
 
 
 def _row_blocks(rows: range, n: int) -> list[_RowBlock]:
-    """Row blocks whose slabs, ``B × (B−1+width)``, hold at most ``_BLOCK_ELEMENTS`` pairs; for even
-    ``N`` the rows from ``N/2`` on own one pair fewer, so no block spans ``N/2``."""
+    """Row blocks whose slabs, ``B × (B−1+width)``, hold at most ``_BLOCK_ELEMENTS`` pairs, with at
+    most ``width/4`` rows (at N = 2,048 the bound alone gives B ≈ width: slabs of twice the owned
+    pairs); for even ``N`` the rows from ``N/2`` on own one pair fewer, so no block spans ``N/2``."""
     reach = n // 2
     size = int((-(reach - 1) + math.sqrt((reach - 1) ** 2 + 4 * _BLOCK_ELEMENTS)) / 2)
-    size = max(1, min(len(rows), size))
+    size = max(1, min(len(rows), size, int(reach * _ROWS_PER_BAND_WIDTH)))
     if n % 2:
         segments = [(rows.start, rows.stop, reach)]
     else:
