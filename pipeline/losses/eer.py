@@ -192,7 +192,7 @@ class _RowBlock(NamedTuple):
 
 
 class _MemoryBlock(NamedTuple):
-    """Batch rows ``[a, b)`` against memory rows ``[start, stop)``: a dense slab, all of it owned (its band)."""
+    """Batch rows ``[a, b)`` against memory rows ``[start, stop)``: a dense slab, all of it the band."""
 
     a: int
     b: int
@@ -209,6 +209,7 @@ class _MemoryBlock(NamedTuple):
 
     @property
     def skew(self) -> int:
+        """Every row's band starts at the first column."""
         return 0
 
 
