@@ -213,7 +213,7 @@ def test_many_small_blocks_with_or_without_kept_distances_change_nothing(
     monkeypatch.setattr(eer_module, "_BLOCK_ELEMENTS", 97)  # blocks of 2-3 rows
     monkeypatch.setattr(eer_module, "_CACHE_BYTES", eer_module._CACHE_BYTES if cache else 0)
     x, labels = clustered(seed=n_subjects, subjects=n_subjects, per_subject=per_subject)
-    assert len(eer_module._row_blocks(range(len(labels)), len(labels) // 2)) > 10
+    assert len(eer_module._row_blocks(range(len(labels)), len(labels))) > 10
     assert_same_as_reference(EERLoss(**options), x, labels, stats_exact=True)
 
 
@@ -225,23 +225,30 @@ def test_every_unordered_pair_is_owned_exactly_once_and_rows_own_equal_shares(
     labels = 2 * torch.arange(n) // n
     x = torch.randn(n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     pairs = eer_module._PairSet(x, labels, range(n), "euclidean", eer_module._Collective())
-    owners, owned = [], []
-    for block in pairs.blocks:
-        columns, genuine, impostor = pairs._geometry(block)
-        rows, cols = (genuine | impostor).nonzero(as_tuple=True)
-        owners += (block[0] + rows).tolist()
-        owned += [tuple(sorted((block[0] + r, int(columns[c])))) for r, c in zip(rows.tolist(), cols.tolist())]
-    assert sorted(owned) == [(i, j) for i in range(n) for j in range(i + 1, n)]
+    owners, owned, genuine = [], [], []
+    for block, (band, _), where in zip(pairs.blocks, pairs.bands(), pairs._genuine, strict=True):
+        for i, j in np.ndindex(*band.shape):  # band[i, j]: row a + i with the row j + 1 after it
+            row, column = block.a + i, (block.a + i + j + 1) % n
+            assert band[i, j] == pytest.approx(float((x[row] - x[column]).norm()))
+            owners.append(row)
+            owned.append(tuple(sorted((row, column))))
+        genuine += [owned[len(owned) - band.numel() + i * band.shape[1] + j] for i, j in zip(*where)]
+    every_pair = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    assert sorted(owned) == every_pair
+    assert sorted(genuine) == [(i, j) for i, j in every_pair if labels[i] == labels[j]]
     shares = torch.bincount(torch.tensor(owners), minlength=n)
     assert shares.max() - shares.min() <= 1
 
 
 def test_the_block_size_adapts_to_n_and_bounds_each_slab() -> None:
-    for n in (64, 8192, 65536):
-        blocks = eer_module._row_blocks(range(n), n // 2)
-        size = blocks[0][1] - blocks[0][0]
-        assert size * (size - 1 + n // 2) <= eer_module._BLOCK_ELEMENTS
-        assert blocks[-1][1] == n
+    for n in (64, 8191, 8192, 65536):
+        blocks = eer_module._row_blocks(range(n), n)
+        assert all((block.b - block.a) * block.columns <= eer_module._BLOCK_ELEMENTS for block in blocks)
+        assert all(block.b - block.a <= n // 2 * eer_module._ROWS_PER_BAND_WIDTH for block in blocks)
+        assert [block.a for block in blocks] == [0] + [block.b for block in blocks[:-1]]
+        assert blocks[-1].b == n
+        # For even N, rows from N/2 on own one pair fewer: no block spans N/2.
+        assert all(block.width == n // 2 - (n % 2 == 0 and block.a >= n // 2) for block in blocks)
 
 
 @pytest.mark.parametrize("cache", [True, False])

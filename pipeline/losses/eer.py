@@ -70,15 +70,19 @@ counts, each side's histogram (or exact distances) for the search, the soft rate
 their slopes in ``d`` (the implicit threshold gradient), the area variant's sums ``Σ floor(u)^β``
 and their slopes, the distance sums of the unrolled search. ``_PairSet`` visits the pairs one row
 block at a time: a ``B × (B−1+⌊N/2⌋)`` slab of the Gram matrix (never ``N×N×D``, never an ``N×N``
-mask), ``B`` adapting to ``N`` so that a slab holds at most ``_BLOCK_ELEMENTS`` pairs. A block's
-owned distances (1-D, per side) are kept for the later passes when all of them fit in
-``_CACHE_BYTES`` (N = 8,192 in fp32 does), else each pass recomputes them from the Gram block, so
+mask) whose owned pairs form a skewed band (row ``i`` owns the ``⌊N/2⌋`` rows after it), ``B``
+adapting to ``N`` so that a slab holds at most ``_BLOCK_ELEMENTS`` pairs. A band's few genuine
+pairs are located once, from the sorted labels; its impostors are the rest of it, so a sum over
+impostors is the sum over the band less that over its genuine pairs, and no pass builds a mask.
+Elementwise work runs in chunks of ``_CHUNK_ELEMENTS`` pairs whose temporaries stay in the core's
+cache. The bands (every owned distance) are kept for the later passes when all of them fit in
+``_CACHE_BYTES`` (N = 8,192 in fp32 does), else each pass recomputes them from the Gram blocks, so
 ``N = 65,536`` runs in bounded memory. With a cross-batch ``memory`` of ``M`` earlier embeddings
-(constants), every batch row also meets every memory row, in ``B × M'`` slabs of the same bound;
-a rank then scores its own rows against the whole memory. The loss is a scalar function of the
-sums; backward (``_PairSums``) recomputes each block's per-pair coefficient ``∂L/∂distance`` from
-the sums' gradients and turns it into the embedding gradient with two block matmuls. Time and
-peak memory against the bare Gram matmul: ``bench/README.md``.
+(constants), every batch row also meets every memory row, in ``B × M'`` slabs of the same bound; a
+rank then scores its own rows against the whole memory. The loss is a scalar function of the sums;
+backward (``_PairSums``) recomputes each pair's coefficient ``∂L/∂distance`` from the sums'
+gradients into the band of a coefficient slab and turns it into the embedding gradient with two
+block matmuls. Time and peak memory against the bare Gram matmul: ``bench/README.md``.
 
 ``return_stats``' exact EER is the official EER of the points the search uses: exact distances
 where a side has fewer pairs than the search grid has bins, else that side's histogram, i.e. the
@@ -114,6 +118,7 @@ replicated (the scale belongs to the sharded term alone).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple
@@ -130,6 +135,8 @@ _BINS_PER_UNIT_SHARPNESS = 64  # histogram bins per 1/k of distance in the impli
 _MAX_BINS = 1 << 22
 _BLOCK_ELEMENTS = 1 << 21  # pairs per row block: bounds every per-pair temporary (8–16 MB each)
 _CACHE_BYTES = 256 << 20  # a rank's owned distances are kept between passes when they fit
+_CHUNK_ELEMENTS = 1 << 16  # pairs per elementwise chunk: its temporaries stay in the core's cache
+_ROWS_PER_BAND_WIDTH = 1 / 4  # rows of a block per pair a row owns: B − 1 unowned columns cost ≤ 1/4 more
 
 
 @dataclass(frozen=True)
@@ -172,17 +179,68 @@ class _Collective:
         return torch.cat([part[:length] for part, length in zip(parts, lengths, strict=True)])
 
 
-Sides = tuple[torch.Tensor, torch.Tensor]  # (genuine, impostor) distances of one row block
 Memory = tuple[torch.Tensor, torch.Tensor]  # (embeddings [M, D], labels [M]) of earlier batches, constants
+Where = tuple[torch.Tensor, torch.Tensor]  # (rows, columns) of some pairs in a block's band
+
+
+class _RowBlock(NamedTuple):
+    """Batch rows ``[a, b)``, each owning the pairs with the ``width`` batch rows after it (mod N).
+
+    Its slab of the Gram matrix holds the columns ``a+1 … b−1+width``; row ``a+i`` owns the slab
+    columns ``i … i+width−1``, so the owned pairs form a skewed band: a strided view of the slab.
+    """
+
+    a: int
+    b: int
+    width: int
+
+    @property
+    def columns(self) -> int:
+        return self.b - self.a - 1 + self.width
+
+    @property
+    def skew(self) -> int:
+        """How far each row's band starts right of the previous row's."""
+        return 1
 
 
 class _MemoryBlock(NamedTuple):
-    """Batch rows ``[a, b)`` against memory rows ``[start, stop)``: a dense slab, every pair owned."""
+    """Batch rows ``[a, b)`` against memory rows ``[start, stop)``: a dense slab, all of it the band."""
 
     a: int
     b: int
     start: int
     stop: int
+
+    @property
+    def columns(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def width(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def skew(self) -> int:
+        """Every row's band starts at the first column."""
+        return 0
+
+
+_Block = _RowBlock | _MemoryBlock
+
+
+class _Columns(NamedTuple):
+    """A run of a block's slab columns that are consecutive rows of one matrix (no copies)."""
+
+    offset: int  # first slab column
+    vectors: torch.Tensor
+    norms: torch.Tensor | None  # squared norms, for Euclidean distances
+    rows: slice | None  # their rows in the batch; None: memory rows, constants without gradient
+
+    @property
+    def span(self) -> slice:
+        """Their columns in the slab."""
+        return slice(self.offset, self.offset + len(self.vectors))
 
 
 class _PairSet:
@@ -190,19 +248,20 @@ class _PairSet:
 
     Ownership (balanced, so that a rank's work is proportional to its rows): row ``i`` owns the
     pairs ``(i, i+δ mod N)`` for ``δ = 1 … ⌊N/2⌋``, except that for even ``N`` the pair at
-    ``δ = N/2`` belongs to the smaller row only. Every unordered pair has exactly one owner and
-    every row owns ``⌊(N−1)/2⌋`` or ``⌈(N−1)/2⌉`` pairs. The rows ``[a, b)`` of a block meet the
-    columns ``a+1 … b−1+⌊N/2⌋`` (mod N) only, so a block is a dense ``B × (B−1+⌊N/2⌋)`` slab
-    of the Gram matrix with a band of owned pairs.
+    ``δ = N/2`` belongs to the smaller row only (rows from ``N/2`` on own ``δ < N/2``). Every
+    unordered pair has exactly one owner and every row owns ``⌊(N−1)/2⌋`` or ``⌈(N−1)/2⌉`` pairs.
+    A block of rows owning the same number of pairs (``_RowBlock``) is a dense ``B × (B−1+width)``
+    slab of the Gram matrix whose owned pairs form a skewed ``B × width`` band.
 
     With a cross-batch ``memory`` (embeddings of earlier batches, constants), every row also owns
     its pairs with every memory row: ``_MemoryBlock`` slabs of at most ``_BLOCK_ELEMENTS`` pairs,
     so the rows × memory pairs are partitioned across ranks exactly as the rows are, and only
     the batch side of such a pair receives a gradient.
 
-    The first pass (construction) finds the distance range and the pair counts, all-reduced.
-    The owned distances of each block are kept for the later passes when they fit in
-    ``_CACHE_BYTES``, else every pass recomputes them from the Gram block.
+    The first pass (construction) finds the distance range, the pair counts (all-reduced) and
+    where each block's few genuine pairs lie in its band; its impostors are the rest of the band,
+    so no pass needs a mask (``totals``, ``gradient``). The bands are kept for the later passes
+    when they fit in ``_CACHE_BYTES``, else every pass recomputes them from the Gram block.
     """
 
     def __init__(
@@ -211,21 +270,19 @@ class _PairSet:
     ) -> None:
         self.vectors, self.labels, self.distance, self.collective = vectors, labels, distance, collective
         self.memory_vectors, self.memory_labels = memory if memory is not None else (vectors[:0], labels[:0])
-        self.reach = len(labels) // 2
         self.norms = vectors.pow(2).sum(1) if distance == "euclidean" else None
         self.memory_norms = self.memory_vectors.pow(2).sum(1) if distance == "euclidean" else None
         self.min_distance = vectors.new_tensor(_EPS_SQUARED_DISTANCE).sqrt()  # where the clamp holds
-        self.blocks: list[tuple[int, int] | _MemoryBlock] = [
-            *_row_blocks(rows, self.reach), *_memory_blocks(rows, len(self.memory_labels))
-        ]
-        self._bands: dict[int, torch.Tensor] = {}
-        owned_at_most = len(rows) * (self.reach + len(self.memory_labels))
-        fits = owned_at_most * vectors.element_size() <= _CACHE_BYTES
-        self._cache: list[Sides] | None = [] if fits else None
+        self.blocks: list[_Block] = [*_row_blocks(rows, len(labels)), *_memory_blocks(rows, len(self.memory_labels))]
+        owned = sum((block.b - block.a) * block.width for block in self.blocks)
+        fits = owned * vectors.element_size() <= _CACHE_BYTES
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if fits else None
         # One buffer for every kept distance: thousands of long-lived pieces between short-lived
         # slabs fragment the heap (measured: 1.06 GB instead of 0.4 GB at N = 16,384).
-        self._buffer = vectors.new_empty(owned_at_most if fits else 0)
+        self._buffer = vectors.new_empty(owned if fits else 0)
         self._kept = 0
+        self._by_label, self._memory_by_label = torch.sort(labels), torch.sort(self.memory_labels)
+        self._genuine: list[Where] = []
         self.low, self.high, counts = self._first_pass()
         self.counts = tuple(int(c) for c in counts)
         self.sizes = counts.to(vectors.dtype)  # the pair counts as divisors
@@ -237,169 +294,238 @@ class _PairSet:
             )
 
     def _first_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Global (min distance, max distance, [genuine, impostor] counts); fills the cache."""
+        """Global (min distance, max distance, [genuine, impostor] counts); finds the genuine
+        pairs and fills the cache."""
         low = self.vectors.new_full((), math.inf)
         high = self.vectors.new_full((), -math.inf)
-        counts = torch.zeros(2, dtype=torch.int64, device=self.vectors.device)
+        counts = [0, 0]
         for block in self.blocks:
-            sides = self._sides(block, keep=self._cache is not None)
+            band = self._band_distances(block, keep=self._cache is not None)
+            where = self._genuine_pairs(block)
+            genuine = band[where]
+            self._genuine.append(where)
             if self._cache is not None:
-                self._cache.append(sides)
-            for side, x in enumerate(sides):
-                counts[side] += x.numel()
-                if x.numel():
-                    smallest, largest = torch.aminmax(x)
-                    low, high = torch.minimum(low, smallest), torch.maximum(high, largest)
+                self._cache.append((band, genuine))
+            counts[_GENUINE] += genuine.numel()
+            counts[_IMPOSTOR] += band.numel() - genuine.numel()
+            smallest, largest = torch.aminmax(band)
+            low, high = torch.minimum(low, smallest), torch.maximum(high, largest)
+        owned = torch.tensor(counts, dtype=torch.int64, device=self.vectors.device)
         reduce = self.collective.reduce
-        return reduce(low, dist.ReduceOp.MIN), reduce(high, dist.ReduceOp.MAX), reduce(counts)
+        return reduce(low, dist.ReduceOp.MIN), reduce(high, dist.ReduceOp.MAX), reduce(owned)
 
-    def _geometry(self, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The block's columns and its (genuine, impostor) masks of owned pairs."""
-        (a, b), n = block, len(self.labels)
-        columns = torch.arange(a + 1, b + self.reach, device=self.labels.device) % n
-        band = self._band(b - a)
-        genuine = (self.labels[a:b, None] == self.labels[columns][None, :]).logical_and_(band)
-        impostor = band ^ genuine
-        if n % 2 == 0 and b > n // 2:  # δ = N/2 is reached from both ends: the smaller row owns it
-            r = torch.arange(max(a, n // 2) - a, b - a, device=band.device)
-            genuine[r, r + self.reach - 1] = impostor[r, r + self.reach - 1] = False
-        return columns, genuine, impostor
-
-    def _band(self, height: int) -> torch.Tensor:
-        """Owned offsets of a block of ``height`` rows: column offset − row offset in [0, ⌊N/2⌋)."""
-        if height not in self._bands:
-            ones = torch.ones(height, height - 1 + self.reach, dtype=torch.bool, device=self.labels.device)
-            self._bands[height] = ones.triu_(0).tril_(self.reach - 1)
-        return self._bands[height]
-
-    def _slab(self, block: tuple[int, int] | _MemoryBlock) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The block's (genuine, impostor) masks of owned pairs and its slab of distances."""
+    def _genuine_pairs(self, block: _Block) -> Where:
+        """(rows, columns) in the block's band of its genuine pairs, in row-major order: found from
+        the sorted labels (a few per row) instead of comparing labels over the whole band."""
+        a, b = block[:2]
         if isinstance(block, _MemoryBlock):
-            column_norms = None if self.memory_norms is None else self.memory_norms[block.start : block.stop]
-            return self._masks(block), self._distances(block, column_norms)
-        columns, *masks = self._geometry(block)
-        return masks, self._distances(block, None if self.norms is None else self.norms[columns])
+            rows, others = _same_label(self.labels[a:b], self._memory_by_label)
+            columns = others - block.start
+            owned = (columns >= 0) & (columns < block.width)
+        else:
+            rows, others = _same_label(self.labels[a:b], self._by_label)
+            columns = (others - a - rows - 1) % len(self.labels)  # δ − 1, from row a + i to column j
+            owned = columns < block.width
+        rows, columns = rows[owned], columns[owned]
+        order = torch.argsort(rows * block.width + columns)
+        return rows[order], columns[order]
 
-    def _masks(self, block: tuple[int, int] | _MemoryBlock) -> list[torch.Tensor]:
-        """The block's (genuine, impostor) masks of owned pairs (a memory block owns all of them)."""
-        if not isinstance(block, _MemoryBlock):
-            return list(self._geometry(block)[1:])
-        genuine = self.labels[block.a : block.b, None] == self.memory_labels[None, block.start : block.stop]
-        return [genuine, ~genuine]
+    def _band_distances(self, block: _Block, keep: bool = False) -> torch.Tensor:
+        """The block's owned distances, a contiguous ``B × width`` band; ``keep``: in the buffer."""
+        band = _band(self._distances(block), block)
+        if not keep:
+            return band.contiguous()
+        kept = self._buffer[self._kept : self._kept + band.numel()].view(band.shape).copy_(band)
+        self._kept += band.numel()
+        return kept
 
-    def _distances(self, block: tuple[int, int] | _MemoryBlock, column_norms: torch.Tensor | None) -> torch.Tensor:
+    def _distances(self, block: _Block) -> torch.Tensor:
         """The block's slab of distances, from its Gram block (never an ``N×N×D`` tensor):
         ``1 − x_i·x_j`` (cosine, unit rows) or ``√(|x_i|² + |x_j|² − 2 x_i·x_j)``."""
         a, b = block[:2]
         rows = self.vectors[a:b]
-        pieces = self._column_pieces(block)
-        if column_norms is None:
-            slab, alpha = rows.new_ones(b - a, sum(len(others) for _, others, _ in pieces)), -1
-        else:
-            slab, alpha = self.norms[a:b, None] + column_norms[None, :], -2
-        for offset, others, _ in pieces:
-            slab[:, offset : offset + len(others)].addmm_(rows, others.T, alpha=alpha)
-        return slab if column_norms is None else slab.clamp_min_(_EPS_SQUARED_DISTANCE).sqrt_()
+        slab = rows.new_empty(b - a, block.columns)
+        for columns in self._column_pieces(block):
+            part = slab[:, columns.span]
+            if columns.norms is None:
+                part.fill_(1).addmm_(rows, columns.vectors.T, alpha=-1)
+            else:
+                part.copy_(self.norms[a:b, None]).add_(columns.norms).addmm_(rows, columns.vectors.T, alpha=-2)
+        return slab if self.norms is None else slab.clamp_min_(_EPS_SQUARED_DISTANCE).sqrt_()
 
-    def _column_pieces(self, block: tuple[int, int] | _MemoryBlock) -> list[tuple[int, torch.Tensor, slice | None]]:
-        """(slab offset, column vectors, their rows in the batch) of the block's columns; memory
-        columns have no batch rows: they are constants and receive no gradient."""
+    def _column_pieces(self, block: _Block) -> list[_Columns]:
+        """The block's slab columns in runs of consecutive rows: one run of memory rows, or the
+        batch rows split where they wrap past N (the Gram blocks and the column gradients then
+        use views of the rows, never copies)."""
         if isinstance(block, _MemoryBlock):
-            return [(0, self.memory_vectors[block.start : block.stop], None)]
-        return [(offset, self.vectors[start:stop], slice(start, stop)) for offset, start, stop in self._pieces(block)]
-
-    def _pieces(self, block: tuple[int, int]) -> list[tuple[int, int, int]]:
-        """(slab offset, first row, end row) of the block's columns, split where they wrap past N:
-        the Gram blocks and the column gradients then use views of the rows, never copies."""
-        (a, b), n = block, len(self.labels)
-        pieces, offset, start, stop = [], 0, a + 1, b + self.reach
+            memory = slice(block.start, block.stop)
+            norms = None if self.memory_norms is None else self.memory_norms[memory]
+            return [_Columns(0, self.memory_vectors[memory], norms, None)]
+        pieces, offset, start, stop, n = [], 0, block.a + 1, block.b + block.width, len(self.labels)
         while start < stop:
             end = min(stop, (start // n + 1) * n)
-            pieces.append((offset, start % n, start % n + end - start))
+            rows = slice(start % n, start % n + end - start)
+            pieces.append(_Columns(offset, self.vectors[rows], None if self.norms is None else self.norms[rows], rows))
             offset, start = offset + end - start, end
         return pieces
 
-    def _sides(self, block: tuple[int, int] | _MemoryBlock, keep: bool = False) -> Sides:
-        """The block's (genuine, impostor) owned distances; ``keep``: written into the buffer."""
-        masks, distances = self._slab(block)
-        if not keep:
-            return distances[masks[0]], distances[masks[1]]
-        kept = []
-        for mask in masks:
-            count = int(mask.sum())
-            kept.append(torch.masked_select(distances, mask, out=self._buffer[self._kept : self._kept + count]))
-            self._kept += count
-        return kept[0], kept[1]
-
-    def sides(self) -> Iterator[Sides]:
-        """Each block's (genuine, impostor) owned distances: kept ones or recomputed."""
+    def bands(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's band of owned distances and its genuine distances: kept ones or recomputed."""
         if self._cache is not None:
             yield from self._cache
             return
-        for block in self.blocks:
-            yield self._sides(block)
+        for block, where in zip(self.blocks, self._genuine, strict=True):
+            band = self._band_distances(block)
+            yield band, band[where]
 
     def concat(self, side: int) -> torch.Tensor:
         """Every owned distance of one side (0 genuine, 1 impostor), of all ranks."""
-        owned = [sides[side] for sides in self.sides()]  # none on a rank without rows
+        owned = [
+            genuine if side == _GENUINE else _without(band, where)
+            for (band, genuine), where in zip(self.bands(), self._genuine, strict=True)
+        ]  # none on a rank without rows
         return self.collective.concat(torch.cat(owned) if owned else self.vectors.new_zeros(0))
+
+    def totals(
+        self, term: Callable[[int, torch.Tensor], torch.Tensor], into: torch.Tensor, chunk: int = _CHUNK_ELEMENTS
+    ) -> torch.Tensor:
+        """``into[side] += Σ term(side, distances)`` over this process's pairs of each side, where
+        ``term`` gives a vector per call; not all-reduced.
+
+        A block's impostors are its band less its genuine pairs: ``term`` runs over the band in
+        chunks of about ``chunk`` pairs (their temporaries stay in the core's cache), and the
+        genuine pairs' impostor terms are taken back out.
+        """
+        for band, genuine in self.bands():
+            into[_GENUINE] += term(_GENUINE, genuine)
+            into[_IMPOSTOR] += sum(term(_IMPOSTOR, x) for _, x in _chunks(band, chunk)) - term(_IMPOSTOR, genuine)
+        return into
 
     def histograms(self, low: torch.Tensor, width: float, bins: int) -> torch.Tensor:
         """``[2, bins]`` counts of each side's distances rounded to the grid ``low + width·j`` (one pass)."""
-        counts = torch.zeros(2, bins, dtype=torch.int64, device=self.vectors.device)
-        for sides in self.sides():
-            for side, x in enumerate(sides):
-                counts[side] += torch.bincount(((x - low) / width).round_().long(), minlength=bins)
-        return self.collective.reduce(counts)
 
-    def gradient(self, weights: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``∂/∂vectors`` of a sum over owned pairs, given ``weights(side, distances)`` = ∂sum/∂distance.
+        def counts(_side: int, x: torch.Tensor) -> torch.Tensor:
+            return torch.bincount(((x - low) / width).round_().int(), minlength=bins)
 
-        Per block: the weights fill a dense coefficient slab ``C`` (owned pairs only), and the
-        gradient comes from two matmuls, ``C @ columns`` for the rows and ``Cᵀ @ rows`` for
-        the columns; nothing per pair outlives its block.
+        counted = torch.zeros(2, bins, dtype=torch.int64, device=self.vectors.device)
+        # Chunks of at least ``bins`` pairs: each chunk's counts cost ``bins`` additions.
+        return self.collective.reduce(self.totals(counts, counted, chunk=max(_CHUNK_ELEMENTS, bins)))
+
+    def gradient(
+        self, weights: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``∂/∂vectors`` and ``∂/∂d`` of a sum over owned pairs, given ``weights(side, distances)``:
+        per pair ``∂sum/∂distance``, and those pairs' share of ``∂sum/∂d``.
+
+        Per block, the band of a coefficient slab ``C`` (zero elsewhere) is filled chunk by chunk
+        with every pair's weight as an impostor, then the genuine pairs' weights overwrite theirs
+        (and their impostor share of ``∂/∂d`` is taken back out); the gradient comes from two
+        matmuls, ``C @ columns`` for the rows and ``Cᵀ @ rows`` for the columns. Nothing per pair
+        outlives its block.
         """
         grad = torch.zeros_like(self.vectors)
-        for block, sides in zip(self.blocks, self.sides(), strict=True):
-            masks = self._masks(block)
-            slab = self.vectors.new_zeros(masks[0].shape)
-            for side, (mask, x) in enumerate(zip(masks, sides, strict=True)):
-                slab.masked_scatter_(mask, self._per_gram_term(weights(side, x), x))
+        along_d = self.vectors.new_zeros(())
+        for block, where, (band, genuine) in zip(self.blocks, self._genuine, self.bands(), strict=True):
+            slab = _coefficient_slab(block, self.vectors)
+            coefficients = _band(slab, block)
+            for rows, x in _chunks(band):
+                weight, share = weights(_IMPOSTOR, x)
+                coefficients[rows] = self._per_gram_term(weight, x).view(-1, band.shape[1])
+                along_d += share
+            weight, share = weights(_GENUINE, genuine)
+            coefficients[where] = self._per_gram_term(weight, genuine)
+            along_d += share - weights(_IMPOSTOR, genuine)[1]
             self._accumulate(grad, block, slab)
-        return grad
+        return grad, along_d
 
     def _per_gram_term(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Euclidean ``∂d/∂x_i = (x_i − x_j)/d``: the slab carries ``weight/d`` (0 where clamped)."""
+        """Euclidean ``∂d/∂x_i = (x_i − x_j)/d``: the slab carries ``weight/d``, 0 where the clamp
+        holds (there ``d − min`` is 0, elsewhere positive: its sign is a cheaper mask than a comparison)."""
         if self.norms is None:
             return weight
-        return weight.div_(x).masked_fill_(x <= self.min_distance, 0)
+        return weight.div_(x).mul_((x - self.min_distance).sign_())
 
-    def _accumulate(self, grad: torch.Tensor, block: tuple[int, int] | _MemoryBlock, slab: torch.Tensor) -> None:
+    def _accumulate(self, grad: torch.Tensor, block: _Block, slab: torch.Tensor) -> None:
         """Add ``Σ_j C_ij ∂d_ij/∂x`` to the rows and the batch columns: ``−C x_j`` (+ ``Σ_j C_ij x_i``
         for Euclidean)."""
         a, b = block[:2]
         rows = self.vectors[a:b]
         euclidean = self.norms is not None
         column_sums = slab.sum(0) if euclidean else None
-        for offset, others, batch_rows in self._column_pieces(block):
-            part = slab[:, offset : offset + len(others)]
-            grad[a:b].addmm_(part, others, alpha=-1)
-            if batch_rows is None:
+        for columns in self._column_pieces(block):
+            part = slab[:, columns.span]
+            grad[a:b].addmm_(part, columns.vectors, alpha=-1)
+            if columns.rows is None:
                 continue
-            grad[batch_rows].addmm_(part.T, rows, alpha=-1)
+            grad[columns.rows].addmm_(part.T, rows, alpha=-1)
             if euclidean:
-                grad[batch_rows].addcmul_(column_sums[offset : offset + len(others), None], others)
+                grad[columns.rows].addcmul_(column_sums[columns.span, None], columns.vectors)
         if euclidean:
             grad[a:b].addcmul_(slab.sum(1, keepdim=True), rows)
 
 
-def _row_blocks(rows: range, reach: int) -> list[tuple[int, int]]:
-    """Row ranges whose slabs, ``B × (B−1+reach)``, hold at most ``_BLOCK_ELEMENTS`` pairs."""
-    if len(rows) == 0:
-        return []
+def _band(slab: torch.Tensor, block: _Block) -> torch.Tensor:
+    """The block's owned pairs in its slab: a ``B × width`` view (row ``i`` from column ``i·skew``)."""
+    return slab.as_strided((block.b - block.a, block.width), (block.columns + block.skew, 1), slab.storage_offset())
+
+
+def _coefficient_slab(block: _Block, like: torch.Tensor) -> torch.Tensor:
+    """A slab for the block's coefficients, zero outside its band, uninitialised inside.
+
+    Outside a row block's band, row ``i``'s columns after its band and row ``i+1``'s before it
+    are ``B`` consecutive elements: a strided view too, zeroed without touching the band.
+    """
+    slab = like.new_empty(block.b - block.a, block.columns)
+    if block.skew:
+        height = block.b - block.a
+        slab.as_strided((height - 1, height), (block.columns + 1, 1), block.width).zero_()
+    return slab
+
+
+def _same_label(labels: torch.Tensor, pool: tuple[torch.Tensor, torch.Tensor]) -> Where:
+    """Every ``(i, j)`` where ``labels[i]`` is the label of item ``j`` of a pool, given the pool's
+    labels sorted and their positions (``torch.sort``): a binary search per label."""
+    sorted_labels, positions = pool
+    first = torch.searchsorted(sorted_labels, labels)
+    counts = torch.searchsorted(sorted_labels, labels, right=True) - first
+    rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), counts)
+    shift = first - (counts.cumsum(0) - counts)  # from a match's output index to its sorted position
+    return rows, positions[torch.arange(len(rows), device=labels.device) + shift[rows]]
+
+
+def _without(band: torch.Tensor, where: Where) -> torch.Tensor:
+    """The band's distances except those at ``where``, in row-major order."""
+    keep = torch.ones_like(band, dtype=torch.bool)
+    keep[where] = False
+    return band[keep]
+
+
+def _chunks(band: torch.Tensor, elements: int = _CHUNK_ELEMENTS) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Slices of a contiguous band's rows holding about ``elements`` pairs (at least a row), flattened."""
+    height, width = band.shape
+    step = max(1, elements // max(1, width))
+    for start in range(0, height, step):
+        rows = slice(start, start + step)
+        yield rows, band[rows].view(-1)
+
+
+def _row_blocks(rows: range, n: int) -> list[_RowBlock]:
+    """Row blocks whose slabs, ``B × (B−1+width)``, hold at most ``_BLOCK_ELEMENTS`` pairs, with at
+    most ``width/4`` rows (at N = 2,048 the bound alone gives B ≈ width: slabs of twice the owned
+    pairs); for even ``N`` the rows from ``N/2`` on own one pair fewer, so no block spans ``N/2``."""
+    reach = n // 2
     size = int((-(reach - 1) + math.sqrt((reach - 1) ** 2 + 4 * _BLOCK_ELEMENTS)) / 2)
-    size = max(1, min(len(rows), size))
-    return [(a, min(a + size, rows.stop)) for a in range(rows.start, rows.stop, size)]
+    size = max(1, min(len(rows), size, int(reach * _ROWS_PER_BAND_WIDTH)))
+    if n % 2:
+        segments = [(rows.start, rows.stop, reach)]
+    else:
+        segments = [(rows.start, min(rows.stop, reach), reach), (max(rows.start, reach), rows.stop, reach - 1)]
+    return [
+        _RowBlock(a, min(a + size, stop), width)
+        for start, stop, width in segments
+        if width > 0
+        for a in range(start, stop, size)
+    ]
 
 
 def _memory_blocks(rows: range, memory_rows: int) -> list[_MemoryBlock]:
@@ -418,6 +544,7 @@ def _memory_blocks(rows: range, memory_rows: int) -> list[_MemoryBlock]:
 _GENUINE, _IMPOSTOR = 0, 1
 _SIGNS = (1.0, -1.0)  # a genuine pair errs above d, an impostor pair below
 _RATE, _AREA, _DISTANCE = 0, 1, 2  # columns of the sums
+_SLOPE = 3  # the sums' slopes in d follow: _SLOPE + _RATE, _SLOPE + _AREA
 
 
 @dataclass(frozen=True)
@@ -444,68 +571,67 @@ class _PairSums(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, vectors: torch.Tensor, d: torch.Tensor, pairs: _PairSet, loss: EERLoss, terms: _Terms
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, slopes = vectors.new_zeros(2, 3), vectors.new_zeros(2, 2)
-        for block in pairs.sides():
-            for side, x in enumerate(block):
-                _side_sums(loss, terms, side, x, d, sums[side], slopes[side])
+        at = float(d)
+        totals = pairs.totals(lambda side, x: _side_sums(loss, terms, side, x, at), vectors.new_zeros(2, 5))
+        pairs.collective.reduce(totals)
         ctx.save_for_backward(d)
         ctx.pairs, ctx.loss, ctx.terms = pairs, loss, terms
+        sums, slopes = totals[:, :_SLOPE].clone(), totals[:, _SLOPE:].clone()
         ctx.mark_non_differentiable(slopes)
-        return pairs.collective.reduce(sums), pairs.collective.reduce(slopes)
+        return sums, slopes
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_sums: torch.Tensor, _grad_slopes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
         (d,) = ctx.saved_tensors
-        grad_d = torch.zeros_like(d)
+        at, need_d = float(d), ctx.needs_input_grad[1]
 
-        def weights(side: int, x: torch.Tensor) -> torch.Tensor:
-            weight, along_d = _side_weights(ctx.loss, ctx.terms, side, x, d, grad_sums[side], ctx.needs_input_grad[1])
-            grad_d.add_(along_d)
-            return weight
+        def weights(side: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _side_weights(ctx.loss, ctx.terms, side, x, at, grad_sums[side], need_d)
 
-        grad_vectors = ctx.pairs.gradient(weights)
-        if not ctx.needs_input_grad[1]:
+        grad_vectors, grad_d = ctx.pairs.gradient(weights)
+        if not need_d:
             return grad_vectors, None, None, None, None
         return grad_vectors, ctx.pairs.collective.reduce(grad_d), None, None, None
 
 
-def _side_sums(
-    loss: EERLoss, terms: _Terms, side: int, x: torch.Tensor, d: torch.Tensor, sums: torch.Tensor, slopes: torch.Tensor
-) -> None:
-    """Add one block side's terms (and their ``d``-slopes) to ``sums``/``slopes`` in place."""
+def _side_sums(loss: EERLoss, terms: _Terms, side: int, x: torch.Tensor, d: float) -> torch.Tensor:
+    """One side's sums over the distances ``x``: ``[rate, area, distance, ∂rate/∂d, ∂area/∂d]``,
+    zero where ``terms`` leaves them out."""
+    sums = [x.new_zeros(())] * 5
     if terms.rates:
         step, along_x = loss._soft_step(x, d, side, derivative=terms.slopes)
-        sums[_RATE] += step.sum()
+        sums[_RATE] = step.sum()
         if terms.slopes:
-            slopes[_RATE] -= along_x.sum()  # ∂/∂d = −∂/∂x
+            sums[_SLOPE + _RATE] = -along_x.sum()  # ∂/∂d = −∂/∂x
     if terms.area:
         term, along_x = loss._area_term(x, d, side, derivative=terms.slopes)
-        sums[_AREA] += term.sum()
+        sums[_AREA] = term.sum()
         if terms.slopes:
-            slopes[_AREA] -= (x * along_x).sum() / d  # ∂/∂d = −(x/d)·∂/∂x
+            sums[_SLOPE + _AREA] = torch.dot(x, along_x) / -d  # ∂/∂d = −(x/d)·∂/∂x
     if terms.distances:
-        sums[_DISTANCE] += x.sum()
+        sums[_DISTANCE] = x.sum()
+    return torch.stack(sums)
 
 
 def _side_weights(
-    loss: EERLoss, terms: _Terms, side: int, x: torch.Tensor, d: torch.Tensor, grad: torch.Tensor, need_d: bool
+    loss: EERLoss, terms: _Terms, side: int, x: torch.Tensor, d: float, grad: torch.Tensor, need_d: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair ``∂L/∂distance`` of one block side, and (if ``need_d``) that side's share of ``∂L/∂d``."""
-    weight = grad[_DISTANCE].expand_as(x).clone() if terms.distances else torch.zeros_like(x)
-    along_d = torch.zeros_like(d)
+    """Per-pair ``∂L/∂distance`` of one side's distances ``x``, and (if ``need_d``) their share of ``∂L/∂d``."""
+    parts, along_d = [], x.new_zeros(())
     if terms.rates:
         _, along_x = loss._soft_step(x, d, side, derivative=True)
-        weight.add_(along_x.mul_(grad[_RATE]))
+        parts.append(along_x.mul_(grad[_RATE]))
         if need_d:
             along_d -= along_x.sum()  # ∂/∂d = −∂/∂x
     if terms.area:
         _, along_x = loss._area_term(x, d, side, derivative=True)
-        weight.add_(along_x.mul_(grad[_AREA]))
+        parts.append(along_x.mul_(grad[_AREA]))
         if need_d:
-            along_d -= (x * along_x).sum() / d  # ∂/∂d = −(x/d)·∂/∂x
-    return weight, along_d
+            along_d -= torch.dot(x, along_x) / d  # ∂/∂d = −(x/d)·∂/∂x
+    weight = functools.reduce(torch.Tensor.add_, parts) if parts else torch.zeros_like(x)
+    return weight.add_(grad[_DISTANCE]) if terms.distances else weight, along_d
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -775,7 +901,7 @@ class EERLoss(torch.nn.Module):
         weights = [counts / size for (_, counts), size in zip(points, pairs.sizes, strict=True)]
 
         def rate(side: int, d: torch.Tensor) -> torch.Tensor:
-            return (weights[side] * self._soft_step(points[side][0], d, side)[0]).sum()
+            return (weights[side] * self._soft_step(points[side][0], float(d), side)[0]).sum()
 
         left, right = pairs.low.clone(), pairs.high.clone()
         midpoint = (left + right) / 2
@@ -815,7 +941,7 @@ class EERLoss(torch.nn.Module):
 
     # -- the per-pair terms (one implementation, used by the search, forward and backward) -------
     def _soft_step(
-        self, x: torch.Tensor, d: torch.Tensor, side: int, derivative: bool = False
+        self, x: torch.Tensor, d: float, side: int, derivative: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``tanh(k · max(0, s·(x − d)))`` per pair (``s`` = +1 genuine, −1 impostor), and its
         derivative in ``x`` (the one in ``d`` is its negative)."""
@@ -827,20 +953,26 @@ class EERLoss(torch.nn.Module):
         return step, torch.ops.aten.tanh_backward(z.sign_().mul_(scale), step)  # [z > 0]·(1 − t²)·s·k
 
     def _area_term(
-        self, x: torch.Tensor, d: torch.Tensor, side: int, derivative: bool = False
+        self, x: torch.Tensor, d: float, side: int, derivative: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``floor(u)^β`` per pair with ``u = (ℓ − (1−α)d)/d`` (genuine) or ``((1+α)d − i)/d``
-        (impostor), and its derivative in ``x`` (the one in ``d`` is ``−(x/d)`` times it)."""
+        (impostor), and its derivative in ``x`` (the one in ``d`` is ``−(x/d)`` times it).
+
+        The power is taken as ``exp(β·log)``: three times faster than ``pow`` on CPU.
+        """
         along_u = _SIGNS[side] / d  # ∂u/∂x
-        u = (x * along_u).add_(-(1 - self.alpha) if side == _GENUINE else 1 + self.alpha)
-        softplus = self.floor == "softplus"
-        floored = F.softplus(u, beta=1 / self.tau) if softplus else u  # τ·softplus(u/τ)
+        offset = -(1 - self.alpha) if side == _GENUINE else 1 + self.alpha
+        if self.floor == "softplus":
+            v = x.mul(along_u / self.tau).add_(offset / self.tau)  # u/τ
+            floored = _softplus(v).mul_(self.tau)  # τ·softplus(u/τ)
+        else:
+            floored = x.mul(along_u).add_(offset)
         clamped = floored.clamp_min(self.eps)
-        term = clamped.pow(self.beta)
+        term = clamped.log().mul_(self.beta).exp_()
         if not derivative:
             return term, None
-        along_x = (term / clamped).masked_fill_(floored < self.eps, 0).mul_(along_u * self.beta)
-        return term, along_x.mul_(u.mul_(1 / self.tau).sigmoid_()) if softplus else along_x
+        along_x = torch.div(term, clamped, out=clamped).mul_(floored.ge_(self.eps)).mul_(self.beta * along_u)
+        return term, along_x.mul_(v.sigmoid_()) if self.floor == "softplus" else along_x
 
     # -- the loss at the threshold --------------------------------------------------------------
     def _direct(self, frr: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
@@ -877,6 +1009,12 @@ class EERLoss(torch.nn.Module):
             genuine_pairs=pairs.counts[_GENUINE],
             impostor_pairs=pairs.counts[_IMPOSTOR],
         )
+
+
+def _softplus(v: torch.Tensor) -> torch.Tensor:
+    """``F.softplus(v)`` (``log1p(exp(v))``, ``v`` itself above 20) from ``exp`` and ``log1p``: faster on CPU."""
+    exp = v.clamp_max(20).exp_()
+    return torch.maximum(exp.log1p_(), v, out=exp)
 
 
 def _parse_target(target: Target) -> tuple[str, float]:
