@@ -41,7 +41,9 @@ ABLATION_ARMS: dict[str, list[str]] = {
     "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/results.md §3)
         "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
     ],
-    "eer+subject-eer": ["loss.name=eer+subject_eer"],  # each subject's own EER beside the global one
+    "eer+subject-eer": [  # each subject's own EER beside the global one, its threshold a constant
+        "loss.name=eer+subject_eer", "loss.options.subject_eer.threshold_grad=detached"
+    ],
     "set2set": ["loss.name=set2set", "eval.distance=euclidean"],
     "triplet-all": ["loss.name=triplet_all"],
     "triplet-semihard": ["loss.name=triplet"],
