@@ -41,9 +41,7 @@ ABLATION_ARMS: dict[str, list[str]] = {
     "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/results.md §3)
         "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
     ],
-    "eer+subject-eer": [  # each subject's own EER beside the global one, its threshold a constant
-        "loss.name=eer+subject_eer", "loss.options.subject_eer.threshold_grad=detached"
-    ],
+    "eer+subject-eer": ["loss.name=eer+subject_eer"],  # each subject's own EER beside the global one
     "set2set": ["loss.name=set2set", "eval.distance=euclidean"],
     "triplet-all": ["loss.name=triplet_all"],
     "triplet-semihard": ["loss.name=triplet"],

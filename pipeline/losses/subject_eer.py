@@ -9,11 +9,6 @@ its rows' pairs with each other (genuine) and with every other row of the batch 
 the comparisons KVC's per-subject EER counts for it — searched and scored by an
 :class:`~pipeline.losses.eer.EERLoss` with the same options.
 
-Each subject's threshold is a constant (``threshold_grad="detached"`` by default): with the
-implicit gradient, a subject's ~28 genuine pairs leave few pairs near its threshold, the slope
-``∂F/∂d`` in the implicit-function gradient is then tiny, and training on real keystrokes swung
-between 8 and 14 % validation EER from one validation to the next (docs/results.md R9).
-
 Gradient: in subject ``s``'s term its own rows move, the other rows are constants (they enter as
 the EERLoss's reference rows, ``memory=``); every impostor pair ``(i ∈ s, j ∈ t)`` is scored
 twice, once from each side, so both of its rows move. The cost is one small EERLoss per
@@ -35,9 +30,9 @@ from pipeline.losses.eer import EERLoss
 class SubjectEERLoss(nn.Module):
     """``mean_s EERLoss(rows of s, references = the other rows)`` over the batch's subjects ``s``."""
 
-    def __init__(self, threshold_grad: str = "detached", **eer_options: Any) -> None:
+    def __init__(self, **eer_options: Any) -> None:
         super().__init__()
-        self.eer = EERLoss(threshold_grad=threshold_grad, **eer_options)
+        self.eer = EERLoss(**eer_options)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         terms = []
