@@ -15,6 +15,12 @@ twice, once from each side, so both of its rows move. The cost is one small EERL
 subject (``K × N`` pairs each, exact distances, no histogram): about the batch's pairs once
 more, in ``P`` calls. It is replicated across ranks (each computes every subject), like the
 other non-EERLoss terms of a sum.
+
+Measured (docs/results.md R9): beside EERLoss on real keystrokes it made training unstable
+(validation EER swinging between 8 and 14 %, test EER 13.9 vs 8.5 % without it, one seed), and
+with each subject's threshold held constant (``threshold_grad="detached"``) the embeddings
+collapsed. A subject's ~28 genuine pairs leave few pairs near its threshold, so the implicit
+gradient's slope ``∂F/∂d`` is small and noisy. A tool for experiments, not a recipe.
 """
 
 from __future__ import annotations
