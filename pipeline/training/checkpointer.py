@@ -124,7 +124,7 @@ class Checkpointer:
             checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
         if checkpoint is None:
             return False
-        with checkpoint.as_directory() as directory:
+        with private_directory(checkpoint) as directory:
             _, client_state = self.engine.load_checkpoint(directory)
             if client_state is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint in {checkpoint.path}")
@@ -134,3 +134,23 @@ class Checkpointer:
             if rng.exists():
                 torch.set_rng_state(load_weights_only(rng, str(rng))["torch"])
         return True
+
+
+@contextmanager
+def private_directory(checkpoint: Any) -> Iterator[str]:
+    """The checkpoint's files in a folder no other process writes: a local checkpoint's own
+    folder, a remote one downloaded into a fresh folder for this rank alone.
+
+    Why not ``Checkpoint.as_directory``: it shares one download folder among the processes of a
+    node, and a rank that arrives after the first download finished downloads again into it,
+    over the files another rank is reading (seen as a corrupt ``mp_rank_00_model_states.pt`` on
+    a loaded machine). Ranks of one node now each download their own copy.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        yield checkpoint.to_directory(directory)
+
