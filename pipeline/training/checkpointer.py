@@ -153,4 +153,3 @@ def private_directory(checkpoint: Any) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory() as directory:
         yield checkpoint.to_directory(directory)
-
