@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pipeline.distributed import gather_batch, gather_embeddings
 from pipeline.losses.eer import EERLoss
 from pipeline.losses.registry import build_loss
 from pipeline.training.verifier import Verifier
+from tests.gloo_ranks import run_on_ranks
 
 FEATURES, EMBEDDING = 6, 4
 TOLERANCE = 1e-5
@@ -104,39 +101,26 @@ def verifier_step(features: torch.Tensor, labels: torch.Tensor, name: str) -> tu
 SPLITS = {"7+5": (7, 5), "0+12": (0, 12)}  # rows per rank; every subject has rows on both ranks in 7+5
 
 
-def rank_main(rank: int, port: int, out: Path) -> None:
-    """One rank: for each split, train one step on its own rows only; save what it saw."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        features, labels = global_batch()
-        results = {}
-        for split, sizes in SPLITS.items():
-            start = sum(sizes[:rank])
-            rows = slice(start, start + sizes[rank])
-            for name, loss_fn in LOSSES.items():
-                results[split, name] = train_step(features[rows], labels[rows], loss_fn)
-            for name in VERIFIED:
-                results[split, name] = verifier_step(features[rows], labels[rows], name)
-            own = gather_batch(torch.zeros(sizes[rank], 1), labels[rows]).rows
-            results[split, "rows"] = (own.start, own.stop)
-        torch.save(results, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def rank_main(rank: int, world: int) -> dict:
+    """One rank: for each split, train one step on its own rows only; return what it saw."""
+    features, labels = global_batch()
+    results = {}
+    for split, sizes in SPLITS.items():
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        for name, loss_fn in LOSSES.items():
+            results[split, name] = train_step(features[rows], labels[rows], loss_fn)
+        for name in VERIFIED:
+            results[split, name] = verifier_step(features[rows], labels[rows], name)
+        own = gather_batch(torch.zeros(sizes[rank], 1), labels[rows]).rows
+        results[split, "rows"] = (own.start, own.stop)
+    return results
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Two gloo ranks on loopback, spawned once for every split and loss."""
-    out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(rank_main, args=(free_port(), out), nprocs=2, start_method="spawn")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    return run_on_ranks(rank_main, 2, tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.mark.parametrize("name", LOSSES)

@@ -9,17 +9,15 @@ persistent threshold, carried from batch to batch, stays bit-identical on every 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pipeline.distributed import gather_embeddings
-from pipeline.losses.eer import EERLoss
-from tests.test_distributed import free_port
+from pipeline.losses.eer import EERLoss, EERStats
+from tests.gloo_ranks import run_on_ranks
 from tests.test_eer_blocks import reference_memory_loss
 
 FEATURES, EMBEDDING = 5, 4
@@ -42,6 +40,7 @@ CONFIGS = [
 MEMORY_CONFIGS = [{}, {"target": {"fmr": 0.1}}]  # the EER target and an FMR target
 PERSISTENT_CONFIGS = [{"target": {"fmr": 0.1}, "threshold_momentum": 0.5}, {"variant": "direct", "threshold_momentum": 0.9}]
 BATCHES = (0, 1, 2)  # seeds of the consecutive global batches a persistent threshold follows
+torch.serialization.add_safe_globals([EERStats])  # the ranks' results are loaded weights-only
 
 
 def global_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,31 +96,23 @@ def reference_step(features: torch.Tensor, labels: torch.Tensor, config: dict):
     return loss.item(), [p.grad for p in net.parameters()]
 
 
-def rank_main(rank: int, world: int, port: int, out: Path, scenario: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        features, labels = global_batch()
-        sizes = SPLITS[world]
-        start = sum(sizes[:rank])
-        rows = range(start, start + sizes[rank])
-        mine = slice(rows.start, rows.stop)
-        if scenario == "persistent":
-            results = [consecutive_steps(config, rows) for config in PERSISTENT_CONFIGS]
-        else:
-            memory, configs = (memory_rows(), MEMORY_CONFIGS) if scenario == "memory" else (None, CONFIGS)
-            results = [train_step(features[mine], labels[mine], EERLoss(**config), rows, memory) for config in configs]
-        torch.save(results, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def rank_main(rank: int, world: int, scenario: str) -> list:
+    """This rank's results in ``scenario``: its share of the global batch's rows, every config."""
+    features, labels = global_batch()
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    rows = range(start, start + sizes[rank])
+    mine = slice(rows.start, rows.stop)
+    if scenario == "persistent":
+        return [consecutive_steps(config, rows) for config in PERSISTENT_CONFIGS]
+    memory, configs = (memory_rows(), MEMORY_CONFIGS) if scenario == "memory" else (None, CONFIGS)
+    return [train_step(features[mine], labels[mine], EERLoss(**config), rows, memory) for config in configs]
 
 
 def run_ranks(world: int, out: Path, scenario: str) -> list:
     """Every rank's results (loss, parameter gradients, stats) in ``scenario`` ("pairs", "memory"
     or "persistent"), one list per rank."""
-    mp.start_processes(rank_main, args=(world, free_port(), out, scenario), nprocs=world, start_method="spawn")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    return run_on_ranks(rank_main, world, out, scenario)
 
 
 def assert_same_gradients(rank_grads: list[torch.Tensor], grads: list[torch.Tensor], context: tuple) -> None:
