@@ -16,7 +16,7 @@ from pipeline.cluster import use_local_ray_settings
 from pipeline.config import TrainConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cpu-local.yaml"
-PHASES = ("data", "forward", "gather_loss", "backward", "optimizer")
+PHASES = ("data", "forward", "gather_loss", "enqueue", "backward", "optimizer")
 HELD_OUT = 50  # validation and test subjects each
 
 

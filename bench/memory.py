@@ -11,9 +11,9 @@ scores the batch against the full queue of M rows (earlier steps would time a sm
 Filling 65,536 rows takes 257 steps; they are most of the benchmark's run time.
 
 The split of that step, on rank 0's clock: ``data``, ``forward`` (the model), ``gather_loss``
-(the all-gather and the loss, the memory's pairs included), ``backward``, ``optimizer`` (with
-the momentum encoder's weight average), and ``enqueue``: the rest of the step, in which the
-batch joins the queue (the momentum encoder embeds and all-gathers it first). The momentum
+(the all-gather and the loss, the memory's pairs included), ``enqueue`` (the batch joins the
+queue; the momentum encoder embeds and all-gathers it first), ``backward``, ``optimizer`` (with
+the momentum encoder's weight average). The momentum
 encoder's own time (``time/momentum_encoder``: embedding plus averaging) is a column too, and an
 arm with ``encoder=current`` (the model's own embeddings queued) at 16,384 rows isolates it.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench._training import (
-    CONFIG, PHASES, describe, last_step_metrics, local_ray, run_config, split_cells, split_header, synthetic_shards,
+    CONFIG, describe, last_step_metrics, local_ray, run_config, split_cells, split_header, synthetic_shards,
 )
 from pipeline.config import TrainConfig
 
@@ -82,25 +82,20 @@ def measure(arms: tuple[Arm, ...]) -> tuple[TrainConfig, list[tuple[Arm, dict[st
     return config, rows
 
 
-def enqueue_seconds(metrics: dict[str, Any]) -> float:
-    """The step's time outside :data:`PHASES`: the batch joining the queue."""
-    return metrics["train/step_time"] - sum(metrics[f"time/{phase}"] for phase in PHASES)
-
-
 def table(config: TrainConfig, rows: list[tuple[Arm, dict[str, Any]]]) -> str:
     """One line per arm; sessions/s also as a ratio against the first arm's."""
     reference = rows[0][1]["train/sessions_per_s"]
     lines = [
         f"{describe(config)}; the last step of each run, its queue full",
         f"{'memory':>16} {'rows':>7} {'steps':>5} {'sessions/s':>10} {'× ref':>6} {'step s':>7} "
-        f"{split_header()} {'enqueue':>8} {'momentum enc':>12}",
+        f"{split_header()} {'momentum enc':>12}",
     ]
     for arm, metrics in rows:
         sessions = metrics["train/sessions_per_s"]
         lines.append(
             f"{arm.label:>16} {metrics.get('train/memory_rows', 0):>7,.0f} {metrics['step']:>5} {sessions:>10.0f} "
             f"{sessions / reference:>6.2f} {metrics['train/step_time']:>7.3f} {split_cells(metrics)} "
-            f"{enqueue_seconds(metrics):>8.3f} {metrics.get('time/momentum_encoder', 0.0):>12.3f}"
+            f"{metrics.get('time/momentum_encoder', 0.0):>12.3f}"
         )
     return "\n".join(lines)
 

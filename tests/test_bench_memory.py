@@ -19,7 +19,7 @@ def test_each_arm_is_measured_at_its_full_queue(monkeypatch):
     assert [arm for arm, _ in rows] == list(arms)
     (_, metrics), = rows
     assert metrics["step"] == 3  # 512 rows = 2 global batches, full before step 3
-    assert metrics["train/memory_rows"] == 512 and metrics["time/momentum_encoder"] > 0
+    assert metrics["train/memory_rows"] == 512 and metrics["time/enqueue"] > 0 and metrics["time/momentum_encoder"] > 0
     lines = table(config, rows).splitlines()
     assert len(lines) == 2 + len(arms) and " 1.00 " in lines[2]  # the reference against itself
 

@@ -120,9 +120,9 @@ def test_hard_batches_log_their_neighbour_share_impostor_distance_and_centroid_t
     assert all(0 < row["train/impostor_distance"] <= 2 and row["time/centroids_s"] > 0 for row in logged)
 
 
-def test_a_run_with_a_memory_logs_its_fill_and_its_momentum_encoder_time(straight_extras_run):
+def test_a_run_with_a_memory_logs_its_fill_its_enqueue_and_its_momentum_encoder_time(straight_extras_run):
     assert straight_extras_run.metrics["train/memory_rows"] == 384
-    assert straight_extras_run.metrics["time/momentum_encoder"] > 0
+    assert straight_extras_run.metrics["time/enqueue"] > 0 and straight_extras_run.metrics["time/momentum_encoder"] > 0
 
 
 def test_a_persistent_threshold_is_logged_beside_the_batch_s_own_threshold(straight_extras_run):

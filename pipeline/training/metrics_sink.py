@@ -43,6 +43,7 @@ def step_metrics(engine: Any, loss: torch.Tensor, stats: dict[str, float], param
         "time/data": phases["data"],
         "time/forward": model_times.get("forward", 0.0),
         "time/gather_loss": model_times.get("gather_loss", 0.0),
+        "time/enqueue": model_times.get("enqueue", 0.0),
         "time/backward": phases["backward"],
         "time/optimizer": phases["optimizer"],
     }

@@ -44,9 +44,10 @@ class Verifier(nn.Module):
         memory = self.memory.rows(batch.embeddings.device) if remembering else None
         result = self.criterion(batch.embeddings, batch.labels, return_stats=return_stats, shard=shard, memory=memory)
         loss, stats = result if return_stats else (result, {})
-        self.timings = {"forward": middle - start, "gather_loss": time.perf_counter() - middle}
+        end = time.perf_counter()
         if remembering:
             self.memory.enqueue(features, mask, labels, batch)
+        self.timings = {"forward": middle - start, "gather_loss": end - middle, "enqueue": time.perf_counter() - end}
         return loss, stats
 
     def follow_weights(self) -> None:
