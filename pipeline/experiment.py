@@ -82,6 +82,8 @@ def operating_point_arms(fmr: float, threshold_momentum: float | None = None) ->
     with a ``threshold_momentum``, also for ``fmr`` at a persistent threshold
     (``target-fmr-0.001-persistent``: the per-batch threshold of a low FMR is set by a batch's
     few hardest impostor pairs, so it is noisy)."""
+    if threshold_momentum is not None and not 0 < threshold_momentum < 1:
+        raise ValueError(f"--threshold-momentum must lie in (0, 1), got {threshold_momentum:g} (0 is the plain FMR arm)")
     fmr_arm = ["loss.name=eer", f"loss.options.target.fmr={fmr}"]
     arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": fmr_arm}
     if threshold_momentum is not None:

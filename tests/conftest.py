@@ -8,22 +8,16 @@ yields the endpoint URL. ``s3_url`` (per test): a fresh, empty ``s3://`` prefix 
 from __future__ import annotations
 
 import re
-import socket
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from pipeline.cluster import use_local_ray_settings
+from tests.loopback import free_port
 
 use_local_ray_settings()  # before anything imports ray: local clusters on 127.0.0.1 only
 S3_BUCKET = "eerpipe-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +25,7 @@ def s3_endpoint() -> Iterator[str]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

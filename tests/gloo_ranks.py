@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,27 +19,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.loopback import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, out: Path, body: Callable, args: tuple) -> None:
     with open(out / f"rank{rank}.stack", "w") as stack:
         faulthandler.enable(file=stack, all_threads=True)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
         try:
-            torch.set_num_threads(1)
-            results = body(rank, world, *args)
-            torch.save(results, out / f"rank{rank}.part")
-            os.replace(out / f"rank{rank}.part", out / f"rank{rank}.pt")
-            dist.barrier()
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+            try:
+                torch.set_num_threads(1)
+                results = body(rank, world, *args)
+                torch.save(results, out / f"rank{rank}.part")
+                os.replace(out / f"rank{rank}.part", out / f"rank{rank}.pt")
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
         finally:
-            dist.destroy_process_group()
-        faulthandler.disable()
+            faulthandler.disable()
 
 
 def run_on_ranks(body: Callable[..., Any], world: int, out: Path, *args: Any) -> list:

@@ -70,15 +70,16 @@ def test_the_operating_point_experiment_adds_a_persistent_threshold_arm_only_whe
     assert (config.loss.options["target"], config.loss.threshold_momentum) == ({"fmr": 0.001}, 0.99)
 
 
-def test_a_threshold_momentum_outside_0_to_1_is_refused_before_the_first_arm_trains(tmp_path):
+@pytest.mark.parametrize("momentum", ["1", "0"])  # 0 would train the plain FMR arm again under another name
+def test_a_threshold_momentum_outside_0_to_1_is_refused_before_the_first_arm_trains(tmp_path, momentum):
     from sharding.writer import write_shards
 
     write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
     result = CliRunner().invoke(app, ["experiment", "operating-point", "--shards", str(tmp_path / "shards"),
-                                      "-c", str(CONFIG), "--out", str(tmp_path / "out"), "--threshold-momentum", "1",
+                                      "-c", str(CONFIG), "--out", str(tmp_path / "out"), "--threshold-momentum", momentum,
                                       "run.storage=" + str(tmp_path)])
     assert result.exit_code == 1
-    assert "loss.options.threshold_momentum must lie in [0, 1), got 1.0" in result.output
+    assert f"--threshold-momentum must lie in (0, 1), got {momentum}" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -14,7 +14,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typer.testing import CliRunner
 from jobs.submission import CONFIG_KEY, PACKAGES, PASS_THROUGH, RESUMED_KEY, RUN_KEY, job_request
 from pipeline.cli import app
 from pipeline.config import TrainConfig
+from tests.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,12 +41,6 @@ SECRETS = {
     "WANDB_API_KEY": "submitter-wandb-api-key-0004",
 }
 SETTINGS = {"AWS_REGION": "eu-west-3", "WANDB_PROJECT": "eerpipe-jobs-test"}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -78,7 +72,7 @@ def cluster() -> Iterator[Cluster]:
 
     root = Path(tempfile.mkdtemp(prefix="eerjob-", dir="/tmp"))  # short: Ray's socket paths
     token = secrets.token_hex(16)
-    dashboard, client_port = _free_port(), _free_port()
+    dashboard, client_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
@@ -89,8 +83,8 @@ def cluster() -> Iterator[Cluster]:
     log = open(root / "head.log", "w")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--port={free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
          f"--ray-client-server-port={client_port}", "--num-cpus=2", f"--temp-dir={root / 'ray'}"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -269,7 +263,7 @@ def test_unknown_jobs_and_wrong_addresses_are_clear_errors(cluster: Cluster) -> 
     unknown = cluster.eerpipe("status", "no-such-run")
     assert unknown.returncode == 1 and "no job or run named 'no-such-run'" in unknown.stderr
 
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     unreachable = cluster.eerpipe("list", "--address", closed, address=False)
     assert unreachable.returncode == 1 and f"cannot reach a Ray job API at {closed}" in unreachable.stderr
 

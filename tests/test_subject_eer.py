@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_eer_loss import clustered_batch
 
 from pipeline.losses.registry import build_loss
 from pipeline.losses.subject_eer import SubjectEERLoss
 from pipeline.metrics import eer as exact_eer
+from tests.test_eer_loss import clustered_batch
 
 
 def mean_per_subject_eer(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
@@ -48,3 +48,8 @@ def test_it_sums_with_the_global_eer_loss_and_refuses_a_batch_without_an_eer() -
     torch.testing.assert_close(summed, expected)
     with pytest.raises(ValueError, match="two or more samples"):
         SubjectEERLoss()(embeddings[:6], torch.arange(6))
+
+
+def test_a_persistent_threshold_is_refused_because_every_subject_has_its_own() -> None:
+    with pytest.raises(ValueError, match="subject_eer: threshold_momentum is not supported"):
+        build_loss("subject_eer", 4, threshold_momentum=0.9)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from pipeline.cli import app
 from pipeline.config import TrainConfig
 from pipeline.training import prepare
 from sharding.writer import write_shards
+from tests.loopback import free_port
 
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"  # P = 16 per rank, 2 ranks
 runner = CliRunner()
@@ -152,10 +152,7 @@ def test_a_persistent_threshold_without_the_implicit_gradient_is_refused_in_one_
 @pytest.fixture
 def one_rank(monkeypatch: pytest.MonkeyPatch):
     """A one-rank gloo process group in this process, for DeepSpeed; torn down after the test."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
         monkeypatch.setenv(key, value)
     yield

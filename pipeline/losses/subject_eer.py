@@ -12,8 +12,8 @@ the comparisons KVC's per-subject EER counts for it — searched and scored by a
 Gradient: in subject ``s``'s term its own rows move, the other rows are constants (they enter as
 the EERLoss's reference rows, ``memory=``); every impostor pair ``(i ∈ s, j ∈ t)`` is scored
 twice, once from each side, so both of its rows move. The cost is one small EERLoss per
-subject (``K × N`` pairs each, exact distances, no histogram): about the batch's pairs once
-more, in ``P`` calls. It is replicated across ranks (each computes every subject), like the
+subject (``K × N`` pairs each; EERLoss's threshold search bins them only once a subject's
+impostor pairs outnumber its histogram's bins): about the batch's pairs once more, in ``P`` calls. It is replicated across ranks (each computes every subject), like the
 other non-EERLoss terms of a sum.
 
 Measured (docs/results.md R9): beside EERLoss on real keystrokes it made training unstable
@@ -38,6 +38,11 @@ class SubjectEERLoss(nn.Module):
 
     def __init__(self, **eer_options: Any) -> None:
         super().__init__()
+        if eer_options.get("threshold_momentum"):
+            raise ValueError(
+                "subject_eer: threshold_momentum is not supported (one running threshold cannot follow "
+                "every subject's own); leave it out of this term's options"
+            )
         self.eer = EERLoss(**eer_options)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

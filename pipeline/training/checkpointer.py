@@ -4,8 +4,9 @@ A checkpoint is a folder that Ray Train keeps under ``{storage}/{name}/checkpoin
 
 * DeepSpeed's states (model, optimizer, learning-rate schedule) from ``engine.save_checkpoint``;
 * the state of every named *part* of the run (:class:`Stateful`: the :class:`RunState`, the
-  loader's stream position, the cross-batch memory's queue and momentum encoder when the run
-  has one), stored as DeepSpeed client state, and the config it was trained with;
+  loader's stream position, the cross-batch memory's queue and momentum encoder and the loss's
+  persistent threshold when the run has them), stored as DeepSpeed client state, and the
+  config it was trained with;
 * each rank's RNG state (``rng/rank{r}.pt``).
 
 Loading never runs code: DeepSpeed's checkpoint engine calls ``torch.load(weights_only=False)``,

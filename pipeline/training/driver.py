@@ -153,7 +153,8 @@ def _memory_shape(memory: dict[str, Any]) -> str:
 
 def _check_threshold_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
     """A persistent threshold continues only from a checkpoint that saved one (and a checkpoint
-    that saved one continues only with one), as the memory does."""
+    that saved one continues only with one), as the memory does. Its momentum may change on a
+    relaunch, like the learning rate: d̄ continues from its saved value at the new rate."""
     theirs, mine = "threshold" in saved, bool(config.loss.threshold_momentum)
     if theirs != mine:
         raise ValueError(
