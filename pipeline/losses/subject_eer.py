@@ -13,8 +13,9 @@ Gradient: in subject ``s``'s term its own rows move, the other rows are constant
 the EERLoss's reference rows, ``memory=``); every impostor pair ``(i ∈ s, j ∈ t)`` is scored
 twice, once from each side, so both of its rows move. The cost is one small EERLoss per
 subject (``K × N`` pairs each; EERLoss's threshold search bins them only once a subject's
-impostor pairs outnumber its histogram's bins): about the batch's pairs once more, in ``P`` calls. It is replicated across ranks (each computes every subject), like the
-other non-EERLoss terms of a sum.
+impostor pairs outnumber its histogram's bins): about the batch's pairs once more, in ``P``
+calls. It is replicated across ranks (each computes every subject), like the other non-EERLoss
+terms of a sum.
 
 Measured (docs/results.md R9): beside EERLoss on real keystrokes it made training unstable
 (validation EER swinging between 8 and 14 %, test EER 13.9 vs 8.5 % without it, one seed), and
