@@ -187,14 +187,17 @@ def operating_point(
     fmr: float = typer.Option(1e-3, "--fmr", help="The FMR the second arm trains for."),
     threshold_momentum: Optional[float] = typer.Option(
         None, "--threshold-momentum",
-        help="Add a third arm, target-fmr-<t>-persistent: the FMR target at a persistent threshold of this momentum.",
+        help="Add an arm, target-fmr-<t>-persistent: the FMR target at a persistent threshold of this momentum.",
+    ),
+    band: Optional[float] = typer.Option(
+        None, "--band", help="Add an arm, target-fmr-band-<t>-<b>: the FNMR averaged over FMRs from --fmr up to this one.",
     ),
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
-    """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold): FNMR there and EER for each."""
+    """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold, or an FMR band): FNMR there and EER for each."""
     from pipeline.experiment import operating_point_arms
 
-    _run_arms(config, shards, out, operating_point_arms(fmr, threshold_momentum), overrides)
+    _run_arms(config, shards, out, operating_point_arms(fmr, threshold_momentum, band), overrides)
 
 
 if __name__ == "__main__":

@@ -130,24 +130,24 @@ class LossSection:
     def __post_init__(self) -> None:
         """The persistent threshold's momentum is checked here, naming its key; the loss's other
         options are checked when the driver builds it."""
-        key, options = self.eer_options() or ("loss.options", {})
+        key, options = self.term_options("eer") or ("loss.options", {})
         momentum = options.get("threshold_momentum", 0.0)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
             raise ValueError(f"{key}.threshold_momentum must lie in [0, 1), got {momentum!r}")
 
-    def eer_options(self) -> tuple[str, dict[str, Any]] | None:
-        """``(key, options)`` of the loss's ``eer`` term (the loss itself, or a term of a sum),
-        e.g. ``("loss.options.eer", {...})``; ``None`` for a loss without one."""
+    def term_options(self, term: str) -> tuple[str, dict[str, Any]] | None:
+        """``(key, options)`` of the loss's ``term`` (the loss itself, or a term of a sum), e.g.
+        ``term_options("eer")`` → ``("loss.options.eer", {...})``; ``None`` for a loss without it."""
         terms = self.name.split("+")
-        if "eer" not in terms:
+        if term not in terms:
             return None
-        key, options = ("loss.options", self.options) if len(terms) == 1 else ("loss.options.eer", self.options.get("eer"))
+        key, options = ("loss.options", self.options) if len(terms) == 1 else (f"loss.options.{term}", self.options.get(term))
         return key, options if isinstance(options, dict) else {}
 
     @property
     def threshold_momentum(self) -> float:
         """The EERLoss term's persistent-threshold momentum; 0: a fresh threshold every batch."""
-        _, options = self.eer_options() or ("", {})
+        _, options = self.term_options("eer") or ("", {})
         return float(options.get("threshold_momentum", 0.0))
 
 

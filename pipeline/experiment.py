@@ -77,17 +77,24 @@ def memory_arms(losses: list[str], sizes: list[int], encoders: list[str]) -> dic
     return arms
 
 
-def operating_point_arms(fmr: float, threshold_momentum: float | None = None) -> dict[str, list[str]]:
+def operating_point_arms(
+    fmr: float, threshold_momentum: float | None = None, band: float | None = None
+) -> dict[str, list[str]]:
     """EERLoss trained for the EER and for FNMR at ``fmr`` (``target-eer``, ``target-fmr-0.001``);
     with a ``threshold_momentum``, also for ``fmr`` at a persistent threshold
     (``target-fmr-0.001-persistent``: the per-batch threshold of a low FMR is set by a batch's
-    few hardest impostor pairs, so it is noisy)."""
+    few hardest impostor pairs, so it is noisy); with a ``band``, also for the FMR band
+    ``[fmr, band]`` (``target-fmr-band-0.001-0.004``, :mod:`pipeline.losses.fmr_band`)."""
     if threshold_momentum is not None and not 0 < threshold_momentum < 1:
         raise ValueError(f"--threshold-momentum must lie in (0, 1), got {threshold_momentum:g} (0 is the plain FMR arm)")
+    if band is not None and not fmr < band < 1:
+        raise ValueError(f"--band must lie above --fmr ({fmr:g}) and below 1, got {band:g}")
     fmr_arm = ["loss.name=eer", f"loss.options.target.fmr={fmr}"]
     arms = {"target-eer": ["loss.name=eer"], f"target-fmr-{fmr:g}": fmr_arm}
     if threshold_momentum is not None:
         arms[f"target-fmr-{fmr:g}-persistent"] = [*fmr_arm, f"loss.options.threshold_momentum={threshold_momentum}"]
+    if band is not None:
+        arms[f"target-fmr-band-{fmr:g}-{band:g}"] = ["loss.name=fmr_band", f"loss.options.low={fmr}", f"loss.options.high={band}"]
     return arms
 
 

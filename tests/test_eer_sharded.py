@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from pipeline.distributed import gather_embeddings
 from pipeline.losses.eer import EERLoss, EERStats
+from pipeline.losses.fmr_band import FMRBandLoss
 from tests.gloo_ranks import run_on_ranks
 from tests.test_eer_blocks import reference_memory_loss
 
@@ -34,6 +35,7 @@ CONFIGS = [
     {"target": {"fmr": 0.1}, "variant": "direct", "k": 3.0},  # k = 3: the search bins the impostors
     {"threshold_grad": "detached", "evaluate_at": "midpoint"},
     {"threshold_grad": "unrolled", "search_steps": 5},
+    {"fmr_band": {"low": 0.1, "high": 0.4, "points": 4}},  # EERLoss at FMR 0.1 … 0.4, averaged
 ]
 
 
@@ -58,16 +60,21 @@ def memory_rows() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(12, EMBEDDING, generator=generator, dtype=torch.float64) + labels[:, None] * 0.2, labels
 
 
+def criterion(config: dict) -> torch.nn.Module:
+    """EERLoss with these options, or the FMR band they name (one EERLoss per point)."""
+    return FMRBandLoss(**config["fmr_band"]) if "fmr_band" in config else EERLoss(**config)
+
+
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(FEATURES, 6), torch.nn.Tanh(), torch.nn.Linear(6, EMBEDDING)).double()
 
 
-def train_step(features: torch.Tensor, labels: torch.Tensor, criterion: EERLoss, rows: range | None, memory=None):
+def train_step(features: torch.Tensor, labels: torch.Tensor, loss_fn: torch.nn.Module, rows: range | None, memory=None):
     """Gather, loss (sharded when ``rows`` is given), backward, average the gradients over ranks."""
     net = model()
     embeddings, global_labels = gather_embeddings(net(features), labels)
-    loss, stats = criterion(embeddings, global_labels, return_stats=True, rows=rows, memory=memory)
+    loss, stats = loss_fn(embeddings, global_labels, return_stats=True, rows=rows, memory=memory)
     loss.backward()
     grads = [p.grad for p in net.parameters()]
     if rows is not None:
@@ -80,11 +87,11 @@ def train_step(features: torch.Tensor, labels: torch.Tensor, criterion: EERLoss,
 def consecutive_steps(config: dict, rows: range | None) -> list:
     """One loss trained on each of the ``BATCHES`` in turn (this rank's ``rows`` of each, or
     all of them): (loss, gradients, stats, persistent threshold d̄) after every step."""
-    criterion, steps = EERLoss(**config), []
+    loss_fn, steps = EERLoss(**config), []
     for seed in BATCHES:
         features, labels = global_batch(seed)
         mine = slice(None) if rows is None else slice(rows.start, rows.stop)
-        steps.append((*train_step(features[mine], labels[mine], criterion, rows), criterion.running_threshold.value))
+        steps.append((*train_step(features[mine], labels[mine], loss_fn, rows), loss_fn.running_threshold.value))
     return steps
 
 
@@ -106,7 +113,7 @@ def rank_main(rank: int, world: int, scenario: str) -> list:
     if scenario == "persistent":
         return [consecutive_steps(config, rows) for config in PERSISTENT_CONFIGS]
     memory, configs = (memory_rows(), MEMORY_CONFIGS) if scenario == "memory" else (None, CONFIGS)
-    return [train_step(features[mine], labels[mine], EERLoss(**config), rows, memory) for config in configs]
+    return [train_step(features[mine], labels[mine], criterion(config), rows, memory) for config in configs]
 
 
 def run_ranks(world: int, out: Path, scenario: str) -> list:
@@ -126,7 +133,7 @@ def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path
     ranks = run_ranks(world, tmp_path, "pairs")
     features, labels = global_batch()
     for index, config in enumerate(CONFIGS):
-        loss, grads, stats = train_step(features, labels, EERLoss(**config), rows=None)
+        loss, grads, stats = train_step(features, labels, criterion(config), rows=None)
         for rank, results in enumerate(ranks):
             rank_loss, rank_grads, rank_stats = results[index]
             assert rank_loss == pytest.approx(loss, rel=TOLERANCE), (config, rank)

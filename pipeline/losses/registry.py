@@ -13,8 +13,9 @@ loss that can shard its pairs across ranks scores only this rank's share of them
 (:class:`~pipeline.losses.eer.EERLoss`: each unordered pair on exactly one rank, global sums
 all-reduced, value and gradients those of one process holding the batch); every other loss
 ignores them and computes the whole batch on every rank (replicated), which is also exact.
-Today only ``eer`` shards — the pytorch-metric-learning losses, Set2set and the classifiers
-are replicated; in a sum, each term does what it can.
+Today only ``eer`` and ``fmr_band`` (EERLoss at several operating points) shard — the
+pytorch-metric-learning losses, Set2set and the classifiers are replicated; in a sum, each term
+does what it can.
 
 Cross-batch memory: given ``memory=(embeddings [M, D], labels [M])`` of earlier batches
 (``pipeline/training/memory.py``), a loss that can take it (:data:`MEMORY_LOSSES`) also scores
@@ -34,6 +35,10 @@ multisimilarity={...}, weights={"multisimilarity": 2.0})`` is the weighted sum o
 term's options under its own name, weights default to 1): the EER surrogate with a dense
 metric-learning term beside it (issue 8); ``eer+subject_eer`` adds every subject's own EER
 surrogate to the global one (:mod:`pipeline.losses.subject_eer`).
+
+``fmr_band`` trains for a low-FMR band rather than one point: EERLoss's FNMR averaged over
+FMR targets spread across ``[low, high]`` (:mod:`pipeline.losses.fmr_band`); its run's
+checkpoints are selected by the FNMR at ``low``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils
 from torch import nn
 
 from pipeline.losses.eer import EERLoss, EERStats, Memory, RunningThreshold
+from pipeline.losses.fmr_band import FMRBandLoss
 from pipeline.losses.set2set import Set2SetLoss
 from pipeline.losses.subject_eer import SubjectEERLoss
 
@@ -107,6 +113,10 @@ def running_threshold_of(criterion: nn.Module) -> RunningThreshold | None:
 
 def _eer(**kwargs: Any) -> Criterion:
     return Criterion(EERLoss(**kwargs), _eer_stats, shardable=True, takes_memory=True)
+
+
+def _fmr_band(**kwargs: Any) -> Criterion:
+    return Criterion(FMRBandLoss(**kwargs), _eer_stats, shardable=True, takes_memory=True)
 
 
 def _plain(loss: Callable[..., nn.Module]) -> Callable[..., Criterion]:
@@ -171,6 +181,7 @@ def _classifier(loss: type[nn.Module]) -> Callable[..., nn.Module]:
 
 _PAIR_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "eer": _eer,
+    "fmr_band": _fmr_band,
     "subject_eer": _plain(SubjectEERLoss),
     "set2set": _plain(Set2SetLoss),
     "triplet": _triplet,
@@ -184,7 +195,7 @@ _CLASS_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "cosface": _classifier(losses.CosFaceLoss),
 }
 LOSSES: tuple[str, ...] = tuple(sorted(_PAIR_LOSSES | _CLASS_LOSSES))
-MEMORY_LOSSES: tuple[str, ...] = ("contrastive", "eer", "multisimilarity", "supcon", "triplet", "triplet_all")
+MEMORY_LOSSES: tuple[str, ...] = ("contrastive", "eer", "fmr_band", "multisimilarity", "supcon", "triplet", "triplet_all")
 
 
 class WeightedSum(nn.Module):

@@ -10,6 +10,7 @@ import numpy as np
 
 from pipeline.config import TrainConfig
 from pipeline.exports import export_path, save_model
+from pipeline.losses.fmr_band import FMRBandLoss
 from pipeline.metrics.report import fnmr_key
 from pipeline.metrics.verification import Roc, validate
 from pipeline.training.state import RunState
@@ -36,9 +37,13 @@ def selection_of(config: TrainConfig) -> Selection:
 
 
 def _trained_target(config: TrainConfig) -> tuple[str, float]:
-    """``(kind, rate)`` of the ``target`` of the loss's ``eer`` term (itself or in a sum);
-    ``("eer", 0.0)`` for losses without one. The driver has built the loss, so it is valid."""
-    eer = config.loss.eer_options()
+    """``(kind, rate)`` of the ``target`` of the loss's ``eer`` term (itself or in a sum), or the
+    low end of its ``fmr_band`` term; ``("eer", 0.0)`` for losses without either. The driver has
+    built the loss, so its options are valid."""
+    band = config.loss.term_options("fmr_band")
+    if band:
+        return "fmr", float(band[1].get("low", FMRBandLoss.DEFAULT_LOW))
+    eer = config.loss.term_options("eer")
     target = eer[1].get("target", "eer") if eer else "eer"
     if not isinstance(target, Mapping):
         return "eer", 0.0
