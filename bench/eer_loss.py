@@ -16,6 +16,10 @@ of the other ranks' partial sums is left out (their sums are taken as zero), whi
 the values but not the work: the per-rank time and peak are those of a real rank minus its
 collectives (a few vectors per pass).
 
+Operating points: ``target={"fmr": 0.001}`` and the FMR band ``fmr_band`` (4 targets on
+[0.1, 0.4] %) against the default EER target, each as a multiple of the Gram floor; the band's
+points share one pass over the pairs and one backward matmul pair, so it should cost about one point.
+
 ``python -m bench.eer_loss N`` measures EERLoss alone at one batch size (e.g. 65536).
 ``EERPIPE_BENCH_THREADS=1`` runs every measurement on one torch thread: on a machine shared with
 other jobs, two threads that wait for each other at every op make wall times meaningless.
@@ -34,11 +38,13 @@ import torch
 
 from pipeline.losses import EERLoss
 from pipeline.losses.eer import _Collective
+from pipeline.losses.fmr_band import FMRBandLoss
 
 DIM = 256
 SESSIONS_PER_SUBJECT = 8
 SIZES = ((2048, 3, True), (8192, 2, True), (32768, 1, False))  # N, repeats, with the contrastive loss
 SHARDED = ((8192, 2), (16384, 1))  # global N, repeats
+OPERATING_POINTS = ((2048, 5), (8192, 3))  # N, repeats
 WORLDS = (1, 2, 4)
 THREADS = int(os.environ.get("EERPIPE_BENCH_THREADS", torch.get_num_threads()))
 
@@ -58,9 +64,9 @@ def gram_floor(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (embeddings @ embeddings.T).sum()
 
 
-def rank_share(world: int):
-    """EERLoss as rank 0 of ``world`` ranks computes it: its rows' pairs, no collectives."""
-    loss = EERLoss()
+def rank_share(world: int, loss: EERLoss | None = None):
+    """``loss`` (default ``EERLoss()``) as rank 0 of ``world`` ranks computes it: its rows' pairs, no collectives."""
+    loss = loss or EERLoss()
 
     def share(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         rows = range(0, len(labels) // world)
@@ -79,7 +85,14 @@ def _memory_kb(field: str) -> int:
 
 def child(kind: str, n: int, repeats: int, world: int = 1) -> None:
     """Runs in the subprocess: time ``kind`` at batch ``n``, print seconds and peak MB as JSON."""
-    loss_fn = {"gram": gram_floor, "contrastive": contrastive_all_pairs, "eer": rank_share(world)}[kind]
+    losses = {
+        "gram": lambda: gram_floor,
+        "contrastive": lambda: contrastive_all_pairs,
+        "eer": lambda: rank_share(world),
+        "fmr": lambda: rank_share(world, EERLoss(target={"fmr": 0.001})),
+        "band": lambda: rank_share(world, FMRBandLoss(low=0.001, high=0.004, points=4)),
+    }
+    loss_fn = losses[kind]()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     x = torch.randn(n, DIM, requires_grad=True)
@@ -128,6 +141,16 @@ def sharded() -> None:
             print(f"{n:>6} {world:>2} {seconds:10.3f} {peak_mb:6.0f} {alone / seconds:8.2f}", flush=True)
 
 
+def operating_points() -> None:
+    print("\nOperating points, fwd+bwd as a multiple of the Gram floor: EER target, FMR 0.1 % target, "
+          "FMR band [0.1, 0.4] % (4 points)")
+    print(f"{'N':>6} {'Gram s':>7} {'EER':>6} {'FMR':>6} {'band':>6} {'band/FMR':>8}")
+    for n, repeats in OPERATING_POINTS:
+        gram, _ = measure("gram", n, repeats)
+        eer, fmr, band = (measure(kind, n, repeats)[0] for kind in ("eer", "fmr", "band"))
+        print(f"{n:>6} {gram:7.3f} {eer / gram:6.2f} {fmr / gram:6.2f} {band / gram:6.2f} {band / fmr:8.2f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv:
         for n in map(int, argv):
@@ -136,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     against_the_floor()
     sharded()
+    operating_points()
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def memory_rows() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def criterion(config: dict) -> torch.nn.Module:
-    """EERLoss with these options, or the FMR band they name (one EERLoss per point)."""
+    """EERLoss with these options, or the FMR band they name (EERLoss at several points)."""
     return FMRBandLoss(**config["fmr_band"]) if "fmr_band" in config else EERLoss(**config)
 
 

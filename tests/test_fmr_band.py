@@ -22,11 +22,12 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(32, 6, generator=generator) + 0.5 * labels[:, None], labels
 
 
-def test_the_band_is_the_mean_of_eerloss_at_evenly_spaced_fmr_targets_in_value_and_gradient():
+@pytest.mark.parametrize("options", [{"variant": "direct"}, {}, {"threshold_grad": "unrolled", "search_steps": 6}])
+def test_the_band_is_the_mean_of_eerloss_at_evenly_spaced_fmr_targets_in_value_and_gradient(options):
     embeddings, labels = batch()
     band_input, point_input = embeddings.clone().requires_grad_(), embeddings.clone().requires_grad_()
-    band = FMRBandLoss(**BAND, variant="direct")(band_input, labels)
-    points = [EERLoss(target={"fmr": t}, variant="direct")(point_input, labels) for t in (0.1, 0.2, 0.3, 0.4)]
+    band = FMRBandLoss(**BAND, **options)(band_input, labels)
+    points = [EERLoss(target={"fmr": t}, **options)(point_input, labels) for t in (0.1, 0.2, 0.3, 0.4)]
     expected = torch.stack(points).mean()
     band.backward()
     expected.backward()

@@ -63,6 +63,11 @@ mode, autograd on) move ``d̄``; others evaluate at the threshold a training cal
 ``d̄`` is a float64 scalar, identical on every rank of a sharded loss (``d*`` is), and a run's
 checkpoint part (``RunningThreshold``), so a resumed run continues it bit for bit.
 
+Several operating points of one kind (``target_rates``, which
+:class:`~pipeline.losses.fmr_band.FMRBandLoss` sets to a band of FMRs): the loss is the mean of
+the points' losses. They share the pass that finds the pairs, the histogram and the backward
+pass's block matmuls; each adds its own threshold search and a pass of elementwise sums.
+
 Pairs in row blocks
 -------------------
 Every quantity the loss needs is a sum (or a min/max) over pairs: the distance range and the pair
@@ -412,10 +417,11 @@ class _PairSet:
         return self.collective.reduce(self.totals(counts, counted, chunk=max(_CHUNK_ELEMENTS, bins)))
 
     def gradient(
-        self, weights: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        self, weights: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], thresholds: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``∂/∂vectors`` and ``∂/∂d`` of a sum over owned pairs, given ``weights(side, distances)``:
-        per pair ``∂sum/∂distance``, and those pairs' share of ``∂sum/∂d``.
+        per pair ``∂sum/∂distance``, and those pairs' share of ``∂sum/∂d`` for each of the
+        ``thresholds`` thresholds.
 
         Per block, the band of a coefficient slab ``C`` (zero elsewhere) is filled chunk by chunk
         with every pair's weight as an impostor, then the genuine pairs' weights overwrite theirs
@@ -424,7 +430,7 @@ class _PairSet:
         outlives its block.
         """
         grad = torch.zeros_like(self.vectors)
-        along_d = self.vectors.new_zeros(())
+        along_d = self.vectors.new_zeros(thresholds)
         for block, where, (band, genuine) in zip(self.blocks, self._genuine, self.bands(), strict=True):
             slab = _coefficient_slab(block, self.vectors)
             coefficients = _band(slab, block)
@@ -549,34 +555,41 @@ _SLOPE = 3  # the sums' slopes in d follow: _SLOPE + _RATE, _SLOPE + _AREA
 
 @dataclass(frozen=True)
 class _Terms:
-    """What one pass over the pairs sums, per side: soft steps, area terms, their slopes, distances."""
+    """What one pass over the pairs sums, per side: soft steps, area terms (on the sides the loss
+    keeps: an FMR target's loss has no impostor term, and most pairs are impostors), their
+    slopes, distances."""
 
     rates: bool = True
-    area: bool = False
+    area: tuple[bool, bool] = (False, False)  # genuine, impostor
     slopes: bool = False
     distances: bool = False
 
 
 class _PairSums(torch.autograd.Function):
-    """Global sums over pairs at threshold ``d``: ``sums[side, (rate, area, distance)]`` and ``slopes``.
+    """Global sums over pairs at the thresholds ``d`` (``[P]``, one per operating point):
+    ``sums[side, point, (rate, area, distance)]`` and ``slopes``.
 
-    ``slopes[side, (rate, area)]`` are the sums' derivatives in ``d`` (no gradient: the implicit
-    threshold gradient needs their values only). Backward makes one more pass over the blocks:
-    each pair's coefficient ``Σ_s ∂L/∂sum_s · ∂term_s/∂distance`` (recomputed, never stored)
-    goes into that block's coefficient slab; ``∂L/∂d`` is a sum over pairs, all-reduced so that
-    every rank continues with the global value.
+    ``slopes[side, point, (rate, area)]`` are the sums' derivatives in that point's ``d`` (no
+    gradient: the implicit threshold gradient needs their values only). Backward makes one more
+    pass over the blocks: each pair's coefficient ``Σ_point Σ_s ∂L/∂sum_s · ∂term_s/∂distance``
+    (recomputed, never stored) goes into that block's coefficient slab, so several points cost
+    one pass of elementwise terms each but one pair of block matmuls in all; ``∂L/∂d`` is a sum
+    over pairs, all-reduced so that every rank continues with the global value.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, vectors: torch.Tensor, d: torch.Tensor, pairs: _PairSet, loss: EERLoss, terms: _Terms
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        at = float(d)
-        totals = pairs.totals(lambda side, x: _side_sums(loss, terms, side, x, at), vectors.new_zeros(2, 5))
-        pairs.collective.reduce(totals)
+        ats = d.tolist()
+
+        def point_sums(side: int, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([_side_sums(loss, terms, side, x, at) for at in ats])
+
+        totals = pairs.collective.reduce(pairs.totals(point_sums, vectors.new_zeros(2, len(ats), 5)))
         ctx.save_for_backward(d)
         ctx.pairs, ctx.loss, ctx.terms = pairs, loss, terms
-        sums, slopes = totals[:, :_SLOPE].clone(), totals[:, _SLOPE:].clone()
+        sums, slopes = totals[..., :_SLOPE].clone(), totals[..., _SLOPE:].clone()
         ctx.mark_non_differentiable(slopes)
         return sums, slopes
 
@@ -585,12 +598,16 @@ class _PairSums(torch.autograd.Function):
         ctx: Any, grad_sums: torch.Tensor, _grad_slopes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, None, None, None]:
         (d,) = ctx.saved_tensors
-        at, need_d = float(d), ctx.needs_input_grad[1]
+        ats, need_d = d.tolist(), ctx.needs_input_grad[1]
 
         def weights(side: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return _side_weights(ctx.loss, ctx.terms, side, x, at, grad_sums[side], need_d)
+            each = [
+                _side_weights(ctx.loss, ctx.terms, side, x, at, grad_sums[side, point], need_d)
+                for point, at in enumerate(ats)
+            ]
+            return functools.reduce(torch.Tensor.add_, [w for w, _ in each]), torch.stack([s for _, s in each])
 
-        grad_vectors, grad_d = ctx.pairs.gradient(weights)
+        grad_vectors, grad_d = ctx.pairs.gradient(weights, len(ats))
         if not need_d:
             return grad_vectors, None, None, None, None
         return grad_vectors, ctx.pairs.collective.reduce(grad_d), None, None, None
@@ -605,7 +622,7 @@ def _side_sums(loss: EERLoss, terms: _Terms, side: int, x: torch.Tensor, d: floa
         sums[_RATE] = step.sum()
         if terms.slopes:
             sums[_SLOPE + _RATE] = -along_x.sum()  # ∂/∂d = −∂/∂x
-    if terms.area:
+    if terms.area[side]:
         term, along_x = loss._area_term(x, d, side, derivative=terms.slopes)
         sums[_AREA] = term.sum()
         if terms.slopes:
@@ -625,7 +642,7 @@ def _side_weights(
         parts.append(along_x.mul_(grad[_RATE]))
         if need_d:
             along_d -= along_x.sum()  # ∂/∂d = −∂/∂x
-    if terms.area:
+    if terms.area[side]:
         _, along_x = loss._area_term(x, d, side, derivative=True)
         parts.append(along_x.mul_(grad[_AREA]))
         if need_d:
@@ -762,6 +779,7 @@ class EERLoss(torch.nn.Module):
         self.variant, self.distance = variant, distance
         self.k, self.search_steps = float(k), int(search_steps)
         self.target_kind, self.target_rate = _parse_target(target)
+        self.target_rates: tuple[float, ...] = (self.target_rate,)  # a band of points: FMRBandLoss
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
         self.threshold_grad, self.evaluate_at = threshold_grad, evaluate_at
         self.normalize, self.floor, self.tau = bool(normalize), floor, float(tau)
@@ -769,7 +787,8 @@ class EERLoss(torch.nn.Module):
         self.running_threshold = RunningThreshold(threshold_momentum) if threshold_momentum else None
 
     def extra_repr(self) -> str:
-        target = "eer" if self.target_kind == "eer" else f"{self.target_kind}={self.target_rate:g}"
+        rates = "/".join(f"{rate:g}" for rate in self.target_rates)
+        target = "eer" if self.target_kind == "eer" else f"{self.target_kind}={rates}"
         return (
             f"variant={self.variant}, distance={self.distance}, k={self.k:g}, "
             f"search_steps={self.search_steps}, target={target}, threshold_grad={self.threshold_grad}, "
@@ -817,19 +836,22 @@ class EERLoss(torch.nn.Module):
         pairs = _PairSet(vectors.detach(), labels, rows, self.distance, collective, memory)
         points = None
         if self.threshold_grad == "unrolled":
-            threshold, midpoint = self._unrolled_search(vectors, pairs)
+            searches = [self._unrolled_search(vectors, pairs, rate) for rate in self.target_rates]
         else:
             points = self._points(pairs)
             with torch.no_grad():
-                threshold, midpoint = self._bisection_search(points, pairs)
+                searches = [self._bisection_search(points, pairs, rate) for rate in self.target_rates]
+        threshold, midpoint = (torch.stack(found) for found in zip(*searches))
         batch_at = midpoint if self.evaluate_at == "midpoint" else threshold
-        at = batch_at if self.running_threshold is None else self.running_threshold.blend(batch_at, self._trains())
+        at = batch_at
+        if self.running_threshold is not None:  # one point (FMRBandLoss refuses it)
+            at = self.running_threshold.blend(batch_at[0], self._trains()).reshape(1)
         loss, at, frr, far = self._at_threshold(vectors, pairs, at)
         if collective.world > 1:
             loss = _ScaleGradient.apply(loss, float(collective.world))
         if not return_stats:
             return loss
-        return loss, self._stats(points or self._points(pairs), pairs, at, batch_at, frr, far)
+        return loss, self._stats(points or self._points(pairs), pairs, at[0], batch_at[0], frr[0], far[0])
 
     def _trains(self) -> bool:
         """Whether this call trains (and so moves a persistent threshold): evaluation does not."""
@@ -838,19 +860,23 @@ class EERLoss(torch.nn.Module):
     def _at_threshold(
         self, vectors: torch.Tensor, pairs: _PairSet, at: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, d*, FRR_s, FAR_s) at ``at``, from one pass of sums over the pairs."""
-        terms = _Terms(area=self.variant == "area", slopes=self.threshold_grad == "implicit")
+        """(loss, d*, FRR_s, FAR_s) at the thresholds ``at`` (one per point of ``target_rates``),
+        from one pass of sums over the pairs; the loss is the mean over the points."""
+        area = self._area_sides() if self.variant == "area" else (False, False)
+        terms = _Terms(area=area, slopes=self.threshold_grad == "implicit")
         sums, slopes = _PairSums.apply(vectors, at, pairs, self, terms)
-        means, mean_slopes = sums / pairs.sizes[:, None], slopes / pairs.sizes[:, None]
+        sizes = pairs.sizes[:, None, None]
+        means, mean_slopes = sums / sizes, slopes / sizes
         if self.threshold_grad == "implicit":
             # d* = d + (0 in value) carrying −(∂F/∂θ)/(∂F/∂d); the means follow to first order.
-            rates, rate_slopes = means[:, _RATE], mean_slopes[:, _RATE]
-            shift = _implicit_shift(self._equation(*rates), self._equation(*rate_slopes, constant=False))
+            rates, rate_slopes = means[..., _RATE], mean_slopes[..., _RATE]
+            targets = rates.new_tensor(self.target_rates)
+            shift = _implicit_shift(self._equation(*rates, targets), self._equation(*rate_slopes, 0.0))
             at = at + shift
-            means = means[:, : _AREA + 1] + mean_slopes * shift
-        frr, far = means[_GENUINE, _RATE], means[_IMPOSTOR, _RATE]
-        loss = self._direct(frr, far) if self.variant == "direct" else self._area(means[:, _AREA])
-        return loss, at, frr, far
+            means = means[..., : _AREA + 1] + mean_slopes * shift[:, None]
+        frr, far = means[_GENUINE, :, _RATE], means[_IMPOSTOR, :, _RATE]
+        loss = self._direct(frr, far) if self.variant == "direct" else self._area(means[..., _AREA])
+        return loss.mean(), at, frr, far
 
     def _vectors(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The rows whose Gram matrix gives the pair distances, as the options ask."""
@@ -861,12 +887,11 @@ class EERLoss(torch.nn.Module):
         return _distance_vectors(embeddings, labels, self.distance)
 
     # -- the threshold search -------------------------------------------------------------------
-    def _equation(self, frr: torch.Tensor, far: torch.Tensor, constant: bool = True) -> torch.Tensor:
+    def _equation(self, frr: torch.Tensor, far: torch.Tensor, target: float | torch.Tensor) -> torch.Tensor:
         """``F = a − b``: positive while the threshold is too low, decreasing in ``d``.
 
-        ``constant=False`` drops the target rate: applied to the rates' slopes it gives ``∂F/∂d``.
+        ``target`` is the point's rate; 0 drops it: applied to the rates' slopes that gives ``∂F/∂d``.
         """
-        target = self.target_rate if constant else 0.0
         if self.target_kind == "fmr":
             return target - far
         if self.target_kind == "fnmr":
@@ -895,9 +920,9 @@ class EERLoss(torch.nn.Module):
         return points
 
     def _bisection_search(
-        self, points: list[tuple[torch.Tensor, torch.Tensor]], pairs: _PairSet
+        self, points: list[tuple[torch.Tensor, torch.Tensor]], pairs: _PairSet, target: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard bisection on the soft rates of the (binned) points, without autograd."""
+        """Hard bisection on the soft rates of the (binned) points for the ``target`` rate, without autograd."""
         weights = [counts / size for (_, counts), size in zip(points, pairs.sizes, strict=True)]
 
         def rate(side: int, d: torch.Tensor) -> torch.Tensor:
@@ -907,22 +932,25 @@ class EERLoss(torch.nn.Module):
         midpoint = (left + right) / 2
         for _ in range(self.search_steps):
             midpoint = (left + right) / 2
-            too_low = self._equation(rate(_GENUINE, midpoint), rate(_IMPOSTOR, midpoint)) > 0
+            too_low = self._equation(rate(_GENUINE, midpoint), rate(_IMPOSTOR, midpoint), target) > 0
             left = torch.where(too_low, midpoint, left)
             right = torch.where(too_low, right, midpoint)
         return (left + right) / 2, midpoint
 
-    def _unrolled_search(self, vectors: torch.Tensor, pairs: _PairSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """The authors' smooth binary search, differentiable through every step (one pass each)."""
-        sums, _ = _PairSums.apply(vectors, vectors.new_zeros(()), pairs, self, _Terms(rates=False, distances=True))
-        means = sums[:, _DISTANCE] / pairs.sizes
+    def _unrolled_search(
+        self, vectors: torch.Tensor, pairs: _PairSet, target: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The authors' smooth binary search for the ``target`` rate, differentiable through every
+        step (one pass each)."""
+        sums, _ = _PairSums.apply(vectors, vectors.new_zeros(1), pairs, self, _Terms(rates=False, distances=True))
+        means = sums[:, 0, _DISTANCE] / pairs.sizes
         left, right = 0.5 * means[_GENUINE], 1.5 * means[_IMPOSTOR]
         midpoint = (left + right) / 2
         for _ in range(self.search_steps):
             midpoint = (left + right) / 2
-            sums, _ = _PairSums.apply(vectors, midpoint, pairs, self, _Terms())
-            rates = sums[:, _RATE] / pairs.sizes
-            push_right, push_left = self._search_pressures(100 * rates[_GENUINE], 100 * rates[_IMPOSTOR])
+            sums, _ = _PairSums.apply(vectors, midpoint.reshape(1), pairs, self, _Terms())
+            rates = sums[:, 0, _RATE] / pairs.sizes
+            push_right, push_left = self._search_pressures(100 * rates[_GENUINE], 100 * rates[_IMPOSTOR], target)
             top = torch.maximum(push_right, push_left)
             move_left = torch.exp(self.k * (push_right - top))
             move_right = torch.exp(self.k * (push_left - top))
@@ -930,9 +958,11 @@ class EERLoss(torch.nn.Module):
             right = right * (1 - move_right) + midpoint * move_right
         return (left + right) / 2, midpoint
 
-    def _search_pressures(self, frr_pct: torch.Tensor, far_pct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_pressures(
+        self, frr_pct: torch.Tensor, far_pct: torch.Tensor, target: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) in percent: the search raises ``d`` while ``a > b``."""
-        target_pct = torch.as_tensor(100 * self.target_rate, dtype=frr_pct.dtype, device=frr_pct.device)
+        target_pct = torch.as_tensor(100 * target, dtype=frr_pct.dtype, device=frr_pct.device)
         if self.target_kind == "fmr":
             return target_pct, far_pct
         if self.target_kind == "fnmr":
@@ -982,14 +1012,15 @@ class EERLoss(torch.nn.Module):
             return 100 * far
         return 100 * (frr + far) / 2
 
+    def _area_sides(self) -> tuple[bool, bool]:
+        """Whether the area variant keeps the (genuine, impostor) term: both for the EER, else the
+        side the target does not fix (or both with ``both_sides``)."""
+        return self.target_kind != "fnmr" or self.both_sides, self.target_kind != "fmr" or self.both_sides
+
     def _area(self, means: torch.Tensor) -> torch.Tensor:
         """100 · the power means ``(mean floor(u)^β)^(1/β)`` of the sides the target keeps."""
-        terms = []
-        if self.target_kind != "fnmr" or self.both_sides:
-            terms.append(means[_GENUINE].pow(1 / self.beta))
-        if self.target_kind != "fmr" or self.both_sides:
-            terms.append(means[_IMPOSTOR].pow(1 / self.beta))
-        return 100 * sum(terms)
+        kept = [means[side].pow(1 / self.beta) for side, keep in enumerate(self._area_sides()) if keep]
+        return 100 * sum(kept)
 
     def _stats(
         self,
@@ -1049,12 +1080,12 @@ def _points_eer(points: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 
 def _implicit_shift(equation: torch.Tensor, equation_slope: torch.Tensor) -> torch.Tensor:
-    """Zero in value; gradient ``−(∂F/∂θ)/(∂F/∂d)``, the derivative of the root of ``F = 0``.
+    """Zero in value; gradient ``−(∂F/∂θ)/(∂F/∂d)``, the derivative of the root of ``F = 0`` (per point).
 
-    Where no pair is near the threshold the slope vanishes, and so does ``∂F/∂θ``: the shift
-    is then dropped instead of dividing by zero.
+    Where no pair is near a threshold the slope vanishes, and so does ``∂F/∂θ``: that point's
+    shift is then dropped instead of dividing by zero.
     """
     slope = equation_slope.detach()
-    if slope.abs() < 1e-12:
-        return torch.zeros((), dtype=equation.dtype, device=equation.device)
-    return -(equation - equation.detach()) / slope
+    flat = slope.abs() < 1e-12
+    shift = -(equation - equation.detach()) / torch.where(flat, torch.ones_like(slope), slope)
+    return torch.where(flat, torch.zeros_like(shift), shift)

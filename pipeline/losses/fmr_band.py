@@ -10,11 +10,13 @@ about — sets most of the thresholds with many more impostor pairs while still 
 low-FMR end. ``low`` is the operating point the run is for: checkpoints are selected by the
 FNMR there (``pipeline/training/validator.py``).
 
-Each point is an :class:`~pipeline.losses.eer.EERLoss` with ``target={"fmr": t}`` and the
-band's other options, so the band inherits pair sharding, the cross-batch memory and the
-implicit threshold gradient; it costs one EERLoss per point. Its statistics are those of the
-``low`` point. A persistent threshold (``threshold_momentum``) is refused: the checkpoint
-keeps one running threshold, and a band has one per point.
+The band is an :class:`~pipeline.losses.eer.EERLoss` with several FMR targets: the points share
+one pass that finds the pairs, one histogram, and one backward pair of block matmuls, and cost a
+threshold search on the histogram and a pass of elementwise terms each, so the band inherits pair
+sharding, the cross-batch memory and the implicit threshold gradient at little more than one
+point's cost (``bench/README.md``). Its statistics are those of the ``low`` point. A persistent
+threshold (``threshold_momentum``) is refused: the checkpoint keeps one running threshold, and a
+band has one per point.
 """
 
 from __future__ import annotations
@@ -22,18 +24,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from pipeline.losses.eer import EERLoss, EERStats
+from pipeline.losses.eer import EERLoss
 
 
-class FMRBandLoss(nn.Module):
+class FMRBandLoss(EERLoss):
     """``mean_t EERLoss(target={"fmr": t})`` over ``points`` FMRs evenly spaced on ``[low, high]``."""
 
     DEFAULT_LOW = 0.001
 
     def __init__(self, low: float = DEFAULT_LOW, high: float = 0.004, points: int = 4, **eer_options: Any) -> None:
-        super().__init__()
         if not 0 < low < high < 1 or isinstance(points, bool) or not isinstance(points, int) or points < 2:
             raise ValueError(
                 f"fmr_band needs 0 < low < high < 1 and an integer points >= 2, got low={low!r}, high={high!r}, "
@@ -45,15 +45,6 @@ class FMRBandLoss(nn.Module):
                 f"fmr_band: {', '.join(refused)} cannot be set (the band sets every point's target; one "
                 "running threshold cannot follow every point); leave it out of the loss options"
             )
+        super().__init__(target={"fmr": low}, **eer_options)
         self.low, self.high = float(low), float(high)
-        rates = torch.linspace(self.low, self.high, points, dtype=torch.float64).tolist()
-        self.points = nn.ModuleList(EERLoss(target={"fmr": rate}, **eer_options) for rate in rates)
-
-    def forward(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False, **shard_and_memory: Any
-    ) -> torch.Tensor | tuple[torch.Tensor, EERStats]:
-        """The band's loss; ``rows``, ``group`` and ``memory`` go to every point (see EERLoss)."""
-        if not return_stats:
-            return torch.stack([point(embeddings, labels, **shard_and_memory) for point in self.points]).mean()
-        values, stats = zip(*(point(embeddings, labels, return_stats=True, **shard_and_memory) for point in self.points))
-        return torch.stack(values).mean(), stats[0]
+        self.target_rates = tuple(torch.linspace(self.low, self.high, points, dtype=torch.float64).tolist())
