@@ -148,7 +148,8 @@ def operating_points() -> None:
     for n, repeats in OPERATING_POINTS:
         gram, _ = measure("gram", n, repeats)
         eer, fmr, band = (measure(kind, n, repeats)[0] for kind in ("eer", "fmr", "band"))
-        print(f"{n:>6} {gram:7.3f} {eer / gram:6.2f} {fmr / gram:6.2f} {band / gram:6.2f} {band / fmr:8.2f}", flush=True)
+        ratios = f"{eer / gram:6.2f} {fmr / gram:6.2f} {band / gram:6.2f} {band / fmr:8.2f}"
+        print(f"{n:>6} {gram:7.3f} {ratios}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

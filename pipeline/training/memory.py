@@ -23,7 +23,6 @@ queue spans more than an epoch. Such a pair is accepted: it is genuine either wa
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 from pipeline.config import MemorySection, TrainConfig
 from pipeline.distributed import GatheredBatch, gather_batch
 from pipeline.losses.eer import Memory
+from pipeline.training.clock import clock
 
 
 def memory_of(config: TrainConfig, model: nn.Module) -> CrossBatchMemory | None:
@@ -96,25 +96,29 @@ class CrossBatchMemory:
             return None
         return self.embeddings.to(device), self.labels.to(device)
 
-    def enqueue(self, features: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, batch: GatheredBatch) -> None:
+    def enqueue(
+        self, features: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, batch: GatheredBatch,
+        wait_for: torch.device | None = None,
+    ) -> None:
         """Add this step's global ``batch`` (as the loss saw it, gathered from this rank's
         ``features``, ``mask``, ``labels``): its own embeddings (``encoder="current"``) or the
         momentum encoder's, gathered the same way (a collective: every rank calls it). The
-        oldest rows beyond ``size`` leave the queue."""
+        oldest rows beyond ``size`` leave the queue. The encoder's time waits for ``wait_for``."""
         embeddings = batch.embeddings
         if self.encoder is not None:
-            start = time.perf_counter()
+            start = clock(wait_for)
             embeddings = gather_batch(self.encoder.embed(features, mask), labels).embeddings
-            self.encoder_seconds["embed"] = time.perf_counter() - start
+            self.encoder_seconds["embed"] = clock(wait_for) - start
         self.embeddings = torch.cat([self.embeddings.to(embeddings.device), embeddings.detach().float()])[-self.size :]
         self.labels = torch.cat([self.labels.to(batch.labels.device), batch.labels])[-self.size :]
 
-    def follow(self, model: nn.Module) -> None:
-        """After an optimizer step: the momentum encoder's average takes in the new weights."""
+    def follow(self, model: nn.Module, wait_for: torch.device | None = None) -> None:
+        """After an optimizer step: the momentum encoder's average takes in the new weights (its
+        time waits for ``wait_for``)."""
         if self.encoder is not None:
-            start = time.perf_counter()
+            start = clock(wait_for)
             self.encoder.follow(model)
-            self.encoder_seconds["follow"] = time.perf_counter() - start
+            self.encoder_seconds["follow"] = clock(wait_for) - start
 
     def metrics(self) -> dict[str, float]:
         """What the metrics sink logs: the queue's fill and the momentum encoder's time."""

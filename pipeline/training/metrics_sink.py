@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +11,30 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.training.clock import clock
 
 STEP_PHASES = ("data", "model", "backward", "optimizer")  # a step's time; validation etc. excluded
 
 
 class StepTimer:
-    """Wall time of a step's phases on this rank's clock; ``lap(phase)`` ends ``phase``."""
+    """Wall time of a step's phases on this rank's clock; ``lap(phase)`` ends ``phase``.
 
-    def __init__(self) -> None:
-        self.last = time.perf_counter()
+    While ``measuring`` (set for the steps that are logged, from the lap that starts them), every
+    lap first waits for ``device`` (``pipeline/training/clock.py``), so a GPU phase's time is its own.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device, self.measuring = device, False
+        self.last = clock()
         self.phases: dict[str, float] = {}
 
+    @property
+    def wait_for(self) -> torch.device | None:
+        """The device the phases of this step wait for, if it is measured."""
+        return self.device if self.measuring else None
+
     def lap(self, phase: str) -> None:
-        now = time.perf_counter()
+        now = clock(self.wait_for)
         self.phases[phase], self.last = now - self.last, now
 
 

@@ -14,7 +14,6 @@ every rank's loader holds the same merged table and a checkpoint, saved from ran
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ from pipeline.data import Batch, SubjectBatchLoader
 from pipeline.data.batch import Row, batch_of_rows
 from pipeline.data.hard_batches import NeighbourTable, active_neighbours, neighbour_share, neighbours_at
 from pipeline.evaluation.embedding import embed
+from pipeline.training.clock import clock
 from sharding.format import ShardInfo, decode_subject
 
 ROW_CHUNK = 1024  # centroid rows per distance block: a large reader never holds all its distances
@@ -53,14 +53,15 @@ class HardBatches:
         """Recompute the table with the current model at an epoch's start, when it is due."""
         if not self._due():
             return
-        start = time.perf_counter()
+        device = next(self.model.parameters()).device  # once an epoch: always worth waiting for
+        start = clock(device)
         nearest: dict[int, list[int]] = {}
         depth = self.settings.passed_over + self.settings.cap
         for reader, shards in enumerate(self.loader.readers):
             labels, centroids = self._centroids(shards, reader)
             nearest.update(nearest_subjects(labels, centroids, depth))
         self.loader.neighbours = NeighbourTable(self.loader.epoch, merged_over_ranks(nearest))
-        self.centroid_seconds = time.perf_counter() - start
+        self.centroid_seconds = clock(device) - start
 
     def metrics(self, batch: Batch) -> dict[str, float]:
         """``train/impostor_distance`` (mean cosine-geometry distance between this rank's

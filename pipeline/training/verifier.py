@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
 from pipeline.distributed import gather_batch, world_size
 from pipeline.losses.registry import PairShard
+from pipeline.training.clock import clock
 from pipeline.training.memory import CrossBatchMemory
 
 
@@ -32,28 +31,29 @@ class Verifier(nn.Module):
 
     def forward(
         self, features: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, return_stats: bool = False,
-        step: int = 0,
+        step: int = 0, wait_for: torch.device | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of step ``step`` on the global batch, and the loss's statistics when asked (else ``{}``)."""
-        start = time.perf_counter()
+        """The loss of step ``step`` on the global batch, and the loss's statistics when asked (else
+        ``{}``); its timings wait for the device ``wait_for`` (on the steps that are logged)."""
+        start = clock(wait_for)
         embeddings = self.model(features, mask)
-        middle = time.perf_counter()
+        middle = clock(wait_for)
         batch = gather_batch(embeddings.float(), labels)
         shard = PairShard(batch.rows) if self.shard_pairs and world_size() > 1 else None
         remembering = self.memory is not None and self.memory.active(step)
         memory = self.memory.rows(batch.embeddings.device) if remembering else None
         result = self.criterion(batch.embeddings, batch.labels, return_stats=return_stats, shard=shard, memory=memory)
         loss, stats = result if return_stats else (result, {})
-        end = time.perf_counter()
+        end = clock(wait_for)
         if remembering:
-            self.memory.enqueue(features, mask, labels, batch)
-        self.timings = {"forward": middle - start, "gather_loss": end - middle, "enqueue": time.perf_counter() - end}
+            self.memory.enqueue(features, mask, labels, batch, wait_for)
+        self.timings = {"forward": middle - start, "gather_loss": end - middle, "enqueue": clock(wait_for) - end}
         return loss, stats
 
-    def follow_weights(self) -> None:
+    def follow_weights(self, wait_for: torch.device | None = None) -> None:
         """After an optimizer step: the momentum encoder (if any) takes in the new weights."""
         if self.memory is not None:
-            self.memory.follow(self.model)
+            self.memory.follow(self.model, wait_for)
 
     def memory_metrics(self) -> dict[str, float]:
         """The memory's fill and encoder time (nothing without a memory)."""

@@ -40,24 +40,31 @@ def worker_loop(payload: dict[str, Any]) -> None:
     state = RunState()
     checkpointer = Checkpointer(engine, _checkpoint_parts(state, loader, memory, criterion), config, rank)
     checkpointer.restore(payload.get("resume_from"))
-    validate, sink, timer = Validator(config, rank, world), MetricsSink(config, rank), StepTimer()
+    validate, sink = Validator(config, rank, world), MetricsSink(config, rank)
+    timer = StepTimer(torch.device(engine.device))
     hard = HardBatches(config, loader, engine.module.model)
     sessions_per_step = config.data.subjects_per_batch * config.data.sessions_per_subject * world
     seconds_before, launched = state.train_seconds, timer.last  # time of earlier launches of this run
+
+    def logs(step: int) -> bool:
+        return step % config.train.log_every == 0 or step == schedule.stop_step
+
+    timer.measuring = logs(state.step + 1)
     while state.step < schedule.stop_step:
         hard.refresh()  # an epoch's start: the neighbour table, when due
         timer.lap("centroids")
         for batch in loader:
             timer.lap("data")
             state.step += 1
-            log_now = state.step % config.train.log_every == 0 or state.step == schedule.stop_step
-            loss, stats = engine(batch.features, batch.mask, batch.labels, return_stats=log_now, step=state.step)
+            log_now = logs(state.step)
+            loss, stats = engine(batch.features, batch.mask, batch.labels, return_stats=log_now, step=state.step,
+                                 wait_for=timer.wait_for)
             timer.lap("model")
             engine.backward(loss)
             norm = parameter_grad_norm(engine) if log_now else None
             timer.lap("backward")
             engine.step()
-            engine.module.follow_weights()
+            engine.module.follow_weights(timer.wait_for)
             timer.lap("optimizer")
             epoch_end = loader.step >= loader.batches_per_epoch
             state.train_seconds = seconds_before + timer.last - launched
@@ -76,6 +83,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
                     sink.publish(metrics, checkpoint)
             elif log_now or validate_now:
                 sink.publish(metrics)
+            timer.measuring = logs(state.step + 1)  # from the lap that starts the next step
             timer.lap("reporting")
             if state.step >= schedule.stop_step:
                 break
