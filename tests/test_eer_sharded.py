@@ -9,7 +9,6 @@ persistent threshold, carried from batch to batch, stays bit-identical on every 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -103,23 +102,27 @@ def reference_step(features: torch.Tensor, labels: torch.Tensor, config: dict):
     return loss.item(), [p.grad for p in net.parameters()]
 
 
-def rank_main(rank: int, world: int, scenario: str) -> list:
-    """This rank's results in ``scenario``: its share of the global batch's rows, every config."""
+def rank_main(rank: int, world: int) -> dict[str, list]:
+    """This rank's results with its share of the global batch's rows, in every scenario: the
+    pairs under every config, with a memory, and a persistent threshold over consecutive batches."""
     features, labels = global_batch()
     sizes = SPLITS[world]
     start = sum(sizes[:rank])
     rows = range(start, start + sizes[rank])
-    mine = slice(rows.start, rows.stop)
-    if scenario == "persistent":
-        return [consecutive_steps(config, rows) for config in PERSISTENT_CONFIGS]
-    memory, configs = (memory_rows(), MEMORY_CONFIGS) if scenario == "memory" else (None, CONFIGS)
-    return [train_step(features[mine], labels[mine], criterion(config), rows, memory) for config in configs]
+    mine = features[rows.start:rows.stop], labels[rows.start:rows.stop]
+    return {
+        "pairs": [train_step(*mine, criterion(config), rows) for config in CONFIGS],
+        "memory": [train_step(*mine, criterion(config), rows, memory_rows()) for config in MEMORY_CONFIGS],
+        "persistent": [consecutive_steps(config, rows) for config in PERSISTENT_CONFIGS],
+    }
 
 
-def run_ranks(world: int, out: Path, scenario: str) -> list:
-    """Every rank's results (loss, parameter gradients, stats) in ``scenario`` ("pairs", "memory"
-    or "persistent"), one list per rank."""
-    return run_on_ranks(rank_main, world, out, scenario)
+@pytest.fixture(scope="module", params=sorted(SPLITS))
+def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, list]]:
+    """Every rank's results (loss, parameter gradients, stats) per scenario, on 1, 2 and 3 ranks:
+    one spawn of the ranks per world size serves every specification (a spawn costs seconds)."""
+    world = request.param
+    return run_on_ranks(rank_main, world, tmp_path_factory.mktemp(f"world{world}"))
 
 
 def assert_same_gradients(rank_grads: list[torch.Tensor], grads: list[torch.Tensor], context: tuple) -> None:
@@ -128,14 +131,12 @@ def assert_same_gradients(rank_grads: list[torch.Tensor], grads: list[torch.Tens
         torch.testing.assert_close(rank_grad, grad, rtol=TOLERANCE, atol=TOLERANCE * scale, msg=str(context))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path, world: int) -> None:
-    ranks = run_ranks(world, tmp_path, "pairs")
+def test_sharded_pairs_match_one_process_holding_the_global_batch(ranks: list[dict[str, list]]) -> None:
     features, labels = global_batch()
     for index, config in enumerate(CONFIGS):
         loss, grads, stats = train_step(features, labels, criterion(config), rows=None)
         for rank, results in enumerate(ranks):
-            rank_loss, rank_grads, rank_stats = results[index]
+            rank_loss, rank_grads, rank_stats = results["pairs"][index]
             assert rank_loss == pytest.approx(loss, rel=TOLERANCE), (config, rank)
             assert rank_stats.exact_eer == pytest.approx(stats.exact_eer)
             assert (rank_stats.genuine_pairs, rank_stats.impostor_pairs) == (stats.genuine_pairs, stats.impostor_pairs)
@@ -143,32 +144,28 @@ def test_sharded_pairs_match_one_process_holding_the_global_batch(tmp_path: Path
             assert_same_gradients(rank_grads, grads, (config, rank))
 
 
-@pytest.mark.parametrize("world", sorted(SPLITS))
 def test_with_a_memory_each_rank_scores_its_rows_against_it_and_all_equal_the_explicit_pair_list(
-    tmp_path: Path, world: int
+    ranks: list[dict[str, list]],
 ) -> None:
-    ranks = run_ranks(world, tmp_path, "memory")
     features, labels = global_batch()
     for index, config in enumerate(MEMORY_CONFIGS):
         loss, grads = reference_step(features, labels, config)
         for rank, results in enumerate(ranks):
-            rank_loss, rank_grads, rank_stats = results[index]
+            rank_loss, rank_grads, rank_stats = results["memory"][index]
             assert rank_loss == pytest.approx(loss, rel=TOLERANCE), (config, rank)
             assert rank_stats.genuine_pairs + rank_stats.impostor_pairs == 20 * 19 // 2 + 20 * 12
             assert_same_gradients(rank_grads, grads, (config, rank))
 
 
-@pytest.mark.parametrize("world", [2, 3])
 def test_a_persistent_threshold_stays_bit_identical_on_every_rank_and_trains_like_one_process(
-    tmp_path: Path, world: int
+    ranks: list[dict[str, list]],
 ) -> None:
-    ranks = run_ranks(world, tmp_path, "persistent")
     for index, config in enumerate(PERSISTENT_CONFIGS):
         for step, (loss, grads, stats, running) in enumerate(consecutive_steps(config, rows=None)):
-            assert len({results[index][step][3].item() for results in ranks}) == 1, (config, step)  # bit for bit
+            assert len({results["persistent"][index][step][3].item() for results in ranks}) == 1, (config, step)  # bit for bit
             assert (stats.threshold == stats.batch_threshold) == (step == 0)  # d̄ starts at d*, then lags it
             for rank, results in enumerate(ranks):
-                rank_loss, rank_grads, rank_stats, rank_running = results[index][step]
+                rank_loss, rank_grads, rank_stats, rank_running = results["persistent"][index][step]
                 context = (config, step, rank)
                 assert rank_loss == pytest.approx(loss, rel=TOLERANCE), context
                 assert rank_running.item() == pytest.approx(running.item(), rel=TOLERANCE), context
