@@ -9,7 +9,6 @@ persistent threshold, carried from batch to batch, stays bit-identical on every 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -162,7 +161,8 @@ def test_a_persistent_threshold_stays_bit_identical_on_every_rank_and_trains_lik
 ) -> None:
     for index, config in enumerate(PERSISTENT_CONFIGS):
         for step, (loss, grads, stats, running) in enumerate(consecutive_steps(config, rows=None)):
-            assert len({results["persistent"][index][step][3].item() for results in ranks}) == 1, (config, step)  # bit for bit
+            thresholds = {results["persistent"][index][step][3].item() for results in ranks}
+            assert len(thresholds) == 1, (config, step)  # bit for bit
             assert (stats.threshold == stats.batch_threshold) == (step == 0)  # d̄ starts at d*, then lags it
             for rank, results in enumerate(ranks):
                 rank_loss, rank_grads, rank_stats, rank_running = results["persistent"][index][step]
