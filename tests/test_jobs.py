@@ -78,7 +78,6 @@ def cluster() -> Iterator[Cluster]:
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node IP 127.0.0.1
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # stop at once on SIGTERM
-        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",  # as LOCAL_RAY_ENV
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the jobs' `eerpipe`
     )
     log = open(root / "head.log", "w")
