@@ -26,7 +26,8 @@ Two rules keep the pairs honest: the output never contains a rank's local rows t
 rows concatenated with gathered rows would pair a sample with itself as a fake genuine
 pair), and labels are gathered in the same order. Collectives need equal shapes on every
 rank, so uneven local batches are padded to the largest, gathered, and the padding rows are
-dropped again.
+dropped again. Its running statistics drift apart across ranks, too, so eval-mode embedding
+first gives every rank rank 0's (:func:`use_rank0_buffers`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,28 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
 
 def world_size() -> int:
     """Ranks of the default process group; 1 when there is none."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def use_rank0_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics), in place.
+
+    Why: DeepSpeed broadcasts parameters once, at the start, and never buffers; each rank then
+    updates its running statistics from its own batches, so the ranks' models drift apart in
+    eval mode. Rank 0's model is the one checkpointed and exported, so every rank must embed its
+    share of the validation split (and the hard batches' centroids) with rank 0's buffers for the
+    metric that picks the best export to be that export's. Training steps are unaffected: in
+    train mode BatchNorm normalises with batch statistics. Every rank must call it (a collective).
+    """
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 class GatheredBatch(NamedTuple):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.distributed import gather_batch, gather_embeddings
+from pipeline.distributed import gather_batch, gather_embeddings, use_rank0_buffers
 from pipeline.losses.eer import EERLoss
 from pipeline.losses.registry import build_loss
 from pipeline.training.verifier import Verifier
@@ -174,3 +174,21 @@ def test_without_a_process_group_inputs_come_back_unchanged() -> None:
 def test_mismatched_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match=r"embeddings \[n, D\] and labels \[n\]"):
         gather_embeddings(torch.randn(3, 2), torch.tensor([1, 2]))
+
+
+def buffers_after_sharing(rank: int, world: int) -> list[torch.Tensor]:
+    """A BatchNorm whose running statistics differ by rank, as after training on each rank's own
+    batches, once it has taken rank 0's."""
+    norm = torch.nn.BatchNorm1d(3)
+    norm.running_mean.fill_(rank)
+    norm.running_var.fill_(1 + rank)
+    norm.num_batches_tracked.fill_(10 + rank)
+    use_rank0_buffers(norm)
+    return [buffer.clone() for buffer in norm.buffers()]
+
+
+def test_every_rank_validates_with_rank_0s_running_statistics_the_ones_it_exports(tmp_path) -> None:
+    rank0, rank1 = run_on_ranks(buffers_after_sharing, 2, tmp_path)
+    assert torch.equal(rank0[0], torch.zeros(3)) and rank0[2].item() == 10
+    for theirs, ours in zip(rank1, rank0, strict=True):
+        assert torch.equal(theirs, ours)

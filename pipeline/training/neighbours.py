@@ -26,6 +26,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import Batch, SubjectBatchLoader
 from pipeline.data.batch import Row, batch_of_rows
 from pipeline.data.hard_batches import NeighbourTable, active_neighbours, neighbour_share, neighbours_at
+from pipeline.distributed import use_rank0_buffers
 from pipeline.evaluation.embedding import embed
 from pipeline.training.clock import clock
 from sharding.format import ShardInfo, decode_subject
@@ -53,6 +54,7 @@ class HardBatches:
         """Recompute the table with the current model at an epoch's start, when it is due."""
         if not self._due():
             return
+        use_rank0_buffers(self.model)  # every rank embeds with the model a checkpoint restores
         device = next(self.model.parameters()).device  # once an epoch: always worth waiting for
         start = clock(device)
         nearest: dict[int, list[int]] = {}

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import TrainConfig
+from pipeline.distributed import use_rank0_buffers
 from pipeline.exports import export_path, save_model
 from pipeline.losses.fmr_band import FMRBandLoss
 from pipeline.metrics.report import fnmr_key
@@ -70,6 +71,7 @@ class Validator:
         from pipeline.evaluation.embedding import embed
         from pipeline.evaluation.protocol import protocol_from, verify
 
+        use_rank0_buffers(model)
         embeddings, labels, _ = embed(model, self.loader, gather=True)
         if self.rank != 0:
             return {}
