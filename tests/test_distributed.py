@@ -1,4 +1,5 @@
-"""gather_embeddings: two gloo ranks with uneven batches train exactly like one process with the global batch."""
+"""gather_embeddings: two gloo ranks with uneven batches train exactly like one process with the global batch;
+use_rank0_buffers: every rank embeds for validation with the exported model's statistics."""
 
 from __future__ import annotations
 
