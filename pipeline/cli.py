@@ -67,6 +67,10 @@ def evaluate(
         None, "--protocol", help="session (session against session) | kvc (against 5-session enrolment sets, as KVC scores). "
         "Default: the model's validation protocol."
     ),
+    impostors: Optional[str] = typer.Option(
+        None, "--impostors", help="Impostor comparisons per session: a count, or all (every one, what FMR 0.1 % needs). "
+        "Default: the model's validation setting."
+    ),
     out: Path = typer.Option(Path("evaluation"), "--out", help="Folder for metrics.json, report.md and det.png."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Sessions per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -76,7 +80,8 @@ def evaluate(
     from pipeline.metrics import report_to_markdown
 
     report, folder = run_evaluation(
-        checkpoint, shards, split=split, protocol=protocol, out_dir=out, batch_size=batch_size, progress=not quiet
+        checkpoint, shards, split=split, protocol=protocol, impostors=impostors and _impostors(impostors), out_dir=out,
+        batch_size=batch_size, progress=not quiet,
     )
     typer.echo(report_to_markdown(report))
     typer.echo(f"\nwritten: {folder}/metrics.json, {folder}/report.md, {folder}/det.png")
@@ -119,6 +124,13 @@ def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, li
     run_experiment(str(config) if config else None, shards, out, arms, overrides=overrides or [])
     typer.echo((out / "results.md").read_text())
     typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
+
+
+def _impostors(text: str) -> int | str:
+    """``--impostors``: a positive whole number or ``all``, or a one-line error."""
+    if text == "all" or (text.isdigit() and int(text) > 0):
+        return text if text == "all" else int(text)
+    raise ValueError(f"--impostors takes a positive whole number or 'all', got {text!r}")
 
 
 def _integers(option: str, text: str) -> list[int]:
@@ -194,10 +206,15 @@ def operating_point(
     ),
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
-    """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold, or an FMR band): FNMR there and EER for each."""
+    """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold, or an FMR band): FNMR there and EER for each.
+
+    Validation and test score every impostor pair (``eval.impostors_per_session=all``, unless an
+    override says otherwise): at FMR 0.1 % a sample of ten per session leaves a few dozen
+    comparisons past the threshold, too few to pick a checkpoint or to compare two models."""
     from pipeline.experiment import operating_point_arms
 
-    _run_arms(config, shards, out, operating_point_arms(fmr, threshold_momentum, band), overrides)
+    arms = operating_point_arms(fmr, threshold_momentum, band)
+    _run_arms(config, shards, out, arms, ["eval.impostors_per_session=all", *(overrides or [])])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -181,12 +182,13 @@ class TrainSection:
 @dataclass
 class EvalSection:
     protocol: Literal["session", "kvc"] = "session"  # session pairs, or KVC's enrolment sets (evaluation/protocol.py)
-    impostors_per_session: int = 10  # impostor comparisons per (verification) session: other sessions or enrolment sets
+    impostors_per_session: int | Literal["all"] = 10  # impostor comparisons per (verification) session: other sessions or enrolment sets; "all": every one (FMR 0.1 % needs thousands)
     enrolment_sessions: int = 5  # kvc: enrolment sessions per subject; the rest are verified
     distance: Literal["cosine", "euclidean"] = "cosine"  # scores are −distance (EERLoss and PML losses normalise)
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "impostors_per_session")
+        if self.impostors_per_session != "all":
+            _at_least(self, 1, "impostors_per_session")
         _at_least(self, 1, "enrolment_sessions")
 
 
@@ -280,6 +282,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def _coerce(value: Any, spec: dataclasses.Field, hint: Any, key: str) -> Any:
     """Check ``value`` against the field's type; ints may be given for floats."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. ``int | Literal["all"]``: the first arm that takes it
+        for arm in typing.get_args(hint):
+            try:
+                return _coerce(value, spec, arm, key)
+            except ValueError:
+                pass
+        raise ValueError(f"{key} must be {' or '.join(map(_described, typing.get_args(hint)))}, got {value!r}")
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if value in choices and type(value) in {type(c) for c in choices}:
@@ -303,6 +312,13 @@ def _coerce(value: Any, spec: dataclasses.Field, hint: Any, key: str) -> Any:
     elif isinstance(value, type(default)):
         return value
     raise ValueError(f"{key} must be of type {type(default).__name__}, got {value!r}")
+
+
+def _described(hint: Any) -> str:
+    """``an int`` or ``'all'``: a union arm as an error message names it."""
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(map(repr, typing.get_args(hint)))
+    return f"an {hint.__name__}" if hint.__name__[0] in "aeiou" else f"a {hint.__name__}"
 
 
 def absolute(path: str) -> str:

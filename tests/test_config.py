@@ -69,11 +69,18 @@ def test_bad_overrides_are_refused_with_the_key_named(override, message):
         ("data.hard_batches.ramp_steps=-1", "data.hard_batches.ramp_steps must be ≥ 0"),
         ("data.hard_batches.kind=farthest", "data.hard_batches.kind must be one of 'nearest', 'semihard'"),
         ("data.hard_batches.every=2", "unknown config key(s) data.hard_batches.every"),
+        ("eval.impostors_per_session=0", "eval.impostors_per_session must be ≥ 1, got 0"),
+        ("eval.impostors_per_session=every", "eval.impostors_per_session must be an int or 'all', got 'every'"),
     ],
 )
 def test_a_config_refuses_a_value_outside_what_its_setting_allows_naming_the_key(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig.load(None, [override])
+
+
+def test_impostors_per_session_is_a_count_or_all():
+    assert TrainConfig.load(None, ["eval.impostors_per_session=25"]).eval.impostors_per_session == 25
+    assert TrainConfig.load(None, ["eval.impostors_per_session=all"]).eval.impostors_per_session == "all"
 
 
 def test_hard_batches_must_fit_their_seeds_and_neighbours_in_a_batch():

@@ -104,6 +104,22 @@ def test_evaluate_with_the_kvc_protocol_verifies_sessions_against_enrolment_sets
     assert (tmp_path / "report.md").read_text().startswith("# Verification report: typenet on test, kvc protocol")
 
 
+def test_evaluate_can_score_every_impostor_comparison_of_the_split(corpus: Corpus, tmp_path: Path) -> None:
+    result = evaluate("--checkpoint", str(corpus.run), "--shards", str(corpus.shards), "--impostors", "all",
+                      "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    sessions = TEST_SUBJECTS * 15
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["global"]
+    assert metrics["genuine"] + metrics["impostor"] == sessions * (sessions - 1) // 2
+
+
+def test_a_bad_impostor_count_is_refused_naming_the_option(corpus: Corpus, tmp_path: Path) -> None:
+    result = evaluate("--checkpoint", str(corpus.run), "--shards", str(corpus.shards), "--impostors", "0",
+                      "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "--impostors takes a positive whole number or 'all', got '0'" in result.output
+
+
 def test_a_model_is_evaluated_on_a_test_only_shard_set_of_another_corpus(corpus: Corpus, tmp_path: Path) -> None:
     other = tmp_path / "other-corpus"
     write_kvc(other, scenario="desktop", subjects=8, test_subjects=2, seed=1)

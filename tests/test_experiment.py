@@ -70,6 +70,24 @@ def test_the_operating_point_experiment_adds_a_persistent_threshold_arm_only_whe
     assert (config.loss.options["target"], config.loss.threshold_momentum) == ({"fmr": 0.001}, 0.99)
 
 
+@pytest.mark.parametrize("given, scored", [([], "all"), (["eval.impostors_per_session=50"], 50)])
+def test_the_operating_point_experiment_scores_every_impostor_pair_unless_told_otherwise(
+    tmp_path, monkeypatch, given, scored
+):
+    seen = []
+
+    def record(config, shards, out, arms, *, overrides):  # the arms' shared overrides, instead of training
+        seen.append(TrainConfig.load(config, list(overrides)).eval.impostors_per_session)
+        out.mkdir()
+        (out / "results.md").write_text("")
+
+    monkeypatch.setattr("pipeline.experiment.run_experiment", record)
+    result = CliRunner().invoke(app, ["experiment", "operating-point", "--shards", str(tmp_path), "-c", str(CONFIG),
+                                      "--out", str(tmp_path / "out"), *given])
+    assert result.exit_code == 0, result.output
+    assert seen == [scored]
+
+
 @pytest.mark.parametrize("momentum", ["1", "0"])  # 0 would train the plain FMR arm again under another name
 def test_a_threshold_momentum_outside_0_to_1_is_refused_before_the_first_arm_trains(tmp_path, momentum):
     from sharding.writer import write_shards

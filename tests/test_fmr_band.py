@@ -56,10 +56,10 @@ def test_a_malformed_band_is_refused_naming_the_option(options, message):
         build_loss("fmr_band", 4, **options)
 
 
-def test_a_run_trained_for_a_band_keeps_its_lowest_validation_fnmr_at_the_bands_low_end():
+def test_the_operating_point_experiment_s_band_arm_is_selected_by_the_band():
     arms = operating_point_arms(1e-3, band=0.004)
     assert list(arms)[-1] == "target-fmr-band-0.001-0.004"
     config = TrainConfig.load(None, ["data.shards=unused", *arms["target-fmr-band-0.001-0.004"]])
-    assert selection_of(config).key == "fnmr_at_fmr_0.1%"
+    assert selection_of(config).key == "fnmr_at_fmr_0.1-0.4%"
     with pytest.raises(ValueError, match=r"--band must lie above --fmr \(0.001\) and below 1, got 0.0005"):
         operating_point_arms(1e-3, band=0.0005)

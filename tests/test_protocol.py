@@ -1,7 +1,8 @@
 """The verification protocols: which comparisons a split is scored on, and how.
 
 Session pairs compare session with session; KVC's protocol compares a verification session
-with a subject's enrolment set, scored by the mean over the set.
+with a subject's enrolment set, scored by the mean over the set. Either draws a few impostor
+comparisons per session, or takes every one (``"all"``: what a low FMR needs).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.protocol import EnrolmentSets, SessionPairs, protocol_from, verify
+from pipeline.evaluation.protocol import EnrolmentSets, SessionPairs, comparisons, protocol_from, verify
 
 SUBJECTS, SESSIONS = 20, 15
 
@@ -88,8 +89,37 @@ def test_impostor_sets_are_capped_by_the_other_subjects() -> None:
     assert (~genuine).sum() == SUBJECTS * (SESSIONS - 5) * (SUBJECTS - 1)
 
 
+def test_all_impostors_compares_every_pair_of_sessions_once() -> None:
+    labels = split_labels()
+    first, second, genuine = comparisons(labels, "all")
+    pairs = {tuple(sorted(pair)) for pair in zip(first.tolist(), second.tolist())}
+    assert len(pairs) == len(first) == len(labels) * (len(labels) - 1) // 2
+    assert (genuine == (labels[first] == labels[second])).all()
+    assert genuine.sum() == SUBJECTS * SESSIONS * (SESSIONS - 1) // 2
+
+
+def test_with_every_impostor_pair_the_session_report_does_not_depend_on_the_order_of_the_rows() -> None:
+    # so a run's validation (rows in the ranks' gathered order) and `eerpipe evaluate` (file order)
+    # score a model alike; enrolment sets are still drawn by row position
+    labels = split_labels()
+    embeddings = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(2))
+    shuffled = np.random.default_rng(0).permutation(len(labels))
+    as_given, _, _ = verify(embeddings, labels, SessionPairs("all"), "cosine")
+    reordered, _, _ = verify(embeddings[shuffled], labels[shuffled], SessionPairs("all"), "cosine")
+    for key in ("eer", "fnmr_at_fmr_1%", "fnmr_at_fmr_0.1%", "genuine", "impostor"):
+        assert reordered["global"][key] == pytest.approx(as_given["global"][key])
+
+
+def test_all_impostor_sets_meets_every_other_subject_s_set() -> None:
+    _, set_labels, probe, claimed, genuine = EnrolmentSets(5, "all").draw(split_labels())
+    assert (~genuine).sum() == SUBJECTS * (SESSIONS - 5) * (SUBJECTS - 1)
+    met = claimed[~genuine].reshape(-1, SUBJECTS - 1)
+    assert all(len(set(row)) == SUBJECTS - 1 for row in met.tolist())
+
+
 def test_the_config_names_the_protocol_and_the_session_protocol_is_the_default() -> None:
     assert protocol_from({"impostors_per_session": 4}) == SessionPairs(4)
+    assert protocol_from({"impostors_per_session": "all", "protocol": "kvc"}) == EnrolmentSets(5, "all")
     assert protocol_from({"impostors_per_session": 4, "protocol": "kvc", "enrolment_sessions": 3}) == EnrolmentSets(3, 4)
     assert protocol_from({"impostors_per_session": 4, "protocol": "kvc"}, "session") == SessionPairs(4)
     with pytest.raises(ValueError, match="protocol must be 'session' or 'kvc'"):

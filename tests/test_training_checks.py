@@ -120,6 +120,13 @@ def test_a_relative_resume_path_is_the_driver_s_and_must_exist(shards, tmp_path,
         prepare(config, "empty")
 
 
+def test_a_run_for_a_low_fmr_validated_on_a_few_drawn_impostors_is_warned_before_the_launch(shards, tmp_path):
+    target = ["loss.name=eer", "loss.options.target.fmr=0.001"]
+    config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={tmp_path}", *target])
+    with pytest.warns(UserWarning, match="the choice is mostly noise; set eval.impostors_per_session=all"):
+        prepare(config)
+
+
 def test_a_checkpoint_resumes_only_with_the_memory_it_was_saved_with(shards, tmp_path):
     write_checkpoint(tmp_path / "saved", {"module": {"weight": torch.zeros(2)}})
     config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={tmp_path}", "loss.memory.size=64"])

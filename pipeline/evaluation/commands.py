@@ -3,8 +3,8 @@
 :func:`evaluate` runs the verification protocol on a split of a shard set with an exported
 model and writes the report (session pairs or KVC enrolment sets, ``--protocol``); :func:`predict` scores a KVC test set's own comparison list and
 writes the challenge's submission files. Both take the export's features, ``max_len``,
-distance and impostors per session, so the numbers are those the training run's validation
-computed for the same model and sessions. Output folders are checked before any scoring.
+distance and impostors per session (unless ``--impostors`` says otherwise), so the numbers are
+those the training run's validation computed for the same model and sessions. Output folders are checked before any scoring.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.evaluation.embedding import embed, embed_sessions, progress_bar
-from pipeline.evaluation.protocol import ProtocolName, pair_scores, protocol_from, verify
+from pipeline.evaluation.protocol import Impostors, ProtocolName, pair_scores, protocol_from, verify
 from pipeline.evaluation.submission import read_test_set, write_predictions
 from pipeline.exports import load_model
 from sharding.synth import SCENARIOS
@@ -36,12 +36,12 @@ class Scored:
 
 def score_split(
     checkpoint: str, shards: str, *, split: str = "test", protocol: ProtocolName | None = None,
-    batch_size: int = 1024, progress: bool = False,
+    impostors: Impostors | None = None, batch_size: int = 1024, progress: bool = False,
 ) -> Scored:
-    """Embed every session of ``split`` with an exported model and run ``protocol`` (default:
-    the one the model was validated with)."""
+    """Embed every session of ``split`` with an exported model and run ``protocol`` with
+    ``impostors`` per session (default: as the model was validated)."""
     embedded = embed_split(checkpoint, shards, split=split, batch_size=batch_size, progress=progress)
-    return embedded.score(protocol)
+    return embedded.score(protocol, impostors)
 
 
 @dataclass
@@ -53,9 +53,12 @@ class EmbeddedSplit:
     export: dict[str, Any]
     split: str
 
-    def score(self, protocol: ProtocolName | None = None) -> Scored:
-        """The report under ``protocol`` (default: the export's), with the export's distance."""
+    def score(self, protocol: ProtocolName | None = None, impostors: Impostors | None = None) -> Scored:
+        """The report under ``protocol`` with ``impostors`` per session (default: the export's),
+        with the export's distance."""
         settings = self.export["eval"]
+        if impostors is not None:
+            settings = {**settings, "impostors_per_session": impostors}
         chosen = protocol_from(settings, protocol)
         report, truth, scores = verify(self.embeddings, self.labels, chosen, settings["distance"])
         return Scored(report, truth, scores, f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol")
@@ -84,13 +87,16 @@ def evaluate(
     *,
     split: str = "test",
     protocol: ProtocolName | None = None,
+    impostors: Impostors | None = None,
     out_dir: str | Path = "evaluation",
     batch_size: int = 1024,
     progress: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
     check_out_folder(out_dir)
-    scored = score_split(checkpoint, shards, split=split, protocol=protocol, batch_size=batch_size, progress=progress)
+    scored = score_split(
+        checkpoint, shards, split=split, protocol=protocol, impostors=impostors, batch_size=batch_size, progress=progress
+    )
     return scored.report, write_report(out_dir, scored)
 
 

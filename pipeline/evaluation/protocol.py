@@ -10,12 +10,19 @@ same model gets the same numbers everywhere.
 
 * genuine: every unordered pair of sessions of the same subject;
 * impostor: for each session, ``impostors_per_session`` sessions of other subjects drawn with a
-  fixed seed, so that two models are scored on the very same comparisons.
+  fixed seed, so that two models are scored on the very same comparisons; or, with ``"all"``,
+  every unordered pair of sessions of different subjects.
 
 :class:`EnrolmentSets` (``protocol: kvc``) is KVC-onGoing's: per subject, a few enrolment
 sessions drawn with a fixed seed, the others verified against enrolment sets — their own
 (genuine) and other subjects' (impostor) — with the mean ``−distance`` over the set as the score.
 Published keystroke numbers use enrolment sets, so this is the protocol to compare them with.
+
+Why ``"all"``: the FNMR at FMR 0.1 % is read at the threshold that a thousandth of the impostor
+comparisons pass. Ten impostors per session on a split of 300 subjects put that threshold on ~45
+comparisons, so two models' numbers there differ by sampling as much as by training (docs/results.md
+R22). Every impostor pair costs ``n²/2`` comparisons for ``n`` sessions — millions for a split of a
+few hundred subjects, affordable at each validation — and leaves no draw to depend on.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from pipeline.metrics import verification_report
 
 _PAIR_CHUNK = 1 << 16
 ProtocolName = Literal["session", "kvc"]
+ALL = "all"  # as ``impostors_per_session``: every impostor comparison the split has
+Impostors = int | Literal["all"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ class VerificationProtocol(Protocol):
 class SessionPairs:
     """Session against session (see the module docstring)."""
 
-    impostors_per_session: int = 10
+    impostors_per_session: Impostors = 10
     seed: int = 0
     name: ClassVar[str] = "session"
 
@@ -64,10 +73,14 @@ class SessionPairs:
 
 
 def comparisons(
-    labels: np.ndarray, impostors_per_session: int = 10, seed: int = 0
+    labels: np.ndarray, impostors_per_session: Impostors = 10, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(first, second, is_genuine)`` row indices of the session-pairs protocol's comparisons."""
     labels = np.asarray(labels)
+    if impostors_per_session == ALL:
+        first, second = np.triu_indices(len(labels), 1)
+        genuine = labels[first] == labels[second]
+        return first, second, genuine
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
     first, second = [], []
@@ -106,18 +119,18 @@ class EnrolmentSets:
     Per subject, ``enrolment_sessions`` sessions drawn with ``seed`` form its enrolment set; the
     others are verification sessions. Each verification session is compared with its own
     subject's set (genuine) and with ``impostor_sets`` distinct other subjects' sets drawn with
-    the same seed (impostor). The score is the mean of ``−distance`` over the set's sessions, as
+    the same seed (impostor), or every other subject's set with ``impostor_sets="all"``. The score is the mean of ``−distance`` over the set's sessions, as
     KVC-onGoing scores its comparisons. Subjects with no session left to verify are left out; a
     comparison is attributed to the subject whose set it claims.
     """
 
     enrolment_sessions: int = 5
-    impostor_sets: int = 10
+    impostor_sets: Impostors = 10
     seed: int = 0
     name: ClassVar[str] = "kvc"
 
     def __post_init__(self) -> None:
-        if self.enrolment_sessions < 1 or self.impostor_sets < 1:
+        if self.enrolment_sessions < 1 or (self.impostor_sets != ALL and self.impostor_sets < 1):
             raise ValueError(
                 f"the enrolment protocol needs enrolment_sessions ≥ 1 and impostor sets ≥ 1, "
                 f"got {self.enrolment_sessions} and {self.impostor_sets}"
@@ -156,8 +169,12 @@ class EnrolmentSets:
             )
         own = np.concatenate([np.full(len(rows), index) for index, rows in enumerate(probes)])
         probe = np.concatenate(probes)
-        count = min(self.impostor_sets, len(sets) - 1)
-        others = _distinct_draws(rng, len(probe), len(sets) - 1, count)
+        count = len(sets) - 1 if self.impostor_sets == ALL else min(self.impostor_sets, len(sets) - 1)
+        others = (
+            np.broadcast_to(np.arange(count), (len(probe), count)).copy()
+            if count == len(sets) - 1
+            else _distinct_draws(rng, len(probe), len(sets) - 1, count)
+        )
         others += others >= own[:, None]  # a draw among the S − 1 other sets, shifted past its own
         truth = np.r_[np.ones(len(probe), bool), np.zeros(others.size, bool)]
         return np.stack(sets), np.asarray(set_labels), np.r_[probe, np.repeat(probe, count)], np.r_[own, others.ravel()], truth
@@ -183,7 +200,8 @@ def protocol_from(settings: Mapping[str, Any], name: ProtocolName | None = None)
     """The protocol an ``eval`` config section names (``name`` overrides its ``protocol``).
 
     ``impostors_per_session`` counts impostor comparisons per verification session in both
-    protocols: sessions of other subjects, or other subjects' enrolment sets. Exports written
+    protocols: sessions of other subjects, or other subjects' enrolment sets; ``"all"`` takes
+    every one. Exports written
     before the enrolment protocol existed have no ``protocol`` key and mean session pairs.
     """
     name = name or settings.get("protocol", "session")

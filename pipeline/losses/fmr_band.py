@@ -7,8 +7,9 @@ acts on, change from batch to batch. Averaging the FNMR at several FMRs from ``l
 few times ``low`` — a Riemann sum of the partial area under the DET curve on ``[low, high]``,
 the partial-AUC objective of the literature restricted to the low-FMR band a deployment cares
 about — sets most of the thresholds with many more impostor pairs while still weighting the
-low-FMR end. ``low`` is the operating point the run is for: checkpoints are selected by the
-FNMR there (``pipeline/training/validator.py``).
+low-FMR end. ``low`` is the operating point the run is for; checkpoints are selected by the
+band's own average FNMR on validation (``pipeline/training/validator.py``), the quantity it
+trains, which rests on more impostor comparisons than the FNMR at ``low`` alone.
 
 The band is an :class:`~pipeline.losses.eer.EERLoss` with several FMR targets: the points share
 one pass that finds the pairs, one histogram, and one backward pair of block matmuls, and cost a
@@ -28,12 +29,19 @@ import torch
 from pipeline.losses.eer import EERLoss
 
 
+def band_rates(low: float, high: float, points: int) -> tuple[float, ...]:
+    """The band's ``points`` FMRs, evenly spaced on ``[low, high]``: what it trains and selects by."""
+    return tuple(torch.linspace(low, high, points, dtype=torch.float64).tolist())
+
+
 class FMRBandLoss(EERLoss):
     """``mean_t EERLoss(target={"fmr": t})`` over ``points`` FMRs evenly spaced on ``[low, high]``."""
 
-    DEFAULT_LOW = 0.001
+    DEFAULT_LOW, DEFAULT_HIGH, DEFAULT_POINTS = 0.001, 0.004, 4
 
-    def __init__(self, low: float = DEFAULT_LOW, high: float = 0.004, points: int = 4, **eer_options: Any) -> None:
+    def __init__(
+        self, low: float = DEFAULT_LOW, high: float = DEFAULT_HIGH, points: int = DEFAULT_POINTS, **eer_options: Any
+    ) -> None:
         if not 0 < low < high < 1 or isinstance(points, bool) or not isinstance(points, int) or points < 2:
             raise ValueError(
                 f"fmr_band needs 0 < low < high < 1 and an integer points >= 2, got low={low!r}, high={high!r}, "
@@ -47,4 +55,4 @@ class FMRBandLoss(EERLoss):
             )
         super().__init__(target={"fmr": low}, **eer_options)
         self.low, self.high = float(low), float(high)
-        self.target_rates = tuple(torch.linspace(self.low, self.high, points, dtype=torch.float64).tolist())
+        self.target_rates = band_rates(self.low, self.high, points)

@@ -6,6 +6,7 @@ Relaunching the same ``run.name`` resumes from the latest checkpoint in ``run.st
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,6 +78,7 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     _check_batch(config, subjects)
     schedule_of(config, manifest)  # refuses fewer shards than readers, or a batch a reader cannot fill
     _check_model_and_loss(config, subjects)
+    _warn_sparse_selection(config, sum(shard.sessions for shard in manifest.shards_of("val")))
     check_writable(config.run.storage)
     start = None
     if resume_from:
@@ -98,6 +100,16 @@ def _check_batch(config: TrainConfig, subjects: int) -> None:
             f"data.subjects_per_batch={config.data.subjects_per_batch} on train.num_workers="
             f"{config.train.num_workers} ranks needs {needed} training subjects; {config.data.shards} has {subjects}"
         )
+
+
+def _warn_sparse_selection(config: TrainConfig, val_sessions: int) -> None:
+    """A run for a low FMR validated on a few impostor draws trains fine but keeps a noise-picked
+    best export: say so before the launch, once."""
+    from pipeline.training.validator import sparse_selection
+
+    reason = sparse_selection(config, val_sessions)
+    if reason:
+        warnings.warn(reason, stacklevel=3)
 
 
 def _check_model_and_loss(config: TrainConfig, subjects: int) -> None:
