@@ -1,10 +1,12 @@
 """The flows behind ``eerpipe evaluate`` and ``eerpipe predict``.
 
 :func:`evaluate` runs the verification protocol on a split of a shard set with an exported
-model and writes the report (session pairs or KVC enrolment sets, ``--protocol``); :func:`predict` scores a KVC test set's own comparison list and
-writes the challenge's submission files. Both take the export's features, ``max_len``,
-distance and impostors per session (unless ``--impostors`` says otherwise), so the numbers are
-those the training run's validation computed for the same model and sessions. Output folders are checked before any scoring.
+model and writes the report (session pairs or KVC enrolment sets, ``--protocol``);
+:func:`predict` scores a KVC test set's own comparison list and writes the challenge's
+submission files. Both take the export's features, ``max_len``, distance and impostors per
+session (unless ``--impostors`` says otherwise), so the numbers are those the training run's
+validation computed for the same model and sessions. Output folders are checked before any
+scoring.
 """
 
 from __future__ import annotations

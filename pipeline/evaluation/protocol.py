@@ -119,8 +119,9 @@ class EnrolmentSets:
     Per subject, ``enrolment_sessions`` sessions drawn with ``seed`` form its enrolment set; the
     others are verification sessions. Each verification session is compared with its own
     subject's set (genuine) and with ``impostor_sets`` distinct other subjects' sets drawn with
-    the same seed (impostor), or every other subject's set with ``impostor_sets="all"``. The score is the mean of ``−distance`` over the set's sessions, as
-    KVC-onGoing scores its comparisons. Subjects with no session left to verify are left out; a
+    the same seed (impostor), or every other subject's set with ``impostor_sets="all"``. The
+    score is the mean of ``−distance`` over the set's sessions, as KVC-onGoing scores its
+    comparisons. Subjects with no session left to verify are left out; a
     comparison is attributed to the subject whose set it claims.
     """
 
@@ -201,8 +202,8 @@ def protocol_from(settings: Mapping[str, Any], name: ProtocolName | None = None)
 
     ``impostors_per_session`` counts impostor comparisons per verification session in both
     protocols: sessions of other subjects, or other subjects' enrolment sets; ``"all"`` takes
-    every one. Exports written
-    before the enrolment protocol existed have no ``protocol`` key and mean session pairs.
+    every one. Exports written before the enrolment protocol existed have no ``protocol`` key and
+    mean session pairs.
     """
     name = name or settings.get("protocol", "session")
     if name == "session":
