@@ -154,7 +154,7 @@ def test_predict_and_evaluate_score_the_same_sessions_identically(corpus: Corpus
     loader = SessionLoader(str(corpus.shards), "test", batch_size=1024, max_len=export["data"]["max_len"],
                            features=export["data"]["features"], rank=0, world_size=1)
     embeddings, labels, session_ids = embed(model, loader)
-    _, truth, expected = verify(embeddings, labels, SessionPairs(4), "cosine")
+    expected = verify(embeddings, labels, SessionPairs(4), "cosine")
     first, second, _ = comparisons(labels, impostors_per_session=4)
     manifest = load_manifest(str(corpus.shards))
     test_subjects = {s for s, shard in manifest.subjects.items() if shard.startswith("test")}
@@ -169,12 +169,12 @@ def test_predict_and_evaluate_score_the_same_sessions_identically(corpus: Corpus
     assert predict("--checkpoint", str(corpus.run), "--kvc", str(kvc), "--scenario", "desktop",
                    "--out", str(tmp_path / "out")).exit_code == 0
     scores = np.array(read_predictions(tmp_path / "out"))
-    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scores, expected.scores, rtol=0, atol=1e-6)
 
     assert evaluate("--checkpoint", str(corpus.run), "--shards", str(corpus.shards),
                     "--out", str(tmp_path / "eval")).exit_code == 0
     reported = json.loads((tmp_path / "eval" / "metrics.json").read_text())["global"]["eer"]
-    assert eer(truth, scores)[0] == pytest.approx(reported, abs=1e-12)
+    assert eer(expected.truth, scores)[0] == pytest.approx(reported, abs=1e-12)
 
 
 def test_evaluate_reads_model_and_shards_from_s3(corpus: Corpus, s3_url: str, tmp_path: Path) -> None:

@@ -68,9 +68,17 @@ def test_two_models_are_scored_on_the_same_comparisons() -> None:
 def test_each_comparison_belongs_to_the_subject_whose_set_it_claims() -> None:
     labels = split_labels()
     embeddings = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(1))
-    report, truth, _ = verify(embeddings, labels, EnrolmentSets(5, 10), "cosine")
-    assert report["mean_per_subject"]["subjects"] == SUBJECTS
-    assert report["global"]["genuine"] == truth.sum() == SUBJECTS * 10
+    verified = verify(embeddings, labels, EnrolmentSets(5, 10), "cosine")
+    assert verified.report["mean_per_subject"]["subjects"] == SUBJECTS
+    assert verified.report["global"]["genuine"] == verified.truth.sum() == SUBJECTS * 10
+
+
+def test_the_curve_kept_for_checkpoint_selection_is_the_one_the_report_was_read_from() -> None:
+    labels = split_labels()
+    embeddings = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(3))
+    verified = verify(embeddings, labels, SessionPairs(10), "cosine")
+    assert verified.curve.eer() == (verified.report["global"]["eer"], verified.report["global"]["eer_threshold"])
+    assert verified.curve.fnmr_at(1e-3) == verified.report["global"]["fnmr_at_fmr_0.1%"]
 
 
 def test_subjects_without_a_session_left_to_verify_are_left_out() -> None:
@@ -104,8 +112,8 @@ def test_with_every_impostor_pair_the_session_report_does_not_depend_on_the_orde
     labels = split_labels()
     embeddings = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(2))
     shuffled = np.random.default_rng(0).permutation(len(labels))
-    as_given, _, _ = verify(embeddings, labels, SessionPairs("all"), "cosine")
-    reordered, _, _ = verify(embeddings[shuffled], labels[shuffled], SessionPairs("all"), "cosine")
+    as_given = verify(embeddings, labels, SessionPairs("all"), "cosine").report
+    reordered = verify(embeddings[shuffled], labels[shuffled], SessionPairs("all"), "cosine").report
     for key in ("eer", "fnmr_at_fmr_1%", "fnmr_at_fmr_0.1%", "genuine", "impostor"):
         assert reordered["global"][key] == pytest.approx(as_given["global"][key])
 

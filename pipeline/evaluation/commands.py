@@ -62,8 +62,8 @@ class EmbeddedSplit:
         if impostors is not None:
             settings = {**settings, "impostors_per_session": impostors}
         chosen = protocol_from(settings, protocol)
-        report, truth, scores = verify(self.embeddings, self.labels, chosen, settings["distance"])
-        return Scored(report, truth, scores, f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol")
+        verified = verify(self.embeddings, self.labels, chosen, settings["distance"])
+        return Scored(verified.report, verified.truth, verified.scores, f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol")
 
 
 def embed_split(

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from pipeline.metrics import verification_report
+from pipeline.metrics.verification import Roc, validate
 
 _PAIR_CHUNK = 1 << 16
 ProtocolName = Literal["session", "kvc"]
@@ -228,11 +229,23 @@ def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     return 1 - (a * b).sum(-1) if distance == "cosine" else (a - b).norm(dim=-1)
 
 
+@dataclass(frozen=True)
+class Verification:
+    """A split's comparisons, their full KVC report and the ROC the report was read from — kept
+    so that checkpoint selection reads its metric off the same curve instead of sorting the
+    comparisons (millions with ``"all"``) a second time."""
+
+    report: dict[str, Any]
+    truth: np.ndarray
+    scores: np.ndarray
+    curve: Roc
+
+
 def verify(
     embeddings: torch.Tensor, labels: np.ndarray, protocol: VerificationProtocol, distance: str
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """The full KVC report of a split's embeddings under ``protocol``, plus the comparisons'
-    truth and scores."""
+) -> Verification:
+    """The full KVC report of a split's embeddings under ``protocol``, with its comparisons and curve."""
     scored = protocol.compare(embeddings, labels, distance)
-    report = verification_report(scored.truth, scored.scores, subjects=scored.subjects)
-    return report, scored.truth, scored.scores
+    curve = Roc.of(*validate(scored.truth, scored.scores))
+    report = verification_report(scored.truth, scored.scores, subjects=scored.subjects, curve=curve)
+    return Verification(report, scored.truth, scored.scores, curve)

@@ -16,7 +16,9 @@ def fnmr_key(target: float) -> str:
     return f"fnmr_at_fmr_{100 * target:g}%"
 
 
-def verification_report(labels: ArrayLike, scores: ArrayLike, subjects: ArrayLike | None = None) -> Report:
+def verification_report(
+    labels: ArrayLike, scores: ArrayLike, subjects: ArrayLike | None = None, curve: Roc | None = None
+) -> Report:
     """All official metrics, as fractions in [0, 1] (plain floats, JSON-ready).
 
     `global`: all comparisons pooled (EER and its threshold, FNMR at FMR 0.1/1/10 %, AUC,
@@ -25,10 +27,11 @@ def verification_report(labels: ArrayLike, scores: ArrayLike, subjects: ArrayLik
     given): EER, AUC, accuracy at the subject's own EER threshold and rank-1 among the subject's
     own impostor scores, computed per subject and averaged with equal weight per subject.
     Subjects without a genuine or without an impostor comparison have no EER; they are left
-    out of the mean and counted in `subjects_skipped`.
+    out of the mean and counted in `subjects_skipped`. `curve`: these comparisons' ROC, when the
+    caller already holds it.
     """
     labels, scores = validate(labels, scores)
-    curve = Roc.of(labels, scores)
+    curve = curve or Roc.of(labels, scores)
     eer, threshold = curve.eer()
     n_genuine = int(np.count_nonzero(labels))
     report: Report = {

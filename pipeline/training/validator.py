@@ -13,7 +13,7 @@ from pipeline.distributed import use_rank0_buffers
 from pipeline.exports import export_path, save_model
 from pipeline.losses.fmr_band import FMRBandLoss, band_rates
 from pipeline.metrics.report import fnmr_key
-from pipeline.metrics.verification import Roc, validate
+from pipeline.metrics.verification import Roc
 from pipeline.training.state import RunState
 
 
@@ -107,12 +107,12 @@ class Validator:
         if self.rank != 0:
             return {}
         settings = self.config.eval
-        report, truth, scores = verify(embeddings, labels, protocol_from(asdict(settings)), settings.distance)
-        self.det = (truth, scores)
-        results = {f"val/{k}": v for k, v in report["global"].items() if isinstance(v, float)}
-        per_subject = report.get("mean_per_subject", {})
+        verified = verify(embeddings, labels, protocol_from(asdict(settings)), settings.distance)
+        self.det = (verified.truth, verified.scores)
+        results = {f"val/{k}": v for k, v in verified.report["global"].items() if isinstance(v, float)}
+        per_subject = verified.report.get("mean_per_subject", {})
         results.update({f"val/per_subject_{k}": v for k, v in per_subject.items() if isinstance(v, float)})
-        value = self.selection.measure(Roc.of(*validate(truth, scores)))
+        value = self.selection.measure(verified.curve)
         results[f"val/{self.selection.key}"] = value
         if value < state.best_val:
             state.best_val = value
