@@ -63,7 +63,8 @@ class EmbeddedSplit:
             settings = {**settings, "impostors_per_session": impostors}
         chosen = protocol_from(settings, protocol)
         verified = verify(self.embeddings, self.labels, chosen, settings["distance"])
-        return Scored(verified.report, verified.truth, verified.scores, f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol")
+        title = f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol"
+        return Scored(verified.report, verified.truth, verified.scores, title)
 
 
 def embed_split(

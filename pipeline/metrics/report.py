@@ -31,7 +31,7 @@ def verification_report(
     caller already holds it.
     """
     labels, scores = validate(labels, scores)
-    curve = curve or Roc.of(labels, scores)
+    curve = Roc.of(labels, scores) if curve is None else curve
     eer, threshold = curve.eer()
     n_genuine = int(np.count_nonzero(labels))
     report: Report = {
