@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.metrics import auc, roc_curve
 
 from pipeline.metrics import per_subject_metrics, rank_n, validate, verification_report
+from pipeline.metrics.verification import Roc
 
 SUBJECTS, PER_SUBJECT, GENUINE_SHARE = 1_000, 1_000, 0.1
 
@@ -68,6 +69,22 @@ def main() -> None:
         ("report, global block", _seconds(lambda: verification_report(labels, scores)), None),
         ("report, global + per-subject", _seconds(lambda: verification_report(labels, scores, subjects)), None),
     ]
+    # A validation: the report, then the checkpoint-selection metric read off the report's own curve
+    # (what `verify` hands the validator) against a second ROC built for it.
+    def validation(shared: bool) -> float:
+        if shared:
+            curve = Roc.of(*validate(labels, scores))
+            verification_report(labels, scores, subjects, curve=curve)
+        else:
+            verification_report(labels, scores, subjects)
+            curve = Roc.of(*validate(labels, scores))
+        return curve.fnmr_at(1e-3)
+
+    shared_curve, second_curve = _seconds(lambda: validation(True)), _seconds(lambda: validation(False))
+    rows += [
+        ("validation: report + selection on its curve", shared_curve, None),
+        ("  reference: report + a second ROC", second_curve, second_curve / shared_curve),
+    ]
     # Per-subject block alone, on the 1M set and on a KVC-like shape (many subjects, few comparisons).
     for n_subjects, per in ((SUBJECTS, PER_SUBJECT), (2_000, 50)):
         y, s, ids = _synthetic(n_subjects, per, rng)
@@ -103,7 +120,8 @@ def main() -> None:
     width = max(len(name) for name, _, _ in rows)
     print(f"{'':{width}}  {'seconds':>10}  {'ratio':>10}")
     for name, seconds, ratio in rows:
-        print(f"{name:{width}}  {seconds:10.3f}  {'' if ratio is None else f'{ratio:9.0f}x':>10}")
+        shown = "" if ratio is None else f"{ratio:9.0f}x" if ratio >= 10 else f"{ratio:9.2f}x"
+        print(f"{name:{width}}  {seconds:10.3f}  {shown:>10}")
 
 
 if __name__ == "__main__":
