@@ -248,3 +248,21 @@ def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_f
     assert all(0 <= row["eer"] <= 1 and 0 <= row["kvc_eer"] <= 1 for row in rows.values())  # both protocols
     for figure in ("det.png", "val_eer.png", "results.md"):
         assert (tmp_path / "out" / figure).stat().st_size > 0
+
+
+def test_a_bf16_run_trains_validates_resumes_exactly_and_exports_fp32_weights(
+    shards, ray_cluster, straight_extras_run, tmp_path
+):
+    """``train.precision=bf16`` (configs/gpu.yaml's) on 2 gloo ranks, with every part whose forward
+    it reaches (validation, the hard batches' centroids, the memory's momentum encoder): fp32
+    weights with the model's forward under bf16 autocast — not fp32 training — and an exact resume."""
+    bf16 = ("train.precision=bf16", "wandb.enabled=false", *EXTRAS)
+    straight = train(config(shards, str(tmp_path), "bf16", *bf16), show_progress=False)
+    assert 0 <= straight.metrics["val/eer"] <= 1
+    train(config(shards, str(tmp_path), "bf16-resumed", "train.stop_after_epochs=1", *bf16), show_progress=False)
+    resumed = train(config(shards, str(tmp_path), "bf16-resumed", *bf16), show_progress=False)
+    assert_same_parameters(resumed.final_model, straight.final_model)
+    weights, fp32_weights = parameters(straight.final_model), parameters(straight_extras_run.final_model)
+    assert all(value.dtype in (torch.float32, torch.int64) for value in weights.values())
+    assert any(not torch.equal(weights[name], fp32_weights[name]) for name in weights)
+    assert all(value.dtype in (torch.float32, torch.int64) for value in parameters(straight.best_model).values())

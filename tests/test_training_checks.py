@@ -185,3 +185,28 @@ def test_the_workers_load_deepspeed_states_weights_only(one_rank, tmp_path):
         engine.load_checkpoint(str(tmp_path), tag="t")
     assert not marker.exists()
     assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+def test_a_bf16_engine_holds_fp32_weights_and_gradients_and_runs_the_model_under_bf16_autocast(one_rank):
+    """configs/gpu.yaml's precision: DeepSpeed's own bf16 block (bf16 weights, fp32 inputs and
+    BatchNorm statistics) stays off; the model's forward is autocast, the loss and weights fp32."""
+    from pipeline.losses.registry import build_loss
+    from pipeline.models import build_model
+    from pipeline.training.engine import build_engine
+    from pipeline.training.schedule import Schedule
+
+    config = TrainConfig.load(Path(CONFIG).with_name("gpu.yaml"), ["train.num_workers=1", "data.subjects_per_batch=4",
+                                                                   "data.sessions_per_subject=2"])
+    model = build_model("bigru", features=tuple(config.data.features), embedding_size=8, hidden=8)
+    engine = build_engine(config, 1, Schedule(1, 1, 1), model, build_loss("eer", 8, 4))
+    output_types: list[torch.dtype] = []
+    model.register_forward_hook(lambda _module, _inputs, output: output_types.append(output.dtype))
+    labels = torch.arange(4).repeat_interleave(2)
+    loss, _ = engine(torch.rand(8, 20, len(config.data.features)), torch.ones(8, 20, dtype=torch.bool), labels)
+    engine.backward(loss)
+    assert engine.communication_data_type == torch.float32  # gradients are reduced across ranks in fp32
+    assert not engine.bfloat16_enabled()
+    assert output_types == [torch.bfloat16] and loss.dtype == torch.float32
+    assert {parameter.dtype for parameter in engine.module.parameters()} == {torch.float32}
+    engine.step()
+    assert {parameter.dtype for parameter in engine.module.parameters()} == {torch.float32}

@@ -14,11 +14,15 @@ from rich.progress import MofNCompleteColumn, Progress
 from torch import nn
 
 from pipeline.data.batch import Batch, make_batch
+from pipeline.models.precision import autocast
 
 
 @torch.no_grad()
-def embed(model: nn.Module, loader: Iterable[Batch], gather: bool = False) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """Embeddings, labels and session ids of every batch of ``loader`` (eval mode).
+def embed(
+    model: nn.Module, loader: Iterable[Batch], gather: bool = False, precision: str = "fp32"
+) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Embeddings (fp32, on the CPU), labels and session ids of every batch of ``loader`` (eval
+    mode), the model's forward run at the ``precision`` it trains with.
 
     With ``gather=True`` (inside a process group) every rank returns the whole split.
     """
@@ -29,13 +33,13 @@ def embed(model: nn.Module, loader: Iterable[Batch], gather: bool = False) -> tu
     device = next(model.parameters()).device
     chunks, labels, sessions = [], [], []
     for batch in loader:
-        rows = batch.labels.shape[0]
-        output = (
-            model(batch.features.to(device), batch.mask.to(device)).float()
-            if rows
-            else torch.zeros(0, model.embedding_size, device=device)  # a rank's trailing empty batch
-        )
-        batch_labels = batch.labels.to(device)
+        batch = batch.to(device, non_blocking=True)
+        if batch.labels.shape[0]:
+            with autocast(device, precision):
+                output = model(batch.features, batch.mask).float()
+        else:
+            output = torch.zeros(0, model.embedding_size, device=device)  # a rank's trailing empty batch
+        batch_labels = batch.labels
         if gather:
             output, batch_labels = gather_embeddings(output, batch_labels)
         chunks.append(output.cpu())

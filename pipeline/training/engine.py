@@ -15,8 +15,10 @@ from pipeline.training.verifier import Verifier
 
 
 def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
-    """DeepSpeed settings from the training config (fp32 + gloo on CPU, bf16 on GPU); the
-    config's own checks (``pipeline.config``) keep these within what DeepSpeed honours."""
+    """DeepSpeed settings from the training config; the config's own checks (``pipeline.config``)
+    keep these within what DeepSpeed honours. DeepSpeed always holds fp32 weights and reduces
+    fp32 gradients: ``train.precision: bf16`` is autocast inside :class:`Verifier`
+    (``pipeline/models/precision.py`` says why not DeepSpeed's ``bf16`` block)."""
     train = config.train
     micro_batch = config.data.subjects_per_batch * config.data.sessions_per_subject
     return {
@@ -29,7 +31,6 @@ def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
         },
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
         "steps_per_print": 10**9,
     }
 
@@ -45,7 +46,8 @@ def build_engine(
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op: skip its JIT build
     warmup, kind = config.train.warmup_steps, config.train.schedule
     engine, *_ = deepspeed.initialize(
-        model=Verifier(model, criterion, shard_pairs=config.loss.pairs == "sharded", memory=memory),
+        model=Verifier(model, criterion, shard_pairs=config.loss.pairs == "sharded", memory=memory,
+                       precision=config.train.precision),
         config=deepspeed_config(config, world),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, warmup, schedule.total_steps, kind)

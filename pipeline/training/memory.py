@@ -31,6 +31,7 @@ from torch import nn
 from pipeline.config import MemorySection, TrainConfig
 from pipeline.distributed import GatheredBatch, gather_batch
 from pipeline.losses.eer import Memory
+from pipeline.models.precision import autocast
 from pipeline.training.clock import clock
 
 
@@ -38,7 +39,7 @@ def memory_of(config: TrainConfig, model: nn.Module) -> CrossBatchMemory | None:
     """The run's memory (its encoder a copy of ``model`` as it starts), or ``None`` when it has none."""
     if not config.loss.memory.size:
         return None
-    return CrossBatchMemory(config.loss.memory, model, config.model.embedding_size)
+    return CrossBatchMemory(config.loss.memory, model, config.model.embedding_size, config.train.precision)
 
 
 class MomentumEncoder:
@@ -48,14 +49,16 @@ class MomentumEncoder:
     save it; the checkpoint holds it as the memory's part.
     """
 
-    def __init__(self, model: nn.Module, momentum: float) -> None:
+    def __init__(self, model: nn.Module, momentum: float, precision: str = "fp32") -> None:
         self.average = _batch_statistics_without_dropout(copy.deepcopy(model).requires_grad_(False))
-        self.momentum = momentum
+        self.momentum, self.precision = momentum, precision
 
     @torch.no_grad()
     def embed(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """This rank's batch as the average embeds it (no gradient: the queue holds constants)."""
-        return self.average.to(features.device)(features, mask).float()
+        average = self.average.to(features.device)
+        with autocast(features.device, self.precision):
+            return average(features, mask).float()
 
     @torch.no_grad()
     def follow(self, model: nn.Module) -> None:
@@ -77,9 +80,10 @@ def _batch_statistics_without_dropout(model: nn.Module) -> nn.Module:
 class CrossBatchMemory:
     """The FIFO queue of earlier global batches and the encoder that fills it; a checkpoint part."""
 
-    def __init__(self, settings: MemorySection, model: nn.Module, embedding_size: int) -> None:
+    def __init__(self, settings: MemorySection, model: nn.Module, embedding_size: int, precision: str = "fp32") -> None:
         self.size, self.start_step = settings.size, settings.start_step
-        self.encoder = MomentumEncoder(model, settings.momentum) if settings.encoder == "momentum" else None
+        momentum = settings.encoder == "momentum"
+        self.encoder = MomentumEncoder(model, settings.momentum, precision) if momentum else None
         self.embeddings = torch.zeros(0, embedding_size)
         self.labels = torch.zeros(0, dtype=torch.long)
         self.encoder_seconds = {"embed": 0.0, "follow": 0.0}  # the momentum encoder's latest times
@@ -129,7 +133,7 @@ class CrossBatchMemory:
 
     def state_dict(self) -> dict[str, Any]:
         encoder = self.encoder.average.state_dict() if self.encoder is not None else {}
-        return {"embeddings": self.embeddings, "labels": self.labels, "encoder": encoder}
+        return {"embeddings": self.embeddings.cpu(), "labels": self.labels.cpu(), "encoder": encoder}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.embeddings, self.labels = state["embeddings"], state["labels"]

@@ -44,7 +44,7 @@ class HardBatches:
     def __init__(self, config: TrainConfig, loader: SubjectBatchLoader, model: nn.Module) -> None:
         self.settings, self.loader, self.model = config.data.hard_batches, loader, model
         self.features, self.max_len = config.data.features, config.data.max_len
-        self.batch_size = config.data.eval_batch_size
+        self.batch_size, self.precision = config.data.eval_batch_size, config.train.precision
         self.centroid_seconds = 0.0
         self.embeddings: torch.Tensor | None = None
         self.session_batches: dict[int, list[Batch]] = {}  # per reader, read at the first refresh
@@ -94,7 +94,7 @@ class HardBatches:
         losses normalise embeddings (EERLoss by default) and evaluation scores cosine."""
         if reader not in self.session_batches:
             self.session_batches[reader] = list(self._session_batches(shards, reader))
-        embeddings, labels, _ = embed(self.model, self.session_batches[reader])
+        embeddings, labels, _ = embed(self.model, self.session_batches[reader], precision=self.precision)
         subjects, rows = np.unique(labels, return_inverse=True)
         sums = torch.zeros(len(subjects), embeddings.shape[1]).index_add_(
             0, torch.from_numpy(rows), F.normalize(embeddings, dim=1)

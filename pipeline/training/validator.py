@@ -103,7 +103,7 @@ class Validator:
         from pipeline.evaluation.protocol import protocol_from, verify
 
         use_rank0_buffers(model)
-        embeddings, labels, _ = embed(model, self.loader, gather=True)
+        embeddings, labels, _ = embed(model, self.loader, gather=True, precision=self.config.train.precision)
         if self.rank != 0:
             return {}
         settings = self.config.eval

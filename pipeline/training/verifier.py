@@ -7,6 +7,7 @@ from torch import nn
 
 from pipeline.distributed import gather_batch, world_size
 from pipeline.losses.registry import PairShard
+from pipeline.models.precision import autocast
 from pipeline.training.clock import clock
 from pipeline.training.memory import CrossBatchMemory
 
@@ -19,14 +20,18 @@ class Verifier(nn.Module):
     more than one rank) a loss that can shard scores only this rank's share of the pairs. With
     a ``memory``, the loss also scores the global batch against the queued earlier batches, and
     the batch then joins the queue; the memory is a plain attribute, not a submodule, so that
-    DeepSpeed neither optimises nor saves its momentum encoder (the checkpointer does).
+    DeepSpeed neither optimises nor saves its momentum encoder (the checkpointer does). With
+    ``precision="bf16"`` the model's forward runs under bf16 autocast and everything after it
+    (gather, loss) in fp32.
     """
 
     def __init__(
-        self, model: nn.Module, criterion: nn.Module, shard_pairs: bool = True, memory: CrossBatchMemory | None = None
+        self, model: nn.Module, criterion: nn.Module, shard_pairs: bool = True, memory: CrossBatchMemory | None = None,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.model, self.criterion, self.shard_pairs, self.memory = model, criterion, shard_pairs, memory
+        self.precision = precision
         self.timings: dict[str, float] = {}
 
     def forward(
@@ -36,7 +41,8 @@ class Verifier(nn.Module):
         """The loss of step ``step`` on the global batch, and the loss's statistics when asked (else
         ``{}``); its timings wait for the device ``wait_for`` (on the steps that are logged)."""
         start = clock(wait_for)
-        embeddings = self.model(features, mask)
+        with autocast(features.device, self.precision):
+            embeddings = self.model(features, mask)
         middle = clock(wait_for)
         batch = gather_batch(embeddings.float(), labels)
         shard = PairShard(batch.rows) if self.shard_pairs and world_size() > 1 else None

@@ -1,10 +1,10 @@
 """The training function every Ray Train worker (one DeepSpeed rank) runs.
 
-Each step: this rank's P × K batch → embeddings all-gathered with gradients → the loss on the
-global batch, and on its pairs with a cross-batch memory if the run has one
-(:class:`~pipeline.training.verifier.Verifier`); DeepSpeed averages the gradients, which makes
-them those of one process holding the global batch. Validation, checkpoints and
-reports happen at the steps the config names; a checkpoint's report is a barrier on all ranks.
+Each step: this rank's P × K batch, copied to the engine's device → embeddings all-gathered with
+gradients → the loss on the global batch, and on its pairs with a cross-batch memory if the run
+has one (:class:`~pipeline.training.verifier.Verifier`); DeepSpeed averages the gradients, which
+makes them those of one process holding the global batch. Validation, checkpoints and reports
+happen at the steps the config names; a checkpoint's report is a barrier on all ranks.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def worker_loop(payload: dict[str, Any]) -> None:
     checkpointer = Checkpointer(engine, _checkpoint_parts(state, loader, memory, criterion), config, rank)
     checkpointer.restore(payload.get("resume_from"))
     validate, sink = Validator(config, rank, world), MetricsSink(config, rank)
-    timer = StepTimer(torch.device(engine.device))
+    device = torch.device(engine.device)
+    timer = StepTimer(device)
     hard = HardBatches(config, loader, engine.module.model)
     sessions_per_step = config.data.subjects_per_batch * config.data.sessions_per_subject * world
     seconds_before, launched = state.train_seconds, timer.last  # time of earlier launches of this run
@@ -54,6 +55,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
         hard.refresh()  # an epoch's start: the neighbour table, when due
         timer.lap("centroids")
         for batch in loader:
+            batch = batch.to(device, non_blocking=True)  # DeepSpeed's forward does not move inputs
             timer.lap("data")
             state.step += 1
             log_now = logs(state.step)
