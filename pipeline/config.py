@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +24,11 @@ PATH_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _at_least(section: Any, minimum: int, *names: str) -> None:
+MAX_LEN = 4096  # keys per session: far above any corpus's sessions (KVC's and Aalto's hold hundreds), and
+# a bound on the loader's [B, max_len, F] arrays (100,000 took a 24 GiB machine to 96 % memory)
+
+
+def _at_least(section: Any, minimum: float, *names: str) -> None:
     """Refuse the first of ``names`` below ``minimum``, naming the key."""
     prefix = getattr(section, "KEY", type(section).__name__.removesuffix("Section").lower())
     for name in names:
@@ -87,6 +92,9 @@ class DataSection:
     def __post_init__(self) -> None:
         _at_least(self, 1, "subjects_per_batch", "sessions_per_subject", "max_len", "eval_batch_size")
         _at_least(self, 0, "loader_workers")
+        if self.max_len > MAX_LEN:
+            raise ValueError(f"data.max_len must be ≤ {MAX_LEN}, got {self.max_len}")
+        self._check_features()
         hard = self.hard_batches
         if hard.enabled and hard.seeds * (1 + hard.cap) > self.subjects_per_batch:
             raise ValueError(
@@ -94,12 +102,23 @@ class DataSection:
                 f"data.subjects_per_batch={self.subjects_per_batch}"
             )
 
+    def _check_features(self) -> None:
+        """Known feature names, each once: an unknown one would fail in every loader worker."""
+        from pipeline.data.features import FEATURES
+
+        unknown = [name for name in self.features if not isinstance(name, str) or name not in FEATURES]
+        if not self.features or unknown or len(set(self.features)) != len(self.features):
+            raise ValueError(f"data.features must name distinct features of {list(FEATURES)}, got {self.features!r}")
+
 
 @dataclass
 class ModelSection:
     name: str = "typenet"
     embedding_size: int = 128
     options: dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "embedding_size")
 
 
 @dataclass
@@ -176,7 +195,7 @@ class TrainSection:
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_workers", "epochs", "log_every", "num_to_keep")
         _at_least(self, 0, "max_steps", "warmup_steps", "val_every", "checkpoint_every", "max_failures",
-                  "stop_after_epochs")
+                  "stop_after_epochs", "lr", "weight_decay", "grad_clip")
 
 
 @dataclass
@@ -219,7 +238,7 @@ class TrainConfig:
         """Read a YAML file (or the defaults), then apply ``section.key=value`` overrides."""
         data: dict[str, Any] = {}
         if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = parse_yaml(_config_text(Path(path)), str(path))
             if not isinstance(loaded, dict):
                 raise ValueError(f"{path}: a config file must hold a mapping of sections")
             data = loaded
@@ -233,7 +252,7 @@ class TrainConfig:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"override {override!r}: {part!r} is not a section")
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = parse_yaml(value, f"override {override!r}")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +280,41 @@ class TrainConfig:
         if not self.data.hard_batches.enabled:  # off trains as before the setting existed: same digest
             del settings["data"]["hard_batches"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; a bigger file is not one
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): a config needs none, and nested aliases
+    expand exponentially when the config is copied (a 554-byte "alias bomb" ran for minutes)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Plain YAML data (no tags that build objects, no aliases), or one line naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        mark = getattr(error, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{where}: not valid config YAML: {problem}{at}") from None
+
+
+def _config_text(path: Path) -> str:
+    """The config file's text, or one line: a missing file, a folder, a file too large to be one."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; --config takes a YAML file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes is too large for a config file")
+    return path.read_text()
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -302,16 +356,26 @@ def _coerce(value: Any, spec: dataclasses.Field, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
     elif isinstance(value, type(default)):
         return value
     raise ValueError(f"{key} must be of type {type(default).__name__}, got {value!r}")
+
+
+def _float(value: Any) -> float | None:
+    """``value`` as a float, or ``None``; YAML 1.1 reads "3e-4" (no dot) as a string."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _described(hint: Any) -> str:

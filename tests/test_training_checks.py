@@ -85,6 +85,59 @@ def test_settings_the_shards_cannot_serve_are_refused_before_ray_starts(shards, 
     assert not (tmp_path / "cpu-local").exists()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lr=.nan"], "train.lr must be a finite number, got nan"),
+        (["train.lr=.inf"], "train.lr must be a finite number, got inf"),
+        (["train.weight_decay=-1"], "train.weight_decay must be ≥ 0, got -1.0"),
+        (["data.features=[keycode,bogus]"], "data.features must name distinct features of"),
+        (["data.max_len=100000"], "data.max_len must be ≤ 4096, got 100000"),
+        (["model.embedding_size=-5"], "model.embedding_size must be ≥ 1, got -5"),
+        (["model.options.bogus=1"], "model 'bigru' with model.options={'hidden': 64, 'bogus': 1}: TypeError"),
+        (["loss.options.bogus=1"], "loss 'eer' with loss.options={'bogus': 1}: TypeError"),
+        (["model.options.hidden=1e7"], "model 'bigru' with model.options={'hidden': '1e7'}: TypeError"),
+        (["model.options.hidden=10000000"], "weights, more than 1,000,000,000"),
+        (["train.lr=[1"], "override 'train.lr=[1': not valid config YAML"),
+        (["model.options.x=!!python/name:os.system"], "could not determine a constructor for the tag"),
+    ],
+)
+def test_a_setting_that_would_fail_inside_the_workers_is_refused_in_one_line_before_ray_starts(
+    shards, tmp_path, overrides, message
+):
+    import ray
+
+    assert_refused_in_one_line(train(shards, tmp_path, *overrides), message)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "cpu-local").exists()
+
+
+ALIAS_BOMB = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n" for previous, name in zip("abcdefg", "bcdefgh")
+) + "model: {options: {x: *h}}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (ALIAS_BOMB, "not valid config YAML: aliases (*name) are not allowed"),
+        ("train: {lr: [1\n", "not valid config YAML: expected ',' or ']'"),
+        ("train: !!python/object/apply:os.system [echo]\n", "could not determine a constructor for the tag"),
+        (None, "is a folder; --config takes a YAML file"),
+    ],
+)
+def test_a_config_file_that_is_not_plain_yaml_settings_is_refused_in_one_line(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.mkdir() if text is None else path.write_text(text)
+    result = runner.invoke(app, ["train", "--quiet", "--config", str(path)])
+    assert_refused_in_one_line(result, f"{path}: ", message)
+
+
+def test_a_run_folder_that_is_a_file_is_refused_before_ray_starts(shards, tmp_path):
+    (tmp_path / "cpu-local").write_text("not a folder")
+    assert_refused_in_one_line(train(shards, tmp_path), f"{tmp_path / 'cpu-local'}: the run's folder", "is a file")
+
+
 def test_a_malicious_resume_checkpoint_is_refused_without_running_it(shards, tmp_path):
     marker = tmp_path / "executed"
     states = write_checkpoint(tmp_path / "evil", {"module": Payload(marker), "optimizer": None})
@@ -165,6 +218,9 @@ def one_rank(monkeypatch: pytest.MonkeyPatch):
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None  # DeepSpeed keeps a clone of the destroyed group for the next engine
 
 
 def test_the_workers_load_deepspeed_states_weights_only(one_rank, tmp_path):

@@ -7,6 +7,7 @@ Relaunching the same ``run.name`` resumes from the latest checkpoint in ``run.st
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     _check_model_and_loss(config, subjects)
     _warn_sparse_selection(config, sum(shard.sessions for shard in manifest.shards_of("val")))
     check_writable(config.run.storage)
+    _check_run_folder(config.run_dir)
     start = None
     if resume_from:
         resume_from = absolute(resume_from)
@@ -90,6 +92,15 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     if start:
         _check_resumable(config, *start)
     return config, resume_from
+
+
+def _check_run_folder(run_dir: str) -> None:
+    """The run's folder is a folder (or not there yet): Ray would fail on a file only after its start."""
+    from sharding.storage import open_fs
+
+    fs, path = open_fs(run_dir)
+    if fs.isfile(path):
+        raise ValueError(f"{run_dir}: the run's folder (run.storage/run.name) is a file")
 
 
 def _check_batch(config: TrainConfig, subjects: int) -> None:
@@ -112,15 +123,28 @@ def _warn_sparse_selection(config: TrainConfig, val_sessions: int) -> None:
         warnings.warn(reason, stacklevel=3)
 
 
+MAX_PARAMETERS = 1_000_000_000  # far above any keystroke model; options past it (hidden=10**7) would fill memory
+
+
 def _check_model_and_loss(config: TrainConfig, subjects: int) -> None:
-    """Build the model and the loss once, as the workers will: a bad name or option fails here."""
+    """Build the model (without memory, to count its weights first) and the loss once, as the
+    workers will: a bad name, option or size fails here, in one line naming its setting."""
+    import torch
+
     from pipeline.losses.registry import MEMORY_LOSSES, build_loss
     from pipeline.models import build_model
     from pipeline.training.warm_start import warm_start_weights
 
-    build_model(config.model.name, features=tuple(config.data.features),
-                embedding_size=config.model.embedding_size, **config.model.options)
-    criterion = build_loss(config.loss.name, config.model.embedding_size, num_classes=subjects, **config.loss.options)
+    model, loss = config.model, config.loss
+    with torch.device("meta"):
+        built = _built(f"model {model.name!r} with model.options={model.options}", lambda: build_model(
+            model.name, features=tuple(config.data.features), embedding_size=model.embedding_size, **model.options))
+    weights = sum(parameter.numel() for parameter in built.parameters())
+    if weights > MAX_PARAMETERS:
+        raise ValueError(f"model {model.name!r} with model.options={model.options} has {weights:,} weights, "
+                         f"more than {MAX_PARAMETERS:,}")
+    criterion = _built(f"loss {loss.name!r} with loss.options={loss.options}", lambda: build_loss(
+        loss.name, model.embedding_size, num_classes=subjects, **loss.options))
     if config.loss.memory.size and not criterion.takes_memory:
         raise ValueError(
             f"loss.memory.size={config.loss.memory.size} needs a loss that scores pairs against a memory "
@@ -128,6 +152,17 @@ def _check_model_and_loss(config: TrainConfig, subjects: int) -> None:
         )
     if config.train.init_from:
         warm_start_weights(config)
+
+
+def _built(what: str, build: Callable[[], Any]) -> Any:
+    """``build()``, or one line naming ``what`` when its options do not build (a constructor's
+    ``TypeError`` for an unknown option, ``RuntimeError`` for a negative size)."""
+    from pipeline.exports import first_line
+
+    try:
+        return build()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{what}: {first_line(error)}") from None
 
 
 def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
