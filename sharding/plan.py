@@ -4,10 +4,18 @@ Shard size: training reads the train split through ``ranks × loader workers`` r
 of which needs at least one whole shard, and a set whose splits hold one shard each cannot be
 trained on. So by default (``subjects_per_shard=None``) each split is cut into
 ``max(ceil(n / MAX_SUBJECTS_PER_SHARD), min(MIN_SHARDS[split], n))`` shards of near-equal
-size (sizes differ by at most one): large corpora get shards of at most 1,000 subjects, small
+size (sizes differ by at most one): large corpora get shards of at most 128 subjects, small
 ones still get 8 train shards and 2 val/test shards when they have that many subjects. An
 explicit ``subjects_per_shard`` cuts every split into shards of exactly that size (the last
 one smaller), as before this rule existed.
+
+Why 128 and not the former 1,000 (``FORMER_MAX_SUBJECTS_PER_SHARD``): with 1,000 the KVC
+desktop training split (113,120 subjects) made 114 shards, too few for 32 GPUs × 4 loader
+workers, and mobile (38,639) made 39. With 128 they make 884 and 302 shards: every reader
+count up to 256 (64 GPUs × 4 loader workers) is fed, and readers get several shards each, so
+their subject counts, hence the subjects an epoch visits, stay even. Training takes a set's
+shards from its manifest, so a set written with the former cap trains as it is; re-planning
+it (to repair or resume writing it) needs that cap.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import numpy as np
 
 from sharding.format import SPLITS
 
-MAX_SUBJECTS_PER_SHARD = 1000  # ≈ 15 MB of keystrokes
+MAX_SUBJECTS_PER_SHARD = 128  # ≈ 2 MB of keystrokes: two batches of 64 subjects
+FORMER_MAX_SUBJECTS_PER_SHARD = 1000  # the automatic rule's cap before issue 34 (≈ 15 MB)
 MIN_SHARDS = {"train": 8, "val": 2, "test": 2}  # 8 train readers: 2 ranks × 4 loader workers
 MAX_DEFAULT_HOLDOUT = 1000
 
@@ -82,17 +91,23 @@ def split_subjects(subject_ids: Sequence[str], *, seed: int, val_subjects: int |
             "train": permuted[n_val + n_test:]}
 
 
-def shard_sizes(split: str, n: int, subjects_per_shard: int | None) -> list[int]:
-    """Subjects in each of the split's shards, in order (see the module docstring)."""
+def shard_sizes(split: str, n: int, subjects_per_shard: int | None,
+                max_subjects_per_shard: int = MAX_SUBJECTS_PER_SHARD) -> list[int]:
+    """Subjects in each of the split's shards, in order (see the module docstring).
+
+    ``max_subjects_per_shard`` is the automatic rule's cap: the default for new sets,
+    :data:`FORMER_MAX_SUBJECTS_PER_SHARD` to re-plan a set written before it changed.
+    """
     if subjects_per_shard is not None:
         return [min(subjects_per_shard, n - k) for k in range(0, n, subjects_per_shard)]
-    count = max(math.ceil(n / MAX_SUBJECTS_PER_SHARD), min(MIN_SHARDS[split], n))
+    count = max(math.ceil(n / max_subjects_per_shard), min(MIN_SHARDS[split], n))
     return [n // count + (i < n % count) for i in range(count)] if n else []
 
 
 def plan_shards(subject_ids: Sequence[str], *, seed: int, subjects_per_shard: int | None = None,
                 val_subjects: int | None = None, test_subjects: int | None = None,
-                split: str | None = None) -> list[PlannedShard]:
+                split: str | None = None,
+                max_subjects_per_shard: int = MAX_SUBJECTS_PER_SHARD) -> list[PlannedShard]:
     """Subject-level split and shard assignment, a pure function of its arguments.
 
     Each split is cut in order into shards of :func:`shard_sizes`. No subject can land in two
@@ -104,7 +119,8 @@ def plan_shards(subject_ids: Sequence[str], *, seed: int, subjects_per_shard: in
                             test_subjects=test_subjects, split=split)
     plan = []
     for name in SPLITS:
-        bounds = np.cumsum([0, *shard_sizes(name, len(splits[name]), subjects_per_shard)])
+        sizes = shard_sizes(name, len(splits[name]), subjects_per_shard, max_subjects_per_shard)
+        bounds = np.cumsum([0, *sizes])
         plan += [PlannedShard(f"{name}-{i:06d}.tar", name, tuple(splits[name][a:b]))
                  for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     return plan

@@ -1,15 +1,20 @@
 """k8s/: every kustomization renders (``kubectl kustomize``) to manifests that KubeRay v1.7.0's
 CRDs accept with unknown fields rejected, and that say what the training needs: a real
-``eerpipe train`` entrypoint whose ``train.num_workers`` equals the cluster's GPUs, a cluster
-torn down after the job, credentials only from Secrets, and nothing exposed outside Kubernetes.
+``eerpipe train`` entrypoint whose ``train.num_workers`` equals the cluster's GPUs and whose
+readers the default shards of the KVC corpora feed, NCCL settings on multi-node workers, a
+cluster torn down after the job, credentials only from Secrets, nothing exposed outside
+Kubernetes, and an image whose build checks its CUDA torch, NCCL and DeepSpeed.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import subprocess
+import sys
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,11 +22,16 @@ from typing import Any
 import jsonschema
 import pytest
 import ray
+import torch
+import torch.distributed
 import typer.main
 import yaml
 
 from pipeline.cli import app
 from pipeline.config import TrainConfig
+from pipeline.training.schedule import schedule_of
+from sharding.format import Manifest, ShardInfo
+from sharding.plan import plan_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -30,6 +40,11 @@ RAYJOB_KUSTOMIZATIONS = ["base", "overlays/gpu-1node-8x", "overlays/gpu-4node-8x
 KUSTOMIZATIONS = [*RAYJOB_KUSTOMIZATIONS, "interactive"]
 SECRET_NAMES = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
 GPU = "nvidia.com/gpu"
+RDMA = "rdma/rdma_shared_device_a"  # the placeholder of k8s/components/nccl-rdma
+# Users of the KVC-onGoing development sets (docs/design.md §2), each with about 15 sessions:
+# what `eerpipe shard --source kvc:DATA:SCENARIO` splits and shards.
+KVC_DEV_SET_USERS = {"desktop": 115_120, "mobile": 40_639}
+KVC_SESSIONS_PER_USER = 15
 
 # The object metadata this project writes; the CRDs leave it open (the API server checks it).
 OBJECT_META = {
@@ -76,9 +91,29 @@ def errors(manifest: dict[str, Any]) -> list[str]:
 
 @cache
 def rendered(kustomization: str) -> tuple[dict[str, Any], ...]:
+    """The manifests of a kustomization under k8s/ (or of a folder given by absolute path)."""
     output = subprocess.run(["kubectl", "kustomize", str(K8S / kustomization)],
                             capture_output=True, text=True, check=True).stdout
     return tuple(doc for doc in yaml.safe_load_all(output) if doc)
+
+
+def user_overlay(folder: Path, resources: Sequence[Path], components: Sequence[Path] = (),
+                 patches: Sequence[dict[str, Any]] = ()) -> str:
+    """Write in ``folder`` the kustomization a user would write; return it for :func:`rendered`."""
+    folder.mkdir(exist_ok=True)
+    fields = {"resources": resources, "components": components}
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        **{key: [os.path.relpath(path, folder) for path in paths]  # kustomize refuses absolute paths
+           for key, paths in fields.items() if paths},
+        **({"patches": list(patches)} if patches else {})}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def rdma_overlay(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The base job with the RDMA component, which no shipped overlay includes."""
+    return user_overlay(tmp_path_factory.mktemp("rdma"), [K8S / "base"], [K8S / "components/nccl-rdma"])
 
 
 def one(kustomization: str, kind: str) -> dict[str, Any]:
@@ -95,9 +130,40 @@ def pod_templates(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [spec["headGroupSpec"]["template"], *(group["template"] for group in spec["workerGroupSpecs"])]
 
 
+def dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, each on one line (continuations joined), without comments."""
+    text = "\n".join(line for line in (K8S / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#"))
+    return [" ".join(instruction.split()) for instruction in text.replace("\\\n", " ").splitlines() if instruction.strip()]
+
+
 def image_workdir() -> Path:
     (workdir,) = re.findall(r"^WORKDIR\s+(\S+)", (K8S / "Dockerfile").read_text(), re.MULTILINE)
     return Path(workdir)
+
+
+def worker_container(job: dict[str, Any]) -> dict[str, Any]:
+    """The container of the first GPU worker group, where Ray Train's ranks run."""
+    return cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+
+
+def config_map(kustomization: str, name: str) -> dict[str, str]:
+    (data,) = [doc["data"] for doc in rendered(kustomization) if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == name]
+    return data
+
+
+def config_maps_read_by(container: dict[str, Any]) -> list[str]:
+    return [source["configMapRef"]["name"] for source in container.get("envFrom", []) if "configMapRef" in source]
+
+
+@cache
+def default_kvc_manifest(scenario: str) -> Manifest:
+    """The manifest of a KVC dev set sharded with default options, planned without the data:
+    the planner's shards, every user kept with 15 sessions."""
+    plan = plan_shards([f"{user:08d}" for user in range(KVC_DEV_SET_USERS[scenario])], seed=0)
+    shards = [ShardInfo(shard.name, shard.split, len(shard.subjects), KVC_SESSIONS_PER_USER * len(shard.subjects),
+                        bytes=0, sha256="0" * 64) for shard in plan]
+    return Manifest(source={"kind": "kvc", "scenario": scenario}, seed=0, shards=shards,
+                    subjects={user: shard.name for shard in plan for user in shard.subjects})
 
 
 def entrypoint_config(entrypoint: str) -> TrainConfig:
@@ -118,16 +184,24 @@ def entrypoint_config(entrypoint: str) -> TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_every_rendered_manifest_is_valid_for_kuberay(kustomization: str) -> None:
-    kinds = sorted(doc["kind"] for doc in rendered(kustomization))
-    assert kinds == sorted(["ConfigMap", "RayCluster" if kustomization == "interactive" else "RayJob"])
+def assert_valid_for_kuberay(kustomization: str, kind: str) -> None:
+    kinds = [doc["kind"] for doc in rendered(kustomization)]
+    assert [k for k in kinds if k != "ConfigMap"] == [kind] and "ConfigMap" in kinds
     for manifest in rendered(kustomization):
         if manifest["kind"] == "ConfigMap":
             assert all(isinstance(value, str) for value in manifest["data"].values())
         else:
             assert manifest["apiVersion"] == "ray.io/v1"
             assert errors(manifest) == []
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_rendered_manifest_is_valid_for_kuberay(kustomization: str) -> None:
+    assert_valid_for_kuberay(kustomization, "RayCluster" if kustomization == "interactive" else "RayJob")
+
+
+def test_the_rdma_component_renders_valid_for_kuberay(rdma_overlay: str) -> None:
+    assert_valid_for_kuberay(rdma_overlay, "RayJob")
 
 
 @pytest.mark.parametrize(
@@ -172,6 +246,26 @@ def test_the_entrypoint_trains_with_one_worker_per_gpu(kustomization: str) -> No
     assert config.run.storage.startswith("s3://") and config.data.shards.startswith("s3://")  # outlive the pods
 
 
+@pytest.mark.parametrize("scenario", sorted(KVC_DEV_SET_USERS))
+@pytest.mark.parametrize("kustomization", RAYJOB_KUSTOMIZATIONS)
+def test_every_job_trains_on_the_default_shards_of_the_kvc_dev_sets(kustomization: str, scenario: str) -> None:
+    config = entrypoint_config(one(kustomization, "RayJob")["spec"]["entrypoint"])
+    manifest = default_kvc_manifest(scenario)
+    train = manifest.shards_of("train")
+    readers = config.train.num_workers * max(config.data.loader_workers, 1)
+    assert len(train) >= readers, f"{len(train)} {scenario} train shards cannot feed {readers} readers"
+    schedule = schedule_of(config, manifest)  # the check the launch runs: it refuses what it cannot fill
+    # Readers with even shares: an epoch visits nearly every training subject (with the former
+    # 1,000-subject shards, 79.5 % of KVC mobile's on one node, 54 % of desktop's on 16 GPUs).
+    visited = schedule.steps_per_epoch * config.train.num_workers * config.data.subjects_per_batch
+    assert visited >= 0.8 * sum(shard.samples for shard in train)
+
+
+@pytest.mark.parametrize("scenario", sorted(KVC_DEV_SET_USERS))
+def test_the_default_kvc_shards_leave_room_for_larger_clusters(scenario: str) -> None:
+    assert len(default_kvc_manifest(scenario).shards_of("train")) >= 64 * 4  # 64 GPUs × 4 loader workers
+
+
 @pytest.mark.parametrize("kustomization", ["base", "overlays/gpu-4node-8x", "interactive"])
 def test_gpu_workers_request_their_gpus_tolerate_gpu_nodes_and_get_a_memory_shm(kustomization: str) -> None:
     manifest = one(kustomization, "RayCluster" if kustomization == "interactive" else "RayJob")
@@ -183,6 +277,36 @@ def test_gpu_workers_request_their_gpus_tolerate_gpu_nodes_and_get_a_memory_shm(
     for template in pod_templates(manifest):
         (shm,) = [v for v in template["spec"]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         assert {"name": shm["name"], "mountPath": "/dev/shm"} in template["spec"]["containers"][0]["volumeMounts"]
+
+
+@pytest.mark.parametrize("kustomization", RAYJOB_KUSTOMIZATIONS)
+def test_multi_node_jobs_give_their_gpu_workers_the_nccl_settings(kustomization: str) -> None:
+    job = one(kustomization, "RayJob")
+    nodes = sum(group["replicas"] for group in cluster_spec(job)["workerGroupSpecs"])
+    reads_nccl = "eerpipe-nccl" in config_maps_read_by(worker_container(job))
+    assert reads_nccl == (nodes > 1 and entrypoint_config(job["spec"]["entrypoint"]).train.use_gpu)
+    head = cluster_spec(job)["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "eerpipe-nccl" not in config_maps_read_by(head)  # the head trains nothing
+
+
+def test_the_nccl_component_sets_sockets_and_the_rdma_one_infiniband(rdma_overlay: str) -> None:
+    shared = {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert config_map("overlays/gpu-4node-8x", "eerpipe-nccl") == {**shared, "NCCL_IB_DISABLE": "1"}
+    assert config_map(rdma_overlay, "eerpipe-nccl") == {**shared, "NCCL_IB_DISABLE": "0", "NCCL_IB_HCA": "mlx5"}
+    assert RDMA not in worker_container(one("overlays/gpu-4node-8x", "RayJob"))["resources"]["limits"]  # off by default
+    worker = worker_container(one(rdma_overlay, "RayJob"))
+    assert worker["resources"]["requests"][RDMA] == worker["resources"]["limits"][RDMA] == "1"
+    assert worker["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    assert "eerpipe-nccl" in config_maps_read_by(worker)
+
+
+def test_the_nccl_component_refuses_a_worker_without_a_memory_shm(tmp_path: Path) -> None:
+    disk_shm = {"op": "remove", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/template/spec/volumes/0/emptyDir/medium"}
+    without_shm = user_overlay(tmp_path / "without-shm", [K8S / "base"],
+                               patches=[{"target": {"kind": "RayJob"}, "patch": yaml.safe_dump([disk_shm])}])
+    overlay = user_overlay(tmp_path / "overlay", [Path(without_shm)], [K8S / "components/nccl-multinode"])
+    result = subprocess.run(["kubectl", "kustomize", overlay], capture_output=True, text=True)
+    assert result.returncode != 0 and "emptyDir/medium" in result.stderr and "test failed" in result.stderr
 
 
 @pytest.mark.parametrize("kustomization", RAYJOB_KUSTOMIZATIONS)
@@ -247,3 +371,24 @@ def test_the_image_is_the_projects_on_this_ray_version(kustomization: str) -> No
             images |= {template["spec"]["containers"][0]["image"] for template in pod_templates(manifest)}
     (image,) = images
     assert image.rsplit("/", 1)[-1].startswith("eerpipe:")
+
+
+def test_the_image_build_checks_cuda_torch_nccl_and_deepspeeds_accelerator() -> None:
+    instructions = dockerfile_instructions()
+    after_the_project = instructions[instructions.index("COPY --chown=ray . .") + 1:]
+    (check,) = [instruction for instruction in after_the_project if instruction.startswith("RUN ")]
+    assert "eerpipe --help" in check and "python k8s/check_image.py" in check
+    script = (K8S / "check_image.py").read_text()
+    for name in ("import torch.cuda", "torch.version.cuda", "torch.distributed.is_nccl_available()",
+                 "from deepspeed.accelerator import get_accelerator"):
+        assert name in script
+
+
+def test_the_image_check_runs_without_a_gpu_and_fails_a_cpu_only_torch() -> None:
+    result = subprocess.run([sys.executable, str(K8S / "check_image.py")], capture_output=True, text=True, cwd=ROOT)
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines] == ["torch", "torch.distributed:", "DeepSpeed"], result.stderr
+    cuda, nccl, deepspeed = (line.startswith("ok") for line in lines)
+    assert cuda == (torch.version.cuda is not None) and nccl == torch.distributed.is_nccl_available()
+    assert deepspeed and lines[2].endswith("cuda, communication backend nccl")
+    assert result.returncode == (0 if cuda and nccl else 1)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from sharding.kvc import read_dev_set
 from sharding.format import MANIFEST_NAME, SPLITS, load_manifest
-from sharding.plan import ShardingError, plan_shards
+from sharding.plan import FORMER_MAX_SUBJECTS_PER_SHARD, ShardingError, plan_shards
 from sharding.storage import StorageError
 from sharding.synth import SynthCorpus, write_kvc
 from sharding.verify import read_shard, shard_stats, verify_shards
@@ -250,19 +250,27 @@ def test_unusable_storage_fails_before_any_work(s3_endpoint: str, monkeypatch: p
 # --- shard size ------------------------------------------------------------------------------
 
 def test_default_shard_size_gives_every_split_enough_shards_for_a_small_corpus() -> None:
-    ids = [f"{i:05d}" for i in range(1522)]  # the real-data benchmark's size
-    plan = plan_shards(ids, seed=0, val_subjects=150, test_subjects=300)
+    ids = [f"{i:05d}" for i in range(1010)]  # train under 8 × 128: the minimum counts decide
+    plan = plan_shards(ids, seed=0, val_subjects=101, test_subjects=101)
     sizes = {split: [len(s.subjects) for s in plan if s.split == split] for split in SPLITS}
     assert {split: len(v) for split, v in sizes.items()} == {"train": 8, "val": 2, "test": 2}
-    assert {split: sum(v) for split, v in sizes.items()} == {"train": 1072, "val": 150, "test": 300}
+    assert {split: sum(v) for split, v in sizes.items()} == {"train": 808, "val": 101, "test": 101}
     assert all(max(v) - min(v) <= 1 for v in sizes.values())  # near-equal: balanced readers
 
 
-def test_default_shard_size_never_exceeds_1000_subjects_on_a_large_corpus() -> None:
-    plan = plan_shards([f"{i:06d}" for i in range(25_000)], seed=0)
+def test_default_shard_size_never_exceeds_128_subjects_on_a_large_corpus() -> None:
+    ids = [f"{i:06d}" for i in range(25_000)]  # 25,000 − 1,000 val − 1,000 test = 23,000 train
+    plan = plan_shards(ids, seed=0)
     train = [len(s.subjects) for s in plan if s.split == "train"]
-    assert len(train) == 23 and max(train) == 1000  # 25,000 − 1,000 val − 1,000 test
-    assert max(len(s.subjects) for s in plan) <= 1000
+    assert len(train) == 180 and max(train) == 128 and max(train) - min(train) <= 1
+    assert max(len(s.subjects) for s in plan) <= 128
+
+
+def test_the_former_cap_replans_a_set_written_before_the_cap_changed() -> None:
+    ids = [f"{i:06d}" for i in range(25_000)]
+    plan = plan_shards(ids, seed=0, max_subjects_per_shard=FORMER_MAX_SUBJECTS_PER_SHARD)
+    assert [len(s.subjects) for s in plan if s.split == "train"] == [1000] * 23
+    assert [len(s.subjects) for s in plan if s.split != "train"] == [500] * 4  # 2 val + 2 test
 
 
 def test_a_tiny_corpus_gets_one_subject_per_shard_rather_than_too_few_shards() -> None:
