@@ -215,8 +215,8 @@ class EvalSection:
 class WandbSection:
     enabled: bool = True
     project: str = "eerpipe"
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online when WANDB_API_KEY is set, else offline (sync later)
-    dir: str = ""  # default: the run's folder when storage is local, else ./wandb-runs
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online when W&B has a login (WANDB_API_KEY or `wandb login`), else offline (sync later)
+    dir: str = ""  # default: the run's folder; W&B's files go to {dir}/wandb, copied there at each checkpoint when it is remote (s3://)
 
 
 @dataclass
@@ -267,7 +267,7 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> str:
-        """``{storage}/{name}``: the run's checkpoints, exports and (local storage) W&B files."""
+        """``{storage}/{name}``: the run's checkpoints, exports and W&B files."""
         return f"{self.run.storage}/{self.run.name}"
 
     def digest(self) -> str:

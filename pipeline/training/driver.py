@@ -67,11 +67,17 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
 def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainConfig, str | None]:
     """The config with absolute paths and the checked ``resume_from``, or one clear error: bad
     shards, a batch the split cannot fill, an unknown model or loss, a memory the loss cannot
-    use, a foreign warm start, an unwritable storage, a missing or unsafe checkpoint."""
+    use, a foreign warm start, an unwritable storage, a missing or unsafe checkpoint, W&B online
+    without a login."""
     from sharding.format import load_manifest
     from sharding.storage import check_writable
 
+    from pipeline.training.wandb_run import check_wandb
+
     config = config.with_absolute_paths()
+    wandb_notice = check_wandb(config)  # refuses wandb.mode=online without a login
+    if wandb_notice:
+        warnings.warn(wandb_notice, stacklevel=3)  # once, on the driver
     manifest = load_manifest(config.data.shards)  # fails fast: no shards, unreachable storage
     if not manifest.shards_of("train") or not manifest.shards_of("val"):
         raise ValueError(f"{config.data.shards}: training needs train and val shards")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.training.clock import clock
+from pipeline.training.wandb_run import WandbRun
 
 STEP_PHASES = ("data", "model", "backward", "optimizer")  # a step's time; validation etc. excluded
 
@@ -72,51 +74,45 @@ def parameter_grad_norm(engine: Any) -> float | None:
 
 
 class MetricsSink:
-    """Publishes metrics: to W&B on rank 0 (the run id follows the run name, so a relaunch
+    """Publishes metrics: to W&B on rank 0 (:mod:`pipeline.training.wandb_run`: a relaunch
     continues the same W&B run) and to Ray Train on every rank (a report is a barrier)."""
 
     def __init__(self, config: TrainConfig, rank: int) -> None:
-        self.wandb = _start_wandb(config) if rank == 0 and config.wandb.enabled else None
+        self.wandb = WandbRun(config) if rank == 0 and config.wandb.enabled else None
 
     def publish(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        """A report to Ray; with a checkpoint, W&B's files written so far also reach the run's
+        storage, so a pod's death loses little more of them than of the training."""
         import ray.train
 
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None and self.wandb is not None:
+            self.wandb.copy_to_storage()
 
     def log(self, metrics: dict[str, Any], step: int, det: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """W&B, rank 0 only; ``det``: a validation's (truth, scores), plotted as ``val/det``."""
+        """W&B, rank 0 only: one row, its ``step`` the training step; ``det``: a validation's
+        (truth, scores), plotted as ``val/det``."""
         if self.wandb is None:
             return
-        self.wandb.log({k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, step=step)
-        if det is not None:
-            self._log_det(*det, step)
+        row = {key: value for key, value in metrics.items() if key != "total_steps"} | {"step": step}
+        with _det_image(det) as image:
+            self.wandb.log(row | image)
 
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
 
-    def _log_det(self, truth: np.ndarray, scores: np.ndarray, step: int) -> None:
-        import wandb
 
-        from pipeline.metrics import plot_det
-
-        with tempfile.TemporaryDirectory() as directory:
-            path = plot_det({"val": (truth, scores)}, Path(directory, "det.png"))
-            self.wandb.log({"val/det": wandb.Image(str(path))}, step=step)
-
-
-def _start_wandb(config: TrainConfig) -> Any:
+@contextmanager
+def _det_image(det: tuple[np.ndarray, np.ndarray] | None) -> Iterator[dict[str, Any]]:
+    """``{"val/det": image}`` of a validation's (truth, scores), or nothing; the plot's file
+    lives until W&B has read it (in ``log``)."""
+    if det is None:
+        yield {}
+        return
     import wandb
 
-    from pipeline.cluster import wandb_run_id
+    from pipeline.metrics import plot_det
 
-    mode = config.wandb.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    run_dir = config.run_dir
-    directory = config.wandb.dir or (run_dir if "://" not in run_dir else str(Path("wandb-runs").resolve()))
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        project=config.wandb.project, name=config.run.name, id=wandb_run_id(config.run.storage, config.run.name),
-        resume="allow", mode=mode, dir=directory, config=config.to_dict(),
-    )
+    with tempfile.TemporaryDirectory() as directory:
+        yield {"val/det": wandb.Image(str(plot_det({"val": det}, Path(directory, "det.png"))))}
