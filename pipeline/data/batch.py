@@ -1,9 +1,9 @@
-"""What the loaders yield, and the plumbing both loaders share (rank discovery, worker fan-out)."""
+"""What the loaders yield, and the plumbing both loaders share (rank discovery, the DataLoader)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -82,17 +82,29 @@ def current_worker(num_workers: int) -> int:
     return worker
 
 
-def iterate(dataset: IterableDataset, num_workers: int, pin_memory: bool) -> Iterable[Batch]:
-    """The dataset itself in-process, or fanned out to DataLoader workers.
+def data_loader(
+    dataset: IterableDataset, num_workers: int, pin_memory: bool, persistent: bool = False
+) -> DataLoader:
+    """The dataset's batches: read in-process with no workers, else fanned out to workers.
 
     The DataLoader keeps order deterministic: it asks workers round-robin and skips those that
     are done, so step ``i`` comes from the worker a plan can compute (see ``Plan.order``).
+
+    ``pin_memory`` puts each batch in page-locked memory, so that ``Batch.to(device,
+    non_blocking=True)`` copies it to a GPU while the host goes on; it only means something with
+    CUDA, so callers pass ``pin_memory=device.type == "cuda"``. ``persistent`` keeps the workers
+    from one iteration to the next (the dataset must then tell them where an iteration starts
+    by other means than its attributes: each worker iterates its own copy).
+
+    The DataLoader gets a generator of its own: it draws its workers' base seed at each new
+    iterator, which from torch's global generator would shift the training's random stream
+    (dropout) by the loader's iterations, and a resumed run would not draw the same. The
+    datasets draw nothing from the workers' seeds (the training stream seeds its own numpy
+    generators from the seed, epoch, rank and reader).
     """
-    if num_workers == 0:
-        return dataset
     return DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=False,  # workers must see the epoch/step set just before iterating
+        persistent_workers=persistent and num_workers > 0, generator=torch.Generator(),
     )
 
 

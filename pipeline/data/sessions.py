@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from pipeline.data.batch import Batch, Row, batch_of_rows, current_worker, distributed_env, iterate, make_batch
+from pipeline.data.batch import Batch, Row, batch_of_rows, current_worker, data_loader, distributed_env, make_batch
 from pipeline.data.features import DEFAULT_FEATURES, check_features
 from pipeline.data.shards import ShardIntegrityError, ShardSet, assign_shards
 from sharding.format import ShardInfo, decode_subject
@@ -67,6 +67,11 @@ class SessionLoader:
     Every rank yields ``batches_per_rank`` batches (known from the manifest): a rank with fewer
     sessions ends with empty batches (zero rows), so per-batch collectives cannot deadlock.
     Across ranks every session of the split appears exactly once.
+
+    ``pin_memory=True`` pins each batch for an asynchronous copy to a GPU
+    (``Batch.to(device, non_blocking=True)``); pass ``pin_memory=device.type == "cuda"``.
+    Workers (``num_workers``) are started per iteration: an evaluation is one pass, and workers
+    kept between validations would hold memory through the training steps in between.
     """
 
     def __init__(
@@ -102,7 +107,7 @@ class SessionLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
-        for batch in iterate(self.dataset, self.num_workers, self.pin_memory):
+        for batch in data_loader(self.dataset, self.num_workers, self.pin_memory):
             count += 1
             yield batch
         if count != self.dataset.batches(self.dataset.rank):

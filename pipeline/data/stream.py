@@ -30,6 +30,9 @@ All randomness comes from ``numpy.random.default_rng([seed, epoch, rank, worker,
 epoch depends on (seed, epoch, world size, workers, config, manifest, neighbour table) and nothing
 else. Resuming replays the reader up to the saved step (the same draws, without decoding): the
 batches after a resume equal those of an uninterrupted run.
+
+DataLoader workers are kept for the loader's life; each iteration's start (epoch, step, table)
+reaches them through shared memory (:class:`SharedPosition`).
 """
 
 from __future__ import annotations
@@ -41,14 +44,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset
 
 from pipeline.config import HardBatchesSection
 from pipeline.data.batch import (
     Batch,
     current_worker,
+    data_loader,
     distributed_env,
-    iterate,
     make_batch,
     round_robin,
 )
@@ -174,8 +178,64 @@ class _Pool:
         return chosen
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where an iteration of the stream starts: ``step`` batches of ``epoch`` are done; the
+    hard batches' neighbour table in force, if any."""
+
+    epoch: int
+    step: int
+    neighbours: NeighbourTable | None = None
+
+
+class SharedPosition:
+    """The next iteration's :class:`Position` in shared memory: the loader writes it before each
+    iteration, and each DataLoader worker reads it as its iteration starts.
+
+    Why shared memory: the loader keeps its workers for its whole life (a worker started per
+    epoch forks the training process again), and a kept worker iterates its own copy of the
+    dataset, made when it started, so attributes set later on the loader's copy never reach it.
+    Tensors moved to shared memory before the workers start are the same memory in all of them
+    (forked or spawned), and the DataLoader tells a worker to start an iteration only at the
+    loader's ``iter``, after the write. The DataLoader has no channel of its own to send a
+    worker anything, and restarting the workers whenever the position changes would undo the point.
+
+    The table is kept as ``depth`` labels per subject padded with -1: a batch uses at most a
+    subject's ``passed_over + cap`` nearest (``active_neighbours``), so a longer list loses nothing.
+    With hard batches off the depth is 0: no table is kept.
+    """
+
+    def __init__(self, subjects: int, depth: int) -> None:
+        self.numbers = torch.zeros(4, dtype=torch.int64).share_memory_()  # epoch, step, has table, its epoch
+        self.nearest = torch.full((subjects, depth), -1, dtype=torch.int64).share_memory_()
+
+    def write(self, position: Position) -> None:
+        table = position.neighbours
+        if table is not None:
+            self.nearest.copy_(torch.from_numpy(_padded(table.nearest, *self.nearest.shape)))
+        has_table, table_epoch = (0, 0) if table is None else (1, table.epoch)
+        self.numbers.copy_(torch.tensor([position.epoch, position.step, has_table, table_epoch]))
+
+    def read(self) -> Position:
+        epoch, step, has_table, table_epoch = self.numbers.tolist()
+        return Position(epoch, step, NeighbourTable(table_epoch, _unpadded(self.nearest)) if has_table else None)
+
+
+def _padded(nearest: dict[int, list[int]], subjects: int, depth: int) -> np.ndarray:
+    rows = np.full((subjects, depth), -1, dtype=np.int64)
+    for label, near in nearest.items():
+        kept = near[:depth]
+        rows[label, : len(kept)] = kept
+    return rows
+
+
+def _unpadded(rows: torch.Tensor) -> dict[int, list[int]]:
+    nearest = {label: [n for n in row if n >= 0] for label, row in enumerate(rows.tolist())}
+    return {label: near for label, near in nearest.items() if near}
+
+
 class SubjectBatchDataset(IterableDataset):
-    """This rank's batches for ``epoch`` from ``start_step`` on; use it via :class:`SubjectBatchLoader`."""
+    """This rank's batches from the :class:`Position` in ``position``; use it via :class:`SubjectBatchLoader`."""
 
     def __init__(
         self, shard_set: ShardSet, split: str, config: SamplerConfig,
@@ -188,27 +248,27 @@ class SubjectBatchDataset(IterableDataset):
         self.plan = Plan.make(
             shard_set.shards(split), world_size, num_workers, config.subjects_per_batch, config.seed
         )
-        self.epoch = 0
-        self.start_step = 0
-        self.neighbours: NeighbourTable | None = None  # set with the epoch, before iterating
+        hard = config.hard_batches
+        self.position = SharedPosition(len(self.subject_ids), hard.passed_over + hard.cap if hard.enabled else 0)
 
     def __iter__(self) -> Iterator[Batch]:
         # The DataLoader always asks worker 0 first; after a resume the next step may belong to
         # another reader, so worker slots are rotated to start the round-robin at that reader.
+        position = self.position.read()
         order = self.plan.order(self.rank)
         workers = max(self.num_workers, 1)
-        first = order[self.start_step] if self.start_step < len(order) else 0
+        first = order[position.step] if position.step < len(order) else 0
         reader = (current_worker(self.num_workers) + first) % workers
-        return self._batches(reader, order[: self.start_step].count(reader))
+        return self._batches(position, reader, order[: position.step].count(reader))
 
-    def _batches(self, worker: int, skip: int) -> Iterator[Batch]:
-        cfg = self.config
-        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, worker])
-        pool = _Pool(lambda p: self._entries(worker, p), self._buffer_size(worker))
+    def _batches(self, position: Position, worker: int, skip: int) -> Iterator[Batch]:
+        cfg, epoch = self.config, position.epoch
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank, worker])
+        pool = _Pool(lambda p: self._entries(epoch, worker, p), self._buffer_size(worker))
         rank_steps = [i for i, w in enumerate(self.plan.order(self.rank)) if w == worker]
         for step in range(self.plan.quotas[self.rank][worker]):
             pool.refill(cfg.subjects_per_batch)
-            chosen = pool.take(self._choose(pool, rng, rank_steps[step]))
+            chosen = pool.take(self._choose(pool, rng, position, rank_steps[step]))
             picks = [self._sessions(e.sessions, rng) for e in chosen]
             if step >= skip:
                 yield self._build(chosen, picks)
@@ -220,14 +280,14 @@ class SubjectBatchDataset(IterableDataset):
             return self.config.shuffle_buffer
         return max(self.config.shuffle_buffer, sum(s.samples for s in self.plan.readers[self.rank][worker]))
 
-    def _choose(self, pool: _Pool, rng: np.random.Generator, rank_step: int) -> np.ndarray:
+    def _choose(self, pool: _Pool, rng: np.random.Generator, position: Position, rank_step: int) -> np.ndarray:
         """Buffer indices of the P subjects of this rank's step ``rank_step``: at random, or a
         hard batch once the schedule gives neighbours and a table is in force."""
-        cfg, hard = self.config, self.config.hard_batches
-        count = neighbours_at(hard, self.epoch * self.plan.batches_per_epoch + rank_step)
-        if count == 0 or self.neighbours is None:
+        cfg, hard, table = self.config, self.config.hard_batches, position.neighbours
+        count = neighbours_at(hard, position.epoch * self.plan.batches_per_epoch + rank_step)
+        if count == 0 or table is None:
             return rng.choice(len(pool.entries), cfg.subjects_per_batch, replace=False)
-        labels, neighbours = [entry.label for entry in pool.entries], active_neighbours(self.neighbours, hard, count)
+        labels, neighbours = [entry.label for entry in pool.entries], active_neighbours(table, hard, count)
         return pick_hard(labels, cfg.subjects_per_batch, hard.seeds, rng, neighbours)
 
     def _sessions(self, available: int, rng: np.random.Generator) -> np.ndarray:
@@ -236,10 +296,10 @@ class SubjectBatchDataset(IterableDataset):
             return rng.choice(available, k, replace=False)
         return np.resize(rng.permutation(available), k)  # short_subjects == "repeat"
 
-    def _entries(self, worker: int, pass_index: int) -> Iterator[_Entry]:
+    def _entries(self, epoch: int, worker: int, pass_index: int) -> Iterator[_Entry]:
         """One pass over a reader's shards, in an order drawn for (seed, epoch, pass)."""
         shards = list(self.plan.readers[self.rank][worker])
-        rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, worker, pass_index, 0x5A])
+        rng = np.random.default_rng([self.config.seed, epoch, self.rank, worker, pass_index, 0x5A])
         k, repeat = self.config.sessions_per_subject, self.config.short_subjects == "repeat"
         for i in rng.permutation(len(shards)):
             for label, subject_id, sample in self.shard_set.labelled_samples(shards[i], self.labels):
@@ -271,6 +331,11 @@ class SubjectBatchLoader:
     neighbour table in force (merged over ranks). It is the same on every rank: save it from
     rank 0, load it everywhere. A resume replays the reader's draws up to ``s`` (reading the
     shards again, without decoding), so its cost grows with the position in the epoch.
+
+    The ``num_workers`` DataLoader workers start at the first iteration and are kept until the
+    loader is dropped: every epoch, and a ``load_state_dict`` on this loader, reuses them.
+    ``pin_memory=True`` pins each batch for an asynchronous copy to a GPU
+    (``Batch.to(device, non_blocking=True)``); pass ``pin_memory=device.type == "cuda"``.
     """
 
     def __init__(
@@ -292,6 +357,7 @@ class SubjectBatchLoader:
         self.dataset = SubjectBatchDataset(
             self.shard_set, split, self.config, self.rank, self.world_size, num_workers
         )
+        self.data_loader = data_loader(self.dataset, num_workers, pin_memory, persistent=True)
         self.epoch = 0
         self.step = 0
         self.neighbours: NeighbourTable | None = None  # hard batches' table; set before an epoch
@@ -323,9 +389,8 @@ class SubjectBatchLoader:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        self.dataset.epoch, self.dataset.start_step = self.epoch, self.step
-        self.dataset.neighbours = self.neighbours  # pickled to the DataLoader workers with the dataset
-        for batch in iterate(self.dataset, self.num_workers, self.pin_memory):
+        self.dataset.position.write(Position(self.epoch, self.step, self.neighbours))
+        for batch in self.data_loader:
             self.step += 1
             yield batch
         self.set_epoch(self.epoch + 1)

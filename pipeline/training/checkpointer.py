@@ -7,7 +7,7 @@ A checkpoint is a folder that Ray Train keeps under ``{storage}/{name}/checkpoin
   loader's stream position, the cross-batch memory's queue and momentum encoder and the loss's
   persistent threshold when the run has them), stored as DeepSpeed client state, and the
   config it was trained with;
-* each rank's RNG state (``rng/rank{r}.pt``).
+* each rank's random generators (``rng/rank{r}.pt``, :func:`save_rng`).
 
 Loading never runs code: DeepSpeed's checkpoint engine calls ``torch.load(weights_only=False)``,
 so :func:`install_safe_loading` replaces its loader by a weights-only one that allows the three
@@ -108,9 +108,7 @@ class Checkpointer:
         with tempfile.TemporaryDirectory() as directory:
             client_state = {name: part.state_dict() for name, part in self.parts.items()}
             self.engine.save_checkpoint(directory, tag=tag, client_state={**client_state, "config": self.config.to_dict()})
-            rng = Path(directory, "rng")
-            rng.mkdir(exist_ok=True)
-            torch.save({"torch": torch.get_rng_state()}, rng / f"rank{self.rank}.pt")
+            save_rng(directory, self.rank, torch.device(self.engine.device))
             yield ray.train.Checkpoint.from_directory(directory)
 
     def restore(self, resume_from: str | None) -> bool:
@@ -131,10 +129,39 @@ class Checkpointer:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint in {checkpoint.path}")
             for name, part in self.parts.items():
                 part.load_state_dict(client_state[name])
-            rng = Path(directory, "rng", f"rank{self.rank}.pt")
-            if rng.exists():
-                torch.set_rng_state(load_weights_only(rng, str(rng))["torch"])
+            restore_rng(directory, self.rank, torch.device(self.engine.device))
         return True
+
+
+def save_rng(directory: str | Path, rank: int, device: torch.device) -> None:
+    """This rank's random generators into the checkpoint: torch's CPU generator and, on a GPU,
+    the generator of the device the rank trains on (dropout draws there).
+
+    Python's ``random`` and numpy's global generator are left out: nothing in training draws
+    from them (the loaders seed numpy generators of their own from the run's seed).
+    """
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    path = _rng_file(directory, rank)
+    path.parent.mkdir(exist_ok=True)
+    torch.save(states, path)
+
+
+def restore_rng(directory: str | Path, rank: int, device: torch.device) -> None:
+    """Set the generators :func:`save_rng` saved. A checkpoint written before the GPU's state was
+    saved (or without RNG files) restores what it holds; a GPU's state is not restored on a CPU."""
+    path = _rng_file(directory, rank)
+    if not path.exists():
+        return
+    states = load_weights_only(path, str(path))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _rng_file(directory: str | Path, rank: int) -> Path:
+    return Path(directory, "rng", f"rank{rank}.pt")
 
 
 @contextmanager

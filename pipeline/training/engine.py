@@ -35,6 +35,12 @@ def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
     }
 
 
+def pins_memory(config: TrainConfig) -> bool:
+    """Whether the loaders pin their batches: only copies to a CUDA device gain (they become
+    asynchronous, ``Batch.to(device, non_blocking=True)``); pinning costs host memory elsewhere."""
+    return config.train.use_gpu and torch.cuda.is_available()
+
+
 def build_engine(
     config: TrainConfig, world: int, schedule: Schedule, model: nn.Module, criterion: nn.Module,
     memory: CrossBatchMemory | None = None,

@@ -89,11 +89,12 @@ class Validator:
 
     def __init__(self, config: TrainConfig, rank: int, world: int) -> None:
         from pipeline.data import SessionLoader
+        from pipeline.training.engine import pins_memory
 
         self.config, self.rank, self.selection = config, rank, selection_of(config)
         self.loader = SessionLoader(
             config.data.shards, "val", batch_size=config.data.eval_batch_size, max_len=config.data.max_len,
-            features=tuple(config.data.features), rank=rank, world_size=world,
+            features=tuple(config.data.features), rank=rank, world_size=world, pin_memory=pins_memory(config),
         )
         self.det: tuple[np.ndarray, np.ndarray] | None = None  # rank 0: last (truth, scores), for a DET
 

@@ -17,7 +17,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.exports import export_path, save_model
 from pipeline.training.checkpointer import Checkpointer
-from pipeline.training.engine import build_engine
+from pipeline.training.engine import build_engine, pins_memory
 from pipeline.training.memory import CrossBatchMemory, memory_of
 from pipeline.training.metrics_sink import MetricsSink, StepTimer, parameter_grad_norm, step_metrics
 from pipeline.training.neighbours import HardBatches
@@ -119,7 +119,7 @@ def _train_loader(config: TrainConfig, rank: int, world: int) -> Any:
     from pipeline.data import SubjectBatchLoader
 
     return SubjectBatchLoader(config.data.shards, "train", sampler_config(config), rank=rank, world_size=world,
-                              num_workers=config.data.loader_workers)
+                              num_workers=config.data.loader_workers, pin_memory=pins_memory(config))
 
 
 def sampler_config(config: TrainConfig) -> Any:
