@@ -1,21 +1,52 @@
 # The two commands of the README contract: `make demo` and `make test`.
 # Each builds .venv from nothing (CPU torch first, so no CUDA build is ever pulled).
+# The GPU targets (bench-gpu, smoke-gpu, test-gpu) build their own .venv-gpu with a CUDA torch.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
+DEEPSPEED := deepspeed>=0.19.8,<0.20
 
-.PHONY: demo test bench bench-gpu clean
+GPU_VENV  := .venv-gpu
+GPU_BIN   := $(GPU_VENV)/bin
+GPU_STAMP := $(GPU_VENV)/.installed
+GPU_TORCH ?= torch>=2.13,<2.15
+GPU_GOALS := bench-gpu smoke-gpu test-gpu
+# The image the manifests name (k8s/components/cluster/kustomization.yaml `images:`).
+IMAGE     ?= registry.example.com/eerpipe:0.1.0
+
+.PHONY: demo test bench $(GPU_GOALS) image clean
+
+# A GPU target on a machine without a CUDA GPU stops here, in one line and with exit status 2,
+# before anything is built: its venv alone is gigabytes of CUDA libraries.
+ifneq ($(filter $(GPU_GOALS),$(MAKECMDGOALS)),)
+ifneq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo found),found)
+$(error $(firstword $(filter $(GPU_GOALS),$(MAKECMDGOALS))): no CUDA GPU here (nvidia-smi found none); \
+  run it on a GPU machine)
+endif
+endif
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH)"
 	# DeepSpeed ships no wheel; its setup.py imports torch, so build it beside ours.
-	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19.8,<0.20"
+	$(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED)"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
+
+# PyPI's default torch wheel for Linux is a CUDA build; the last line refuses a torch that cannot
+# use this machine's GPU (a CPU wheel, or a driver older than the wheel's CUDA) before the stamp.
+$(GPU_STAMP): pyproject.toml
+	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_BIN)/pip install -q --upgrade pip setuptools wheel
+	$(GPU_BIN)/pip install -q "$(GPU_TORCH)"
+	$(GPU_BIN)/pip install -q --no-build-isolation "$(DEEPSPEED)"
+	$(GPU_BIN)/pip install -q -e ".[test]"
+	$(GPU_BIN)/python -c "import sys, torch; torch.cuda.is_available() or sys.exit( \
+		f'$(GPU_VENV): torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU')"
+	touch $(GPU_STAMP)
 
 test: $(STAMP)
 	# k8s/ is rendered with kubectl's built-in kustomize (docs/design.md §6).
@@ -28,8 +59,19 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-bench-gpu: $(STAMP)
-	$(BIN)/python -m bench.gpu
+bench-gpu: $(GPU_STAMP)
+	$(GPU_BIN)/python -m bench.gpu
+
+smoke-gpu: $(GPU_STAMP)
+	$(GPU_BIN)/python -m bench.smoke_gpu
+
+test-gpu: $(GPU_STAMP)
+	$(GPU_BIN)/python -m pytest -m gpu
+
+# The training image (k8s/README.md), from the repository root: only BuildKit reads
+# k8s/Dockerfile.dockerignore, which keeps .venv, data and runs out of the build context.
+image:
+	DOCKER_BUILDKIT=1 docker build -f k8s/Dockerfile -t $(IMAGE) .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache build *.egg-info

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-GPU_ONLY = {"gpu"}  # `make bench-gpu`: exits non-zero without CUDA
+GPU_ONLY = {"gpu", "smoke_gpu"}  # `make bench-gpu`, `make smoke-gpu`: exit 2 without CUDA
 
 
 def main(selected: list[str]) -> None:
