@@ -2,7 +2,8 @@
 
 Ray and the job client are imported inside the commands, so ``eerpipe --help`` stays quick.
 Every command takes ``--address`` (default ``$RAY_API_SERVER_ADDRESS``, then ``$RAY_ADDRESS``)
-and authenticates with the cluster's token when one is found (see :mod:`jobs.client`).
+and authenticates with the cluster's token when one is found (see :mod:`jobs.client`); a call
+the head does not answer within ``$EERPIPE_HEAD_TIMEOUT_S`` seconds (default 30) fails.
 A job or run reference (REF) is a submission id or a run name (that run's latest job).
 """
 
@@ -34,7 +35,8 @@ _clean = clean_errors(JobError, ValueError, FileNotFoundError)
 
 _ADDRESS = typer.Option(
     None, "--address", "-a",
-    help="Job API: http://HEAD:8265 or ray://HEAD:10001 (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS).",
+    help="Job API: http://HEAD:8265 or ray://HEAD:10001 (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS). "
+    "A call the head does not answer within $EERPIPE_HEAD_TIMEOUT_S seconds (default 30) fails.",
 )
 _REF = typer.Argument(..., help="Submission id, or a run name (its latest job).")
 _WAIT = typer.Option(False, "--wait", help="Block until the job ends; exit 1 unless it succeeded.")
@@ -53,13 +55,14 @@ def submit(
     follow: bool = _FOLLOW,
 ) -> None:
     """Submit a training run; resubmitting the same run name resumes it from its checkpoints."""
+    from pipeline.cluster import check_run_name
     from pipeline.config import TrainConfig
 
     from jobs.submission import submit as submit_job
 
     train_config = TrainConfig.load(config, overrides or [])
-    if name:
-        train_config.run.name = name
+    if name is not None:  # "" too: an empty --name is refused, not taken for no --name
+        train_config.run.name = check_run_name(name, "--name")
     client = connect(address)
     submission_id = submit_job(client, train_config)
     _console.print(f"submitted {submission_id} (run {train_config.run.name})")

@@ -1,6 +1,6 @@
 """Reach a Ray cluster's job API: which address, and the token that authenticates to it.
 
-Two Ray behaviours are worked around here, both read in ray 2.60's source:
+The Ray behaviours worked around here, all read in ray 2.60's source:
 
 * ``JobSubmissionClient`` lets ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` override the
   address it is given (``ray.dashboard.utils.get_address_for_submission_client``); an explicit
@@ -15,10 +15,14 @@ Two Ray behaviours are worked around here, both read in ray 2.60's source:
   connection; the fork intermittently dies in gRPC (ray-project/ray#63202, measured here: 2 in
   10 connections), and the head answers "Initialization failure from server". That refusal
   is retried; every other error is not.
+* The client's HTTP calls have no time limit: a head that takes the connection and never
+  answers would hang a command for good. Every call is bounded by ``$EERPIPE_HEAD_TIMEOUT_S``
+  seconds (default 30) to connect and to each read (:mod:`jobs.head`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 RAY_CLIENT_RETRIES = 3
+TIMEOUT_VARIABLE = "EERPIPE_HEAD_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 30.0
 
 
 class JobError(Exception):
@@ -46,28 +52,43 @@ def cluster_address(address: str | None = None) -> str:
     )
 
 
+def head_timeout() -> float:
+    """Seconds a call to the head may wait to connect, and for each read:
+    ``$EERPIPE_HEAD_TIMEOUT_S``, else 30."""
+    text = os.environ.get(TIMEOUT_VARIABLE) or str(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise JobError(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of seconds")
+    return seconds
+
+
 def connect(address: str | None = None) -> "JobSubmissionClient":
-    """A job client for the cluster at ``address`` (see :func:`cluster_address`), token included."""
+    """A job client for the cluster at ``address`` (see :func:`cluster_address`), token included,
+    whose every call to the head is bounded by :func:`head_timeout`."""
     from ray.exceptions import AuthenticationError
 
     target = cluster_address(address)
+    timeout_s = head_timeout()
     _use_token_if_available()
     try:
-        return _job_client(target)
+        return _job_client(target, timeout_s)
     except AuthenticationError as error:
         raise JobError(f"{target} refused the token: {error}") from error
     except ConnectionError as error:
         raise JobError(f"cannot reach a Ray job API at {target}: {error}") from error
 
 
-def _job_client(target: str) -> "JobSubmissionClient":
-    from ray.job_submission import JobSubmissionClient
+def _job_client(target: str, timeout_s: float) -> "JobSubmissionClient":
+    from jobs.head import BoundedJobClient
 
     retries = RAY_CLIENT_RETRIES if target.startswith("ray://") else 0
     while True:
         try:
             with _hidden(ADDRESS_VARIABLES):
-                return JobSubmissionClient(target)
+                return BoundedJobClient(target, timeout_s)
         except ConnectionAbortedError:  # the head's per-connection server died starting
             if retries == 0:
                 raise

@@ -71,7 +71,7 @@ def evaluate(
         None, "--impostors", help="Impostor comparisons per session: a count, or all (every one, what FMR 0.1 % needs). "
         "Default: the model's validation setting."
     ),
-    out: Path = typer.Option(Path("evaluation"), "--out", help="Folder for metrics.json, report.md and det.png."),
+    out: str = typer.Option("evaluation", "--out", help="Local folder for metrics.json, report.md and det.png."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Sessions per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -95,7 +95,7 @@ def predict(
         ..., "--kvc", help="KVC data folder (or its scenario subfolder) with the test sessions and comparisons."
     ),
     scenario: str = typer.Option(..., "--scenario", help="desktop | mobile."),
-    out: Path = typer.Option(..., "--out", help="Folder for {scenario}_predictions.txt and its .zip."),
+    out: str = typer.Option(..., "--out", help="Local folder for {scenario}_predictions.txt and its .zip."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Sessions per forward pass."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:

@@ -83,6 +83,26 @@ def checkpoint_url(checkpoint_path: str, storage: str) -> str:
     return f"s3://{checkpoint_path}" if storage.startswith("s3://") else checkpoint_path
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
+
+
+def check_run_name(name: str, key: str = "run.name") -> str:
+    """``name`` if it can name a run, else a one-line error naming ``key`` (the setting or option).
+
+    A run's files live in ``{run.storage}/{name}``: a path separator, ``.`` or ``..`` would put
+    them in another run's folder or outside the storage, and a blank name in the storage itself.
+    Letters, digits and ``_-+.`` cover every name eerpipe makes (experiment arms are
+    ``eer+multisimilarity-<digest>``); a leading ``.`` is refused, which rules out ``.``, ``..``
+    and hidden folders.
+    """
+    if not RUN_NAME.fullmatch(name):
+        raise ValueError(
+            f"{key} must be a folder name of letters, digits, '_', '-', '+' and '.', not starting "
+            f"with '.', got {name!r}"
+        )
+    return name
+
+
 def slug(name: str, limit: int = 60) -> str:
     """``name`` reduced to ``[A-Za-z0-9_-]`` (ids of W&B runs and Ray jobs allow no more)."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:limit] or "run"

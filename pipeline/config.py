@@ -43,8 +43,9 @@ class RunSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.name.strip():
-            raise ValueError("run.name must not be empty")
+        from pipeline.cluster import check_run_name
+
+        check_run_name(self.name)  # a run's files stay inside run.storage
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,11 @@ def test_bad_overrides_are_refused_with_the_key_named(override, message):
         ("train.num_workers=0", "train.num_workers must be ≥ 1"),
         ("data.subjects_per_batch=0", "data.subjects_per_batch must be ≥ 1"),
         ("train.max_steps=-5", "train.max_steps must be ≥ 0"),
-        ("run.name=' '", "run.name must not be empty"),
+        ("run.name=' '", "run.name must be a folder name of letters, digits"),
+        ("run.name=../../escape", "run.name must be a folder name of letters, digits, '_', '-', '+' and '.', "
+                                  "not starting with '.', got '../../escape'"),
+        ("run.name=runs/other", "run.name must be a folder name"),
+        ("run.name=..", "run.name must be a folder name"),
         ("loss.memory.size=-1", "loss.memory.size must be ≥ 0, got -1"),
         ("loss.memory.start_step=-2", "loss.memory.start_step must be ≥ 0, got -2"),
         ("loss.memory.momentum=1", "loss.memory.momentum must lie in [0, 1), got 1.0"),
@@ -105,11 +109,11 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero():
 
 
 def test_the_wandb_run_id_is_stable_per_run_and_differs_between_runs():
-    a, b = TrainConfig.load(None, ["run.name=kvc run/1"]), TrainConfig.load(None, ["run.name=other"])
+    a, b = TrainConfig.load(None, ["run.name=kvc+run.1"]), TrainConfig.load(None, ["run.name=other"])
     def run_id(config: TrainConfig) -> str:
         return wandb_run_id(config.run.storage, config.run.name)
 
-    assert run_id(a) == run_id(TrainConfig.load(None, ["run.name=kvc run/1"]))
+    assert run_id(a) == run_id(TrainConfig.load(None, ["run.name=kvc+run.1"]))
     assert run_id(a) != run_id(b)
     assert run_id(a).startswith("kvc-run-1-")
 

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import uuid
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline import exports
 from pipeline.cli import app
 from pipeline.data import SessionLoader
+from pipeline.data.shards import ShardSet
 from pipeline.evaluation.embedding import embed
 from pipeline.evaluation.protocol import SessionPairs, comparisons, verify
 from pipeline.exports import load_model, save_model
@@ -203,20 +209,114 @@ def test_a_tampered_model_file_is_refused_without_running_it(tmp_path: Path) -> 
     assert not marker.exists()
 
 
+def run_on_missing_inputs(command: str, tmp_path: Path, out: str) -> Any:
+    """``command`` with model and data that would fail later, if anything ran before ``--out``'s check."""
+    missing = str(tmp_path / "nothing")
+    if command == "evaluate":
+        return evaluate("--checkpoint", missing, "--shards", missing, "--out", out)
+    return predict("--checkpoint", missing, "--kvc", missing, "--scenario", "desktop", "--out", out)
+
+
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
 def test_an_out_path_that_is_a_file_is_refused_before_anything_is_scored(
     corpus: Corpus, tmp_path: Path, command: str
 ) -> None:
     taken = tmp_path / "taken"
     taken.write_text("keep me")
-    missing = str(tmp_path / "nothing")  # model and data that would fail later, if anything ran first
-    if command == "evaluate":
-        result = evaluate("--checkpoint", missing, "--shards", missing, "--out", str(taken))
-    else:
-        result = predict("--checkpoint", missing, "--kvc", missing, "--scenario", "desktop", "--out", str(taken))
+    result = run_on_missing_inputs(command, tmp_path, str(taken))
     assert result.exit_code == 1, result.output
     assert f"--out {taken}: exists and is not a folder" in result.stderr and result.stderr.count("\n") == 1
     assert taken.read_text() == "keep me"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in: mode 0555 stops a user; root, whom modes do
+    not stop, gets /sys, where no one may create files."""
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    return Path("/sys") if os.access(folder, os.W_OK) else folder
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_anything_is_scored(
+    tmp_path: Path, read_only_folder: Path, command: str
+) -> None:
+    result = run_on_missing_inputs(command, tmp_path, str(read_only_folder))
+    assert result.exit_code == 1, result.output
+    assert f"--out {read_only_folder}: not writable" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_an_object_store_out_is_refused_rather_than_written_to_a_local_folder_named_after_it(
+    tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run_on_missing_inputs(command, tmp_path, "s3://bucket/evaluation")
+    assert result.exit_code == 1, result.output
+    assert "--out s3://bucket/evaluation: takes a local folder" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "s3:").exists()
+
+
+@pytest.fixture
+def doomed_bucket(s3_endpoint: str) -> Iterator[str]:
+    """The name of a fresh bucket of the test's own, for a test that deletes it (the session's
+    bucket is shared); deleted afterwards if the test did not."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"doomed-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    yield bucket
+    if bucket in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        delete_bucket(bucket)
+
+
+def delete_bucket(bucket: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        s3.delete_object(Bucket=bucket, Key=item["Key"])
+    s3.delete_bucket(Bucket=bucket)
+
+
+def then_deleting(read: Callable[..., Any], bucket: str) -> Callable[..., Any]:
+    """``read``, after which ``bucket`` is deleted: the run's next read finds it gone."""
+
+    def read_and_delete(*args: Any, **kwargs: Any) -> Any:
+        result = read(*args, **kwargs)
+        delete_bucket(bucket)
+        return result
+
+    return read_and_delete
+
+
+@pytest.mark.parametrize(("command", "deleted_after"), [
+    ("evaluate", "finding the model"), ("predict", "finding the model"), ("evaluate", "reading a shard"),
+])
+def test_a_bucket_deleted_mid_run_is_named_in_one_line(
+    corpus: Corpus, doomed_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    command: str, deleted_after: str,
+) -> None:
+    model, shards = str(corpus.run), str(corpus.shards)
+    if deleted_after == "finding the model":
+        model = f"s3://{doomed_bucket}/run"
+        save_model(f"{model}/export/best/model.pt", load_model(str(corpus.run))[0], EXPORT_CONFIG)
+        monkeypatch.setattr(exports, "find_export", then_deleting(exports.find_export, doomed_bucket))
+    else:
+        shards = f"s3://{doomed_bucket}/shards"
+        write_shards(f"kvc:{corpus.kvc}:desktop", shards, subjects_per_shard=5,
+                     val_subjects=0, test_subjects=TEST_SUBJECTS)
+        monkeypatch.setattr(ShardSet, "read", then_deleting(ShardSet.read, doomed_bucket))
+    if command == "evaluate":
+        result = evaluate("--checkpoint", model, "--shards", shards, "--out", str(tmp_path / "out"))
+    else:
+        result = predict("--checkpoint", model, "--kvc", str(corpus.kvc), "--scenario", "desktop",
+                         "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1, result.output
+    gone = model if deleted_after == "finding the model" else shards
+    assert f"{gone}: bucket {doomed_bucket!r} does not exist" in result.stderr and result.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -230,6 +330,7 @@ def test_an_out_path_that_is_a_file_is_refused_before_anything_is_scored(
         ("predict", "unknown scenario", "unknown scenario 'tablet'"),
         ("predict", "no test files", "no mobile_test_sessions.npy"),
         ("predict", "unknown session", "compares session 'nobody'"),
+        ("predict", "no comparisons", "desktop_comparisons.txt: no comparisons to score"),
     ],
 )
 def test_bad_input_exits_1_with_one_clear_line(
@@ -250,11 +351,12 @@ def test_bad_input_exits_1_with_one_clear_line(
         scenario = "tablet"
     elif fault == "no test files":
         scenario = "mobile"
-    elif fault == "unknown session":
+    elif fault in ("unknown session", "no comparisons"):
         kvc = tmp_path
         (tmp_path / "desktop_test_sessions.npy").write_bytes(
             (corpus.kvc / "desktop" / "desktop_test_sessions.npy").read_bytes())
-        (tmp_path / "desktop_comparisons.txt").write_text("[('00000001', 'nobody')]")
+        comparisons = "[('00000001', 'nobody')]" if fault == "unknown session" else "[]"
+        (tmp_path / "desktop_comparisons.txt").write_text(comparisons)
     if command == "evaluate":
         result = evaluate("--checkpoint", model, "--shards", str(corpus.shards), "--split", split,
                           "--out", str(tmp_path / "out"))

@@ -14,11 +14,13 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from typer.testing import CliRunner
 
 from jobs.submission import CONFIG_KEY, PACKAGES, PASS_THROUGH, RESUMED_KEY, RUN_KEY, job_request
 from pipeline.cli import app
+from pipeline.cluster import arm_run_name, check_run_name
 from pipeline.config import TrainConfig
 from tests.loopback import free_port
 
@@ -180,19 +183,17 @@ def test_a_ray_client_connection_the_head_fails_to_start_is_retried_and_others_a
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """ray-project/ray#63202: the head's per-connection server dies in fork about 1 time in 10."""
-    import ray.job_submission
-
-    from jobs import client
+    from jobs import client, head
 
     attempts: list[str] = []
 
-    def head_that_fails_twice(address: str) -> str:
+    def head_that_fails_twice(address: str, timeout_s: float) -> str:
         attempts.append(address)
         if len(attempts) <= 2:
             raise ConnectionAbortedError("Initialization failure from server: Starting Ray client server failed")
         return "connected"
 
-    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", head_that_fails_twice)
+    monkeypatch.setattr(head, "BoundedJobClient", head_that_fails_twice)
     monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert client.connect("ray://127.0.0.1:10001") == "connected" and len(attempts) == 3
@@ -201,6 +202,58 @@ def test_a_ray_client_connection_the_head_fails_to_start_is_retried_and_others_a
     with pytest.raises(client.JobError, match="cannot reach a Ray job API at http://127.0.0.1:8265"):
         client.connect("http://127.0.0.1:8265")
     assert len(attempts) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused before the head is asked, or given up on in seconds (no cluster)
+# ---------------------------------------------------------------------------------------------
+CLOSED = "http://127.0.0.1:1"  # nothing listens: a command that got this far would say "cannot reach"
+
+
+@pytest.mark.parametrize("name", ["   ", "", "../../etc", "runs/other", ".."])
+def test_a_run_name_that_would_leave_run_storage_is_refused_naming_the_option(name: str) -> None:
+    config = str(ROOT / "configs/cpu-local.yaml")
+    result = CliRunner().invoke(app, ["job", "submit", "--config", config, "--name", name, "--address", CLOSED])
+    assert result.exit_code == 1
+    assert "--name must be a folder name" in result.stderr and repr(name) in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["cpu-local", "kvc_desktop.v2", arm_run_name("eer+multisimilarity", "0123abcd")])
+def test_the_names_eerpipe_gives_runs_pass_the_run_name_rule(name: str) -> None:
+    assert check_run_name(name, "--name") == name
+
+
+@contextmanager
+def silent_head() -> Iterator[str]:
+    """A port on 127.0.0.1 that takes connections (the kernel's backlog) and never answers, as
+    a wedged head or a proxy holding the port does; closed when the block ends."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_a_head_that_never_answers_fails_the_submission_in_seconds_naming_it() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(EERPIPE_HEAD_TIMEOUT_S="1", RAY_USAGE_STATS_ENABLED="0")
+    with silent_head() as address:
+        started = time.monotonic()
+        result = subprocess.run(
+            [str(BIN / "eerpipe"), "job", "submit", "--config", str(ROOT / "configs/cpu-local.yaml"),
+             "--address", address], env=env, capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"{address}: no answer from the Ray head within 1 s" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
+def test_a_head_timeout_that_is_not_a_positive_number_is_refused_naming_the_variable(value: str) -> None:
+    result = CliRunner().invoke(app, ["job", "list", "--address", CLOSED], env={"EERPIPE_HEAD_TIMEOUT_S": value})
+    assert result.exit_code == 1
+    assert f"EERPIPE_HEAD_TIMEOUT_S={value!r}: expected a positive number of seconds" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,16 @@ model and writes the report (session pairs or KVC enrolment sets, ``--protocol``
 :func:`predict` scores a KVC test set's own comparison list and writes the challenge's
 submission files. Both take the export's features, ``max_len``, distance and impostors per
 session (unless ``--impostors`` says otherwise), so the numbers are those the training run's
-validation computed for the same model and sessions. Output folders are checked before any
-scoring.
+validation computed for the same model and sessions. The output folder is checked (a local
+folder this process can write) before any scoring, and a read that fails because an ``s3://``
+bucket is gone (mistyped, or deleted mid-run) names the URL and the bucket.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from pipeline.evaluation.embedding import embed, embed_sessions, progress_bar
 from pipeline.evaluation.protocol import Impostors, ProtocolName, pair_scores, protocol_from, verify
 from pipeline.evaluation.submission import read_test_set, write_predictions
 from pipeline.exports import load_model
+from sharding.format import ShardIntegrityError
+from sharding.storage import StorageError, check_writable, open_fs
 from sharding.synth import SCENARIOS
 
 
@@ -97,9 +102,11 @@ def evaluate(
 ) -> tuple[dict[str, Any], Path]:
     """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
     check_out_folder(out_dir)
-    scored = score_split(
-        checkpoint, shards, split=split, protocol=protocol, impostors=impostors, batch_size=batch_size, progress=progress
-    )
+    with naming_a_missing_bucket(checkpoint, shards):
+        scored = score_split(
+            checkpoint, shards, split=split, protocol=protocol, impostors=impostors, batch_size=batch_size,
+            progress=progress,
+        )
     return scored.report, write_report(out_dir, scored)
 
 
@@ -120,7 +127,8 @@ def predict(
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
     check_out_folder(out_dir)
-    model, export = load_model(checkpoint, _device())
+    with naming_a_missing_bucket(checkpoint):
+        model, export = load_model(checkpoint, _device())
     sessions, pairs = read_test_set(kvc_dir, scenario)
     embeddings, ids = embed_sessions(
         model, sessions, export["data"]["features"], export["data"]["max_len"], batch_size=batch_size, progress=progress,
@@ -132,13 +140,53 @@ def predict(
 
 
 def check_out_folder(out_dir: str | Path) -> None:
-    """An output folder must be a folder (or not exist yet): refused before anything is scored."""
+    """An output folder must be a local folder this process can write (or create): refused
+    before anything is scored, so that a long scoring is never lost to an unwritable folder.
+
+    A URL (``s3://…``) is refused too: the files are written with local file operations, which
+    would put them in a local folder named ``s3:``.
+    """
+    if "://" in str(out_dir):
+        raise ValueError(f"--out {out_dir}: takes a local folder; copy the results to object storage afterwards")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    try:
+        check_writable(str(out), create=False)
+    except StorageError as error:
+        raise StorageError(f"--out {out}: not writable ({error})") from error
+
+
+@contextmanager
+def naming_a_missing_bucket(*urls: str) -> Iterator[None]:
+    """A read from a bucket that is gone fails as a missing file or shard whose message names a
+    key without its URL, or nothing at all (s3fs: "The specified bucket does not exist"): then
+    say which of ``urls`` has no bucket. Any other failure is passed on as it is."""
+    try:
+        yield
+    except (FileNotFoundError, ShardIntegrityError) as error:
+        for url in urls:
+            bucket = _missing_bucket(url)
+            if bucket:
+                raise StorageError(
+                    f"{url}: bucket {bucket!r} does not exist (mistyped, or deleted while eerpipe read it)"
+                ) from error
+        raise
+
+
+def _missing_bucket(url: str) -> str | None:
+    """The bucket of an ``s3://`` URL when the endpoint says it does not exist, else ``None``."""
+    if not url.startswith("s3://"):
+        return None
+    fs, root = open_fs(url)
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+        return None
+    except FileNotFoundError:
+        return bucket
+    except Exception:  # noqa: BLE001 - no answer either way (denied, unreachable): the first error stands
+        return None
 
 
 def write_report(out_dir: str | Path, scored: Scored) -> Path:

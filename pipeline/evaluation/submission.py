@@ -31,15 +31,18 @@ def kvc_test_files(root: str | Path, scenario: str) -> tuple[Path, Path]:
 
 
 def read_test_set(root: str | Path, scenario: str) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-    """The test sessions (id → ``[n_keys, 3]``) and the comparisons to score, checked: every
-    session numeric, every compared session present."""
+    """The test sessions (id → ``[n_keys, 3]``) and the comparisons to score, checked: at least
+    one comparison (an empty submission is worth nothing), every session numeric, every compared
+    session present. The comparisons are read first: they are the smaller file."""
     sessions_path, comparisons_path = kvc_test_files(root, scenario)
+    pairs = read_comparisons(comparisons_path)
+    if not pairs:
+        raise KVCFileError(f"{comparisons_path}: no comparisons to score")
     sessions = read_test_sessions(sessions_path)
     malformed = [s for s, keys in sessions.items() if not _is_session(keys)]
     if not sessions or malformed:
         problem = f"session {malformed[0]!r} is not a numeric [n_keys, 3] array" if malformed else "no sessions"
         raise KVCFileError(f"{sessions_path}: {problem}")
-    pairs = read_comparisons(comparisons_path)
     missing = next((s for pair in pairs for s in pair if s not in sessions), None)
     if missing is not None:
         raise KVCFileError(f"{comparisons_path}: compares session {missing!r}, absent from {sessions_path.name}")
