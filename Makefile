@@ -27,23 +27,24 @@ $(error $(firstword $(filter $(GPU_GOALS),$(MAKECMDGOALS))): no CUDA GPU here (n
 endif
 endif
 
+# $(call install_venv,FOLDER,TORCH): a venv with that torch first, DeepSpeed built against it
+# (it ships no wheel and its setup.py imports torch), then this project with its test extras.
+define install_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip setuptools wheel
+	$(1)/bin/pip install -q "$(2)"
+	$(1)/bin/pip install -q --no-build-isolation "$(DEEPSPEED)"
+	$(1)/bin/pip install -q -e ".[test]"
+endef
+
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q "$(TORCH)"
-	# DeepSpeed ships no wheel; its setup.py imports torch, so build it beside ours.
-	$(BIN)/pip install -q --no-build-isolation "$(DEEPSPEED)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(call install_venv,$(VENV),$(TORCH))
 	touch $(STAMP)
 
 # PyPI's default torch wheel for Linux is a CUDA build; the last line refuses a torch that cannot
 # use this machine's GPU (a CPU wheel, or a driver older than the wheel's CUDA) before the stamp.
 $(GPU_STAMP): pyproject.toml
-	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_BIN)/pip install -q --upgrade pip setuptools wheel
-	$(GPU_BIN)/pip install -q "$(GPU_TORCH)"
-	$(GPU_BIN)/pip install -q --no-build-isolation "$(DEEPSPEED)"
-	$(GPU_BIN)/pip install -q -e ".[test]"
+	$(call install_venv,$(GPU_VENV),$(GPU_TORCH))
 	$(GPU_BIN)/python -c "import sys, torch; torch.cuda.is_available() or sys.exit( \
 		f'$(GPU_VENV): torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU')"
 	touch $(GPU_STAMP)
