@@ -44,6 +44,7 @@ PASS_THROUGH = (
     "WANDB_ENTITY",
     "WANDB_MODE",
     "WANDB_BASE_URL",
+    "WANDB_INIT_TIMEOUT",
 )
 PACKAGES = ("pipeline", "sharding", "jobs", "common")  # the distribution's packages (pyproject.toml)
 CONFIG_FILE = "eerpipe-job.yaml"

@@ -75,7 +75,8 @@ def parameter_grad_norm(engine: Any) -> float | None:
 
 class MetricsSink:
     """Publishes metrics: to W&B on rank 0 (:mod:`pipeline.training.wandb_run`: a relaunch
-    continues the same W&B run) and to Ray Train on every rank (a report is a barrier)."""
+    continues the same W&B run, and a W&B failure never stops training) and to Ray Train on every
+    rank (a report is a barrier)."""
 
     def __init__(self, config: TrainConfig, rank: int) -> None:
         self.wandb = WandbRun(config) if rank == 0 and config.wandb.enabled else None

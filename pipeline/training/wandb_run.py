@@ -10,19 +10,34 @@ remote folder (``s3://``) it writes to a local temporary one, whose new and chan
 copies to the remote folder at each checkpoint and at the end. A pod's death then loses the rows
 logged after the last checkpoint and, before it, those W&B had not yet written out: while a run
 lives, its transaction log grows by whole 32 KiB blocks (tens of rows).
+
+W&B never costs the training: an online run whose ``wandb.init`` fails (a W&B server that does not
+answer within ``WANDB_INIT_TIMEOUT`` seconds, refuses the connection, or rejects the key) logs
+offline into the same folder instead, and a run whose W&B service fails mid-run goes on without
+W&B; each warns once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrainConfig
+
+if TYPE_CHECKING:
+    from wandb import Run
+
+INIT_TIMEOUT_VARIABLE = "WANDB_INIT_TIMEOUT"  # wandb's own variable for its ``init_timeout`` setting
+# W&B's default is 90 s. A healthy server starts a run in a few seconds; during an outage every
+# launch of a run waits this long (plus wandb's two account lookups, 5 s each) before logging
+# offline, while the other ranks wait for rank 0 at their first collective.
+DEFAULT_INIT_TIMEOUT_S = 30.0
 
 
 def check_wandb(config: TrainConfig) -> str | None:
@@ -37,24 +52,25 @@ def check_wandb(config: TrainConfig) -> str | None:
             "wandb.mode=online needs a W&B login: set WANDB_API_KEY (or run `wandb login`), "
             "or use wandb.mode=auto or offline"
         )
-    folder = wandb_folder(config)
-    return (
-        f"W&B: no login (WANDB_API_KEY or `wandb login`), so wandb.mode=auto logs this run offline "
-        f"to {folder}; upload it later with {_sync_command(folder)}"
-    )
+    return f"W&B: no login (WANDB_API_KEY or `wandb login`), so wandb.mode=auto {_logs_offline(wandb_folder(config))}"
 
 
 def has_wandb_login() -> bool:
     """Whether ``wandb.init`` finds credentials without asking, where wandb 0.31 looks:
     ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or a ``wandb login`` entry in the netrc
     file for the W&B server (``WANDB_BASE_URL``, else W&B's default)."""
-    import wandb
     from wandb.sdk.lib.wbauth import read_netrc_auth
 
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    server = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
-    return read_netrc_auth(host=server) is not None
+    return read_netrc_auth(host=wandb_server()) is not None
+
+
+def wandb_server() -> str:
+    """The W&B server an online run talks to: ``WANDB_BASE_URL``, else W&B's default."""
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
 
 
 def wandb_mode(config: TrainConfig) -> str:
@@ -69,6 +85,11 @@ def wandb_folder(config: TrainConfig) -> str:
     return f"{config.wandb.dir or config.run_dir}/wandb"
 
 
+def _logs_offline(folder: str) -> str:
+    """The end of a notice that a run logs offline: where its files go and how to upload them."""
+    return f"logs this run offline to {folder}; upload it later with {_sync_command(folder)}"
+
+
 def _sync_command(folder: str) -> str:
     """How to upload offline runs: ``wandb sync`` reads local folders only."""
     if "://" not in folder:
@@ -79,29 +100,70 @@ def _sync_command(folder: str) -> str:
 
 class WandbRun:
     """The W&B run of rank 0, continued by every relaunch of the run (its id follows the run's
-    storage and name)."""
+    storage and name). ``run`` is None once W&B has failed mid-run."""
 
     def __init__(self, config: TrainConfig) -> None:
-        import wandb
-
-        from pipeline.cluster import wandb_run_id
-
         self.folder = wandb_folder(config)
         remote = "://" in self.folder
         # W&B's ``dir``: it writes into ``{dir}/wandb``
         self.init_dir = Path(tempfile.mkdtemp(prefix="eerpipe-wandb-") if remote else Path(self.folder).parent)
         self.init_dir.mkdir(parents=True, exist_ok=True)
         self.mirror = FolderMirror(self.init_dir / "wandb", self.folder) if remote else None
-        self.run = wandb.init(
-            project=config.wandb.project, name=config.run.name, id=wandb_run_id(config.run.storage, config.run.name),
-            resume="allow", mode=wandb_mode(config), dir=str(self.init_dir), config=config.to_dict(),
-        )
+        self.run: Run | None = self._start(config)
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
+    def _start(self, config: TrainConfig) -> Run:
+        """The run in ``wandb.mode``; an online run that cannot start (the server does not answer
+        in time, refuses the connection or rejects the key) warns and starts offline instead. The
+        failed attempt leaves a ``run-*`` folder of logs beside the offline run, which
+        ``wandb sync`` skips."""
+        from pipeline.exports import first_line
+
+        mode = wandb_mode(config)
+        try:
+            return self._init(config, mode)
+        except Exception as error:  # noqa: BLE001 - any failure to go online: monitoring must not stop training
+            if mode != "online":
+                raise
+            warnings.warn(f"W&B: could not start the run on {wandb_server()} ({first_line(error)}), so rank 0 "
+                          f"{_logs_offline(self.folder)}", stacklevel=3)
+            _teardown_wandb()  # W&B's service holds the failed run's id until it stops
+            return self._init(config, "offline")
+
+    def _init(self, config: TrainConfig, mode: str) -> Run:
+        """``wandb.init``, waiting for the server ``WANDB_INIT_TIMEOUT`` seconds, else 30 s; read
+        here, since a setting passed to ``wandb.init`` outranks the variable."""
+        import wandb
+
+        from pipeline.cluster import wandb_run_id
+
+        timeout = os.environ.get(INIT_TIMEOUT_VARIABLE, DEFAULT_INIT_TIMEOUT_S)
+        return wandb.init(
+            project=config.wandb.project, name=config.run.name, id=wandb_run_id(config.run.storage, config.run.name),
+            resume="allow", mode=mode, dir=str(self.init_dir), config=config.to_dict(),
+            settings=wandb.Settings(init_timeout=timeout),
+        )
+
     def log(self, row: dict[str, Any]) -> None:
-        """One row; its ``step`` is the training step."""
-        self.run.log(row)
+        """One row; its ``step`` is the training step. Logging only queues the row for W&B's
+        service process, which uploads it: an unreachable server never fails it, a dead service
+        process does."""
+        if self.run is None:
+            return
+        try:
+            self.run.log(row)
+        except Exception as error:  # noqa: BLE001 - any W&B failure: monitoring must not stop training
+            self._lose_wandb(error)
+
+    def _lose_wandb(self, error: Exception) -> None:
+        """Training goes on without W&B, after one warning; what W&B wrote so far stays in the folder."""
+        from pipeline.exports import first_line
+
+        warnings.warn(f"W&B failed ({first_line(error)}); the run goes on without it, and what it logged so far "
+                      f"is in {self.folder}", stacklevel=3)
+        self.run = None
+        _teardown_wandb()
 
     def copy_to_storage(self) -> bool:
         """What W&B has written so far reaches a remote folder (a local one has it already).
@@ -124,10 +186,23 @@ class WandbRun:
         records, which ``finish`` does not. A local copy that failed to reach the storage is kept."""
         import wandb
 
-        self.run.finish()
-        wandb.teardown()
+        if self.run is not None:
+            try:
+                self.run.finish()
+                wandb.teardown()
+            except Exception as error:  # noqa: BLE001 - any W&B failure: monitoring must not stop training
+                self._lose_wandb(error)
         if self.mirror is not None and self.copy_to_storage():
             shutil.rmtree(self.init_dir, ignore_errors=True)
+
+
+def _teardown_wandb() -> None:
+    """Stop W&B's service process, so that the next ``wandb.init`` starts afresh; wandb forgets the
+    old one even when stopping it fails (it raises when the process has died)."""
+    import wandb
+
+    with contextlib.suppress(Exception):
+        wandb.teardown()
 
 
 class FolderMirror:
