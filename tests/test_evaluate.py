@@ -136,11 +136,11 @@ def test_a_model_is_evaluated_on_a_test_only_shard_set_of_another_corpus(corpus:
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["mean_per_subject"]["subjects"] == 8
 
 
-def test_an_unknown_protocol_is_refused_naming_it(corpus: Corpus, tmp_path: Path) -> None:
-    result = evaluate("--checkpoint", str(corpus.run), "--shards", str(corpus.shards), "--protocol", "enrol",
-                      "--out", str(tmp_path / "out"))
+def test_an_unknown_protocol_is_refused_naming_it_before_any_model_is_read(corpus: Corpus, tmp_path: Path) -> None:
+    result = evaluate("--checkpoint", str(tmp_path / "no-model"), "--shards", str(corpus.shards), "--protocol",
+                      "enrol", "--out", str(tmp_path / "out"))
     assert result.exit_code == 1
-    assert "protocol must be 'session' or 'kvc', got 'enrol'" in result.output
+    assert "--protocol must be one of session, kvc, got 'enrol'" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -13,6 +13,7 @@ bucket is gone (mistyped, or deleted mid-run) names the URL and the bucket.
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,6 +102,8 @@ def evaluate(
     progress: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
+    if protocol not in (None, *typing.get_args(ProtocolName)):  # refused before the embedding, not after
+        raise ValueError(f"--protocol must be one of {', '.join(typing.get_args(ProtocolName))}, got {protocol!r}")
     check_out_folder(out_dir)
     with naming_a_missing_bucket(checkpoint, shards):
         scored = score_split(
