@@ -79,15 +79,31 @@ mask) whose owned pairs form a skewed band (row ``i`` owns the ``⌊N/2⌋`` row
 adapting to ``N`` so that a slab holds at most ``_BLOCK_ELEMENTS`` pairs. A band's few genuine
 pairs are located once, from the sorted labels; its impostors are the rest of it, so a sum over
 impostors is the sum over the band less that over its genuine pairs, and no pass builds a mask.
-Elementwise work runs in chunks of ``_CHUNK_ELEMENTS`` pairs whose temporaries stay in the core's
-cache. The bands (every owned distance) are kept for the later passes when all of them fit in
-``_CACHE_BYTES`` (N = 8,192 in fp32 does), else each pass recomputes them from the Gram blocks, so
-``N = 65,536`` runs in bounded memory. With a cross-batch ``memory`` of ``M`` earlier embeddings
-(constants), every batch row also meets every memory row, in ``B × M'`` slabs of the same bound; a
-rank then scores its own rows against the whole memory. The loss is a scalar function of the sums;
+Elementwise work runs in chunks of ``_chunk_elements(device)`` pairs: on a CPU few enough that
+their temporaries stay in the core's cache, on a GPU a whole band. The bands (every owned
+distance) are kept for the later passes when all of them fit in ``_CACHE_BYTES`` (N = 8,192 in
+fp32 does), else each pass recomputes them from the Gram blocks, so ``N = 65,536`` runs in
+bounded memory. With a cross-batch ``memory`` of ``M`` earlier embeddings (constants), every batch
+row also meets every memory row, in ``B × M'`` slabs of the same bound; a rank then scores its own
+rows against the whole memory. The loss is a scalar function of the sums;
 backward (``_PairSums``) recomputes each pair's coefficient ``∂L/∂distance`` from the sums'
 gradients into the band of a coefficient slab and turns it into the embedding gradient with two
 block matmuls. Time and peak memory against the bare Gram matmul: ``bench/README.md``.
+
+Host waits
+----------
+On a GPU the host queues kernels ahead of the device until it needs a value from it (``.item()``,
+``float(t)``, ``.tolist()``, a blocking copy, the size of a boolean selection, ``bincount``'s
+length); each such read waits for everything queued so far. A default forward and backward pass
+wait six times, whatever N and however many blocks and chunks (a memory adds three, sharding two,
+an unrolled search two per step): the genuine pairs of all blocks are found at once (the number
+of candidates, the blocks' first keys copied to the device, where each block's pairs start), the
+search grid's size is read once, and the thresholds once before the pass of sums and once before
+backward (the per-pair terms take them as Python numbers, as before: bit-identical values). The
+search keeps ``d`` on the device (a fixed number of bisection steps, ``torch.where`` picks the
+half), histograms add into a counts vector (``index_add_``), and the pair counts and target rates
+reach the device as fills, not copies. ``return_stats`` reads its floats on top (logged steps
+only). Counted on the CPU by ``tests/test_eer_host_syncs.py``.
 
 ``return_stats``' exact EER is the official EER of the points the search uses: exact distances
 where a side has fewer pairs than the search grid has bins, else that side's histogram, i.e. the
@@ -140,7 +156,8 @@ _BINS_PER_UNIT_SHARPNESS = 64  # histogram bins per 1/k of distance in the impli
 _MAX_BINS = 1 << 22
 _BLOCK_ELEMENTS = 1 << 21  # pairs per row block: bounds every per-pair temporary (8–16 MB each)
 _CACHE_BYTES = 256 << 20  # a rank's owned distances are kept between passes when they fit
-_CHUNK_ELEMENTS = 1 << 16  # pairs per elementwise chunk: its temporaries stay in the core's cache
+_CPU_CHUNK_ELEMENTS = 1 << 16  # pairs per elementwise chunk on a CPU (see _chunk_elements)
+_GPU_CHUNK_ELEMENTS = 1 << 24  # pairs per elementwise chunk on a GPU (see _chunk_elements)
 _ROWS_PER_BAND_WIDTH = 1 / 4  # rows of a block per pair a row owns: B − 1 unowned columns cost ≤ 1/4 more
 
 
@@ -170,14 +187,20 @@ class _Collective:
             dist.all_reduce(tensor, op, group=self.group)
         return tensor
 
+    def total(self, counts: list[int], device: torch.device) -> tuple[int, ...]:
+        """``counts`` summed over ranks; kept on the host when there is one rank (no device round trip)."""
+        if not self.sharded:
+            return tuple(counts)
+        return tuple(self.reduce(torch.tensor(counts, dtype=torch.int64, device=device)).tolist())
+
     def concat(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-D ``tensor``, concatenated in rank order (lengths may differ)."""
         if not self.sharded:
             return tensor
-        size = torch.tensor([tensor.numel()], device=tensor.device)
+        size = tensor.new_full((1,), tensor.numel(), dtype=torch.int64)
         sizes = [torch.zeros_like(size) for _ in range(self.world)]
         dist.all_gather(sizes, size, group=self.group)
-        lengths = [int(s) for s in sizes]
+        lengths = torch.cat(sizes).tolist()  # one read of every rank's length
         padded = torch.cat([tensor, tensor.new_zeros(max(lengths) - tensor.numel())])
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
@@ -208,6 +231,11 @@ class _RowBlock(NamedTuple):
         """How far each row's band starts right of the previous row's."""
         return 1
 
+    @property
+    def first_column(self) -> int:
+        """Its band's first column among the offsets ``δ − 1`` a row may own: 0, it spans them all."""
+        return 0
+
 
 class _MemoryBlock(NamedTuple):
     """Batch rows ``[a, b)`` against memory rows ``[start, stop)``: a dense slab, all of it the band."""
@@ -229,6 +257,11 @@ class _MemoryBlock(NamedTuple):
     def skew(self) -> int:
         """Every row's band starts at the first column."""
         return 0
+
+    @property
+    def first_column(self) -> int:
+        """Its band's first column among the memory rows."""
+        return self.start
 
 
 _Block = _RowBlock | _MemoryBlock
@@ -277,7 +310,8 @@ class _PairSet:
         self.memory_vectors, self.memory_labels = memory if memory is not None else (vectors[:0], labels[:0])
         self.norms = vectors.pow(2).sum(1) if distance == "euclidean" else None
         self.memory_norms = self.memory_vectors.pow(2).sum(1) if distance == "euclidean" else None
-        self.min_distance = vectors.new_tensor(_EPS_SQUARED_DISTANCE).sqrt()  # where the clamp holds
+        self.min_distance = vectors.new_full((), _EPS_SQUARED_DISTANCE).sqrt_()  # where the clamp holds
+        self.chunk = _chunk_elements(vectors.device)
         self.blocks: list[_Block] = [*_row_blocks(rows, len(labels)), *_memory_blocks(rows, len(self.memory_labels))]
         owned = sum((block.b - block.a) * block.width for block in self.blocks)
         fits = owned * vectors.element_size() <= _CACHE_BYTES
@@ -287,10 +321,9 @@ class _PairSet:
         self._buffer = vectors.new_empty(owned if fits else 0)
         self._kept = 0
         self._by_label, self._memory_by_label = torch.sort(labels), torch.sort(self.memory_labels)
-        self._genuine: list[Where] = []
-        self.low, self.high, counts = self._first_pass()
-        self.counts = tuple(int(c) for c in counts)
-        self.sizes = counts.to(vectors.dtype)  # the pair counts as divisors
+        self._genuine = self._genuine_pairs(rows)
+        self.low, self.high, self.counts = self._first_pass()
+        self.sizes = _filled(self.counts, vectors)  # the pair counts as divisors
         if 0 in self.counts:
             raise ValueError(
                 f"EERLoss needs at least one genuine and one impostor pair; the batch has "
@@ -298,42 +331,43 @@ class _PairSet:
                 f"{labels.unique().numel()} distinct in {len(labels)} samples)"
             )
 
-    def _first_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Global (min distance, max distance, [genuine, impostor] counts); finds the genuine
-        pairs and fills the cache."""
+    def _first_pass(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Global (min distance, max distance, (genuine, impostor) counts); fills the cache."""
         low = self.vectors.new_full((), math.inf)
         high = self.vectors.new_full((), -math.inf)
         counts = [0, 0]
-        for block in self.blocks:
+        for block, where in zip(self.blocks, self._genuine, strict=True):
             band = self._band_distances(block, keep=self._cache is not None)
-            where = self._genuine_pairs(block)
-            genuine = band[where]
-            self._genuine.append(where)
             if self._cache is not None:
-                self._cache.append((band, genuine))
-            counts[_GENUINE] += genuine.numel()
-            counts[_IMPOSTOR] += band.numel() - genuine.numel()
+                self._cache.append((band, band[where]))
+            counts[_GENUINE] += len(where[0])
+            counts[_IMPOSTOR] += band.numel() - len(where[0])
             smallest, largest = torch.aminmax(band)
             low, high = torch.minimum(low, smallest), torch.maximum(high, largest)
-        owned = torch.tensor(counts, dtype=torch.int64, device=self.vectors.device)
         reduce = self.collective.reduce
-        return reduce(low, dist.ReduceOp.MIN), reduce(high, dist.ReduceOp.MAX), reduce(owned)
+        counts = self.collective.total(counts, low.device)
+        return reduce(low, dist.ReduceOp.MIN), reduce(high, dist.ReduceOp.MAX), counts
 
-    def _genuine_pairs(self, block: _Block) -> Where:
-        """(rows, columns) in the block's band of its genuine pairs, in row-major order: found from
-        the sorted labels (a few per row) instead of comparing labels over the whole band."""
-        a, b = block[:2]
-        if isinstance(block, _MemoryBlock):
-            rows, others = _same_label(self.labels[a:b], self._memory_by_label)
-            columns = others - block.start
-            owned = (columns >= 0) & (columns < block.width)
-        else:
-            rows, others = _same_label(self.labels[a:b], self._by_label)
-            columns = (others - a - rows - 1) % len(self.labels)  # δ − 1, from row a + i to column j
-            owned = columns < block.width
-        rows, columns = rows[owned], columns[owned]
-        order = torch.argsort(rows * block.width + columns)
-        return rows[order], columns[order]
+    def _genuine_pairs(self, rows: range) -> list[Where]:
+        """Each block's genuine pairs, (rows, columns) in its band in row-major order.
+
+        Found from the sorted labels (a few per row) instead of comparing labels over the bands,
+        for all of this process's rows at once and then split by block: how many pairs a block
+        holds is data, so a search per block would wait for the device once per block.
+        """
+        own, n = self.labels[rows.start : rows.stop], len(self.labels)
+        row_blocks = [block for block in self.blocks if isinstance(block, _RowBlock)]
+        memory_blocks = [block for block in self.blocks if isinstance(block, _MemoryBlock)]
+        found: list[Where] = []
+        if row_blocks:
+            pair_rows, others = _same_label(own, self._by_label)
+            columns = (others - rows.start - pair_rows - 1) % n  # δ − 1, from row i to row j
+            owned = columns < _pairs_per_row(rows.start + pair_rows, n)
+            found += _by_block(row_blocks, pair_rows, columns, n, owned)
+        if memory_blocks:
+            pair_rows, columns = _same_label(own, self._memory_by_label)
+            found += _by_block(memory_blocks, pair_rows, columns, len(self.memory_labels))
+        return found
 
     def _band_distances(self, block: _Block, keep: bool = False) -> torch.Tensor:
         """The block's owned distances, a contiguous ``B × width`` band; ``keep``: in the buffer."""
@@ -392,29 +426,37 @@ class _PairSet:
         return self.collective.concat(torch.cat(owned) if owned else self.vectors.new_zeros(0))
 
     def totals(
-        self, term: Callable[[int, torch.Tensor], torch.Tensor], into: torch.Tensor, chunk: int = _CHUNK_ELEMENTS
+        self, term: Callable[[int, torch.Tensor], torch.Tensor], into: torch.Tensor, chunk: int | None = None
     ) -> torch.Tensor:
         """``into[side] += Σ term(side, distances)`` over this process's pairs of each side, where
         ``term`` gives a vector per call; not all-reduced.
 
         A block's impostors are its band less its genuine pairs: ``term`` runs over the band in
-        chunks of about ``chunk`` pairs (their temporaries stay in the core's cache), and the
+        chunks of about ``chunk`` pairs (default: the device's, ``_chunk_elements``), and the
         genuine pairs' impostor terms are taken back out.
         """
         for band, genuine in self.bands():
             into[_GENUINE] += term(_GENUINE, genuine)
-            into[_IMPOSTOR] += sum(term(_IMPOSTOR, x) for _, x in _chunks(band, chunk)) - term(_IMPOSTOR, genuine)
+            chunks = _chunks(band, chunk or self.chunk)
+            into[_IMPOSTOR] += sum(term(_IMPOSTOR, x) for _, x in chunks) - term(_IMPOSTOR, genuine)
         return into
 
     def histograms(self, low: torch.Tensor, width: float, bins: int) -> torch.Tensor:
-        """``[2, bins]`` counts of each side's distances rounded to the grid ``low + width·j`` (one pass)."""
+        """``[2, bins]`` counts of each side's distances rounded to the grid ``low + width·j`` (one pass).
+
+        ``index_add_`` counts, not ``bincount``, which reads its largest index on the host (a wait
+        for the device per chunk); the indices are clamped to the grid, which float rounding at its
+        ends must not leave.
+        """
+        one = torch.ones((), dtype=torch.int64, device=low.device)
 
         def counts(_side: int, x: torch.Tensor) -> torch.Tensor:
-            return torch.bincount(((x - low) / width).round_().int(), minlength=bins)
+            grid = torch.sub(x, low).div_(width).round_().clamp_(0, bins - 1).int()
+            return one.new_zeros(bins).index_add_(0, grid, one.expand(len(grid)))
 
-        counted = torch.zeros(2, bins, dtype=torch.int64, device=self.vectors.device)
+        counted = one.new_zeros(2, bins)
         # Chunks of at least ``bins`` pairs: each chunk's counts cost ``bins`` additions.
-        return self.collective.reduce(self.totals(counts, counted, chunk=max(_CHUNK_ELEMENTS, bins)))
+        return self.collective.reduce(self.totals(counts, counted, chunk=max(self.chunk, bins)))
 
     def gradient(
         self, weights: Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], thresholds: int
@@ -434,7 +476,7 @@ class _PairSet:
         for block, where, (band, genuine) in zip(self.blocks, self._genuine, self.bands(), strict=True):
             slab = _coefficient_slab(block, self.vectors)
             coefficients = _band(slab, block)
-            for rows, x in _chunks(band):
+            for rows, x in _chunks(band, self.chunk):
                 weight, share = weights(_IMPOSTOR, x)
                 coefficients[rows] = self._per_gram_term(weight, x).view(-1, band.shape[1])
                 along_d += share
@@ -499,14 +541,67 @@ def _same_label(labels: torch.Tensor, pool: tuple[torch.Tensor, torch.Tensor]) -
     return rows, positions[torch.arange(len(rows), device=labels.device) + shift[rows]]
 
 
+def _by_block(
+    blocks: list[_Block], rows: torch.Tensor, columns: torch.Tensor, stride: int, owned: torch.Tensor | None = None
+) -> list[Where]:
+    """The pairs (row ``blocks[0].a + rows``, ``columns``), those ``owned`` (default: all), as each
+    block's (rows, columns) in its band, in row-major order.
+
+    The blocks tile the plane of (row, column) in row-major order — ranges of rows over every
+    column, or single rows cut into column ranges (a memory wider than a block) — so, sorted by
+    ``row·stride + column``, each block's pairs are one run in its band's order, and where the
+    runs start is one search for the blocks' first keys (copied over, read back once).
+    """
+    first = blocks[0].a
+    end = (blocks[-1].b - first) * stride  # beyond every key: where the pairs not owned sort
+    keys = rows * stride + columns
+    keys, order = torch.sort(keys if owned is None else torch.where(owned, keys, end))
+    starts = [(block.a - first) * stride + block.first_column for block in blocks]
+    bounds = torch.searchsorted(keys, keys.new_tensor([*starts, end])).tolist()
+    runs = [order[start:stop] for start, stop in zip(bounds, bounds[1:])]
+    return [
+        (rows[run] - (block.a - first), columns[run] - block.first_column)
+        for block, run in zip(blocks, runs, strict=True)
+    ]
+
+
+def _pairs_per_row(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """How many pairs each batch row owns (``_PairSet``): ``⌊N/2⌋``, one fewer from row N/2 on for even N."""
+    reach = n // 2
+    return torch.where(rows < reach, reach, reach - 1 + n % 2)
+
+
 def _without(band: torch.Tensor, where: Where) -> torch.Tensor:
-    """The band's distances except those at ``where``, in row-major order."""
-    keep = torch.ones_like(band, dtype=torch.bool)
-    keep[where] = False
-    return band[keep]
+    """The band's distances except those at ``where``, in row-major order.
+
+    By index, not by a boolean mask, whose selection would read its size on the host: with ``p_j``
+    the removed positions in order, the ``k``-th kept distance is at ``k + #{j : p_j − j ≤ k}``.
+    """
+    removed = where[0] * band.shape[1] + where[1]
+    kept = torch.arange(band.numel() - len(removed), device=band.device)
+    before = torch.searchsorted(removed - torch.arange(len(removed), device=band.device), kept, right=True)
+    return band.reshape(-1)[kept + before]
 
 
-def _chunks(band: torch.Tensor, elements: int = _CHUNK_ELEMENTS) -> Iterator[tuple[slice, torch.Tensor]]:
+def _chunk_elements(device: torch.device) -> int:
+    """Pairs per elementwise chunk on ``device``.
+
+    A CPU core runs a chunk's ~35 torch calls fastest when their temporaries (256 KiB each in
+    fp32) stay in its cache. A GPU pays a few µs to launch each kernel, however small, and 64 K
+    pairs are less work than that: there a chunk is as large as a bounded memory allows, 16 M
+    pairs, 64 MiB per fp32 temporary with a handful alive at once. As a band holds at most
+    ``_BLOCK_ELEMENTS`` pairs, a GPU takes each band in one chunk.
+    """
+    return _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _GPU_CHUNK_ELEMENTS
+
+
+def _filled(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a vector of ``like``'s dtype and device, filled on the device: copying a host
+    list there is a blocking copy, which waits for the device."""
+    return torch.stack([like.new_full((), value) for value in values])
+
+
+def _chunks(band: torch.Tensor, elements: int) -> Iterator[tuple[slice, torch.Tensor]]:
     """Slices of a contiguous band's rows holding about ``elements`` pairs (at least a row), flattened."""
     height, width = band.shape
     step = max(1, elements // max(1, width))
@@ -870,7 +965,7 @@ class EERLoss(torch.nn.Module):
         if self.threshold_grad == "implicit":
             # d* = d + (0 in value) carrying −(∂F/∂θ)/(∂F/∂d); the means follow to first order.
             rates, rate_slopes = means[..., _RATE], mean_slopes[..., _RATE]
-            targets = rates.new_tensor(self.target_rates)
+            targets = _filled(self.target_rates, rates)
             shift = _implicit_shift(self._equation(*rates, targets), self._equation(*rate_slopes, 0.0))
             at = at + shift
             means = means[..., : _AREA + 1] + mean_slopes * shift[:, None]
@@ -904,7 +999,8 @@ class EERLoss(torch.nn.Module):
         When there are more pairs than a grid of ``_BINS_PER_UNIT_SHARPNESS`` bins per ``1/k``
         needs, the pairs are binned (one pass; each pair moves by at most half a bin,
         ``1/(2·64·k)``, far below the soft step), so each search step costs the grid, not the
-        pairs; otherwise the points are the exact distances, gathered from every rank.
+        pairs; otherwise the points are the exact distances, gathered from every rank. The grid's
+        size is a shape, so the host reads the distance range once here.
         """
         span = float(pairs.high - pairs.low)
         bins = math.ceil(span * self.k * _BINS_PER_UNIT_SHARPNESS) + 1
@@ -922,11 +1018,13 @@ class EERLoss(torch.nn.Module):
     def _bisection_search(
         self, points: list[tuple[torch.Tensor, torch.Tensor]], pairs: _PairSet, target: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard bisection on the soft rates of the (binned) points for the ``target`` rate, without autograd."""
+        """Hard bisection on the soft rates of the (binned) points for the ``target`` rate, without
+        autograd; ``d`` and the bounds stay on the device (``torch.where`` picks the half), so the
+        host never waits for a step."""
         weights = [counts / size for (_, counts), size in zip(points, pairs.sizes, strict=True)]
 
         def rate(side: int, d: torch.Tensor) -> torch.Tensor:
-            return (weights[side] * self._soft_step(points[side][0], float(d), side)[0]).sum()
+            return (weights[side] * self._soft_step(points[side][0], d, side)[0]).sum()
 
         left, right = pairs.low.clone(), pairs.high.clone()
         midpoint = (left + right) / 2
@@ -962,7 +1060,7 @@ class EERLoss(torch.nn.Module):
         self, frr_pct: torch.Tensor, far_pct: torch.Tensor, target: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) in percent: the search raises ``d`` while ``a > b``."""
-        target_pct = torch.as_tensor(100 * target, dtype=frr_pct.dtype, device=frr_pct.device)
+        target_pct = frr_pct.new_full((), 100 * target)
         if self.target_kind == "fmr":
             return target_pct, far_pct
         if self.target_kind == "fnmr":
@@ -971,7 +1069,7 @@ class EERLoss(torch.nn.Module):
 
     # -- the per-pair terms (one implementation, used by the search, forward and backward) -------
     def _soft_step(
-        self, x: torch.Tensor, d: float, side: int, derivative: bool = False
+        self, x: torch.Tensor, d: float | torch.Tensor, side: int, derivative: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``tanh(k · max(0, s·(x − d)))`` per pair (``s`` = +1 genuine, −1 impostor), and its
         derivative in ``x`` (the one in ``d`` is its negative)."""
