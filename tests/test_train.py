@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -200,6 +201,30 @@ def test_a_relaunch_whose_latest_checkpoint_was_tampered_with_is_refused_without
     with pytest.raises(ValueError, match=f"{states}: refused to load: it names io.open"):
         train(config(shards, str(tmp_path), "tampered", "wandb.enabled=false"), show_progress=False)
     assert not marker.exists()
+
+
+def test_deleting_a_corrupt_latest_checkpoint_goes_on_from_the_previous_one_and_finishes(
+    shards, ray_cluster, straight_run, tmp_path
+):
+    """The documented way out of a refused checkpoint: delete it. The relaunch repairs Ray's
+    snapshot and resumes from the epoch-1 checkpoint: it writes only the last step's checkpoint
+    and ends with the straight run's parameters (Ray alone would refuse the whole run)."""
+    run = tmp_path / "recovered"
+    shutil.copytree(straight_run.run_dir, run)
+    previous, latest = sorted(folder for folder in run.glob("checkpoint_*") if folder.is_dir())
+    states = next(latest.glob("step*/mp_rank_00_model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])  # an interrupted upload
+    recovered = config(shards, str(tmp_path), "recovered", "wandb.enabled=false")
+    way_out = f"; delete {latest} to go on from the previous checkpoint ({previous})"
+    with pytest.raises(ValueError, match=re.escape(way_out)):
+        train(recovered, show_progress=False)
+    shutil.rmtree(latest)
+    with pytest.warns(UserWarning, match=f"the run goes on from {re.escape(str(previous))}$"):
+        result = train(recovered, show_progress=False)
+    assert result.metrics["step"] == straight_run.metrics["step"]
+    (written,) = {folder for folder in run.glob("checkpoint_*") if folder.is_dir()} - {previous}
+    assert [tag.name for tag in written.glob("step*")] == [f"step{result.metrics['step']:08d}"]
+    assert_same_parameters(result.final_model, straight_run.final_model)
 
 
 def test_a_warm_started_run_begins_from_the_exported_weights(shards, ray_cluster, straight_run, tmp_path):

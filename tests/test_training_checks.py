@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import TrainConfig
 from pipeline.training import prepare
+from pipeline.training.ray_snapshot import resumption
 from sharding.writer import write_shards
 from tests.loopback import free_port
 
@@ -147,17 +148,139 @@ def test_a_malicious_resume_checkpoint_is_refused_without_running_it(shards, tmp
     assert not marker.exists()
 
 
-def test_a_relaunch_is_refused_when_the_run_s_latest_checkpoint_is_malicious(shards, tmp_path):
-    """Ray would resume the run from its newest ``checkpoint_*`` folder (Ray's own files beside it
-    are not checkpoints); the driver checks that one. A real run's folder: tests/test_train.py."""
-    marker = tmp_path / "executed"
+OLDER, NEWER = "checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-01_00-00-09.000000"  # Ray's names
+
+
+def write_ray_snapshot(run: Path, names: list[str]) -> Path:
+    """Ray Train's snapshot of a run that reported the checkpoints ``names`` in this order (the
+    last its latest), each after a report without one (a logged step), built with Ray's classes."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    results = [_TrainingResultState(checkpoint_dir_name=name, metrics={"step": 3 * (n + 1)})
+               for n, name in enumerate(names)]
+    state = _CheckpointManagerState(
+        checkpoint_results=results, checkpoint_report_indices=[2 * n + 1 for n in range(len(names))],
+        latest_checkpoint_result=results[-1], pending_training_results=[], pending_validation_specs=[],
+        current_report_index=2 * len(names), validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[],
+    )
+    path = run / "checkpoint_manager_snapshot.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(state.model_dump_json())
+    return path
+
+
+def write_run(run: Path, *names: str) -> Path:
+    """A run folder as Ray leaves it: a good checkpoint under each name, and its snapshot."""
+    for name in names:
+        write_checkpoint(run / name, {"module": {"weight": torch.zeros(2)}})
+    return write_ray_snapshot(run, list(names))
+
+
+def ray_resumes_from(storage: str, name: str) -> str | None:
+    """The checkpoint folder that Ray's own checkpoint manager resumes run ``name`` from (what
+    ``ray.train.get_checkpoint()`` returns in the workers), loaded as a relaunch loads it."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from pipeline.cluster import ray_storage
+
+    path, filesystem = ray_storage(storage)
+    manager = CheckpointManager(CheckpointConfig(num_to_keep=2), StorageContext(path, name, filesystem, read_only=True))
+    latest = manager.latest_checkpoint_result
+    return latest and Path(latest.checkpoint.path).name
+
+
+def test_a_relaunch_resumes_from_ray_s_snapshot_not_from_the_newest_checkpoint_folder(shards, tmp_path):
+    """A folder the snapshot does not name (here an empty one, as an interrupted upload leaves)
+    is ignored, as Ray ignores it; without a snapshot Ray starts afresh, whatever folders exist."""
+    run = tmp_path / "cpu-local"
+    snapshot = write_run(run, OLDER)
+    (run / NEWER).mkdir()
+    config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={tmp_path}"])
+    assert resumption(str(run)).checkpoint == str(run / OLDER)
+    assert ray_resumes_from(str(tmp_path), "cpu-local") == OLDER
+    prepare(config)
+    snapshot.unlink()
+    assert resumption(str(run)) is None and ray_resumes_from(str(tmp_path), "cpu-local") is None
+    prepare(config)
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_deleting_the_newest_checkpoint_repairs_ray_s_snapshot_to_go_on_from_the_previous_one(
+    shards, tmp_path, request, storage
+):
+    """Ray alone would refuse the whole run after its start; the driver drops the deleted
+    checkpoint from the snapshot, and Ray's own checkpoint manager then resumes from the
+    previous one. End to end: tests/test_train.py."""
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    from sharding.storage import open_fs
+
+    runs = request.getfixturevalue("s3_url") if storage == "s3" else str(tmp_path / "runs")
+    fs, root = open_fs(f"{runs}/cpu-local")
+    fs.put(str(write_run(tmp_path / "built", OLDER, NEWER).parent), root, recursive=True)
+    fs.rm(f"{root}/{NEWER}", recursive=True)
+    with pytest.raises(CheckpointManagerInitializationError, match="does not exist anymore"):
+        ray_resumes_from(runs, "cpu-local")
+    config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={runs}"])
+    message = (f"{runs}/cpu-local: Ray's snapshot no longer lists the deleted {NEWER}; "
+               f"the run goes on from {runs}/cpu-local/{OLDER}")
+    with pytest.warns(UserWarning, match=f"^{re.escape(message)}$"):
+        prepare(config)
+    assert ray_resumes_from(runs, "cpu-local") == OLDER
+
+
+def test_a_run_whose_every_checkpoint_was_deleted_is_refused_rather_than_restarted(shards, tmp_path):
+    """A fresh start would overwrite the exports of the run's earlier training: the user decides."""
+    run = tmp_path / "cpu-local"
+    snapshot = write_ray_snapshot(run, [OLDER, NEWER])
+    before = snapshot.read_text()
+    result = train(shards, tmp_path)
+    assert_refused_in_one_line(result, f"{run}: every checkpoint of the run is deleted ({OLDER}, {NEWER}); "
+                                       f"delete {run} to train it from scratch")
+    assert snapshot.read_text() == before
+
+
+def test_a_snapshot_ray_could_not_read_is_refused_in_one_line(shards, tmp_path):
+    (tmp_path / "cpu-local").mkdir()
+    (tmp_path / "cpu-local" / "checkpoint_manager_snapshot.json").write_text("{}")
+    message = "checkpoint_manager_snapshot.json: not a snapshot Ray Train reads (checkpoint_results: Field required)"
+    assert_refused_in_one_line(train(shards, tmp_path), message)
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def poisoned(path: Path) -> None:
+    torch.save({"module": Payload(path.with_name("executed"))}, path)
+
+
+@pytest.mark.parametrize(("spoil", "reason"), [
+    (poisoned, "refused to load: it names io.open"),
+    (truncated, "unreadable"),
+], ids=["malicious", "truncated"])
+@pytest.mark.parametrize(("names", "way_out"), [
+    ((OLDER, NEWER), "delete {run}/{NEWER} to go on from the previous checkpoint ({run}/{OLDER})"),
+    ((NEWER,), "it is the run's only checkpoint: delete {run} to train it from scratch"),
+], ids=["previous", "only"])
+def test_a_relaunch_from_a_corrupt_or_malicious_checkpoint_is_refused_naming_the_way_out(
+    shards, tmp_path, spoil, reason, names, way_out
+):
+    """The checkpoint Ray would resume from (its snapshot's latest) is checked; the refusal says
+    how to go on from the previous one. A real run's folder: tests/test_train.py."""
     run = tmp_path / "runs" / "cpu-local"
-    write_checkpoint(run / "checkpoint_2026-01-01_00-00-00.000000", {"module": {"weight": torch.zeros(2)}})
-    states = write_checkpoint(run / "checkpoint_2026-01-01_00-00-09.000000", {"module": Payload(marker)})
-    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    write_run(run, *names)
+    states = next((run / NEWER).glob("step*/mp_rank_00_model_states.pt"))
+    spoil(states)
     result = train(shards, tmp_path / "runs")
-    assert_refused_in_one_line(result, f"{states}: refused to load: it names io.open")
-    assert not marker.exists()
+    assert_refused_in_one_line(result, f"{states}: {reason}", "; " + way_out.format(run=run, OLDER=OLDER, NEWER=NEWER))
+    assert not states.with_name("executed").exists()
 
 
 def test_a_relative_resume_path_is_the_driver_s_and_must_exist(shards, tmp_path, monkeypatch):

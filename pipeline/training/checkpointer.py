@@ -12,7 +12,9 @@ A checkpoint is a folder that Ray Train keeps under ``{storage}/{name}/checkpoin
 Loading never runs code: DeepSpeed's checkpoint engine calls ``torch.load(weights_only=False)``,
 so :func:`install_safe_loading` replaces its loader by a weights-only one that allows the three
 DeepSpeed classes its ZeRO optimizer states hold (found by inspecting real checkpoints), and the
-driver checks a checkpoint the same way before launch (:func:`check_checkpoint`).
+driver checks a checkpoint the same way before launch (:func:`check_checkpoint`). Which
+checkpoint a relaunch resumes from is for Ray's snapshot of the run to say, not the folders'
+names (:mod:`~pipeline.training.ray_snapshot`).
 """
 
 from __future__ import annotations
@@ -77,20 +79,6 @@ def check_checkpoint(url: str) -> dict[str, Any]:
         if path.endswith(MODEL_STATES_SUFFIX) and isinstance(states, dict):
             model_states = states
     return model_states
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest ``checkpoint_*`` folder of a run (Ray names them by time), or ``None``."""
-    from sharding.storage import open_fs
-
-    fs, root = open_fs(run_dir)
-    if not fs.isdir(root):
-        return None
-    names = sorted(
-        Path(entry["name"]).name for entry in fs.ls(root, detail=True)
-        if entry["type"] == "directory" and Path(entry["name"]).name.startswith("checkpoint_")
-    )
-    return f"{run_dir.rstrip('/')}/{names[-1]}" if names else None
 
 
 class Checkpointer:

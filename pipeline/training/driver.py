@@ -1,7 +1,8 @@
 """The driver of a run: everything checkable is checked here, in seconds, before Ray starts;
 then a ``TorchTrainer`` runs :func:`~pipeline.training.worker.worker_loop` on every rank.
 
-Relaunching the same ``run.name`` resumes from the latest checkpoint in ``run.storage``.
+Relaunching the same ``run.name`` resumes from the latest checkpoint in Ray's snapshot of the
+run (:mod:`~pipeline.training.ray_snapshot`); deleting a bad checkpoint goes on from the previous one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 from pipeline.config import TrainConfig, absolute
 from pipeline.exports import export_path
-from pipeline.training.checkpointer import check_checkpoint, latest_checkpoint
+from pipeline.training.checkpointer import check_checkpoint
+from pipeline.training.ray_snapshot import Resumption, resumption
 from pipeline.training.schedule import schedule_of
 
 
@@ -68,7 +70,8 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     """The config with absolute paths and the checked ``resume_from``, or one clear error: bad
     shards, a batch the split cannot fill, an unknown model or loss, a memory the loss cannot
     use, a foreign warm start, an unwritable storage, a missing or unsafe checkpoint, W&B online
-    without a login."""
+    without a login. Ray's snapshot of the run is repaired here when a checkpoint it names was
+    deleted, so that the run goes on from the previous one."""
     from sharding.format import load_manifest
     from sharding.storage import check_writable
 
@@ -92,9 +95,9 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     if resume_from:
         resume_from = absolute(resume_from)
         start = resume_from, check_checkpoint(resume_from)
-    latest = latest_checkpoint(config.run_dir)
-    if latest:  # Ray resumes the run from it (not from resume_from): refuse it now, not in every worker
-        start = latest, check_checkpoint(latest)
+    resumed = resumption(config.run_dir)  # repairs a snapshot naming deleted checkpoints
+    if resumed:  # Ray resumes the run from it (not from resume_from): refuse it now, not in every worker
+        start = resumed.checkpoint, _check_resumed(resumed, config.run_dir)
     if start:
         _check_resumable(config, *start)
     return config, resume_from
@@ -107,6 +110,19 @@ def _check_run_folder(run_dir: str) -> None:
     fs, path = open_fs(run_dir)
     if fs.isfile(path):
         raise ValueError(f"{run_dir}: the run's folder (run.storage/run.name) is a file")
+
+
+def _check_resumed(resumed: Resumption, run_dir: str) -> dict[str, Any]:
+    """:func:`check_checkpoint` of the checkpoint Ray resumes the run from. A refusal names the
+    documented way out, which loses only that checkpoint: delete it, and the next launch
+    repairs Ray's snapshot and goes on from the previous one."""
+    try:
+        return check_checkpoint(resumed.checkpoint)
+    except (ValueError, FileNotFoundError) as error:
+        way_out = (f"delete {resumed.checkpoint} to go on from the previous checkpoint ({resumed.previous})"
+                   if resumed.previous
+                   else f"it is the run's only checkpoint: delete {run_dir} to train it from scratch")
+        raise ValueError(f"{error}; {way_out}") from None
 
 
 def _check_batch(config: TrainConfig, subjects: int) -> None:
