@@ -4,6 +4,7 @@ without CUDA.
 ``s3_endpoint`` (session): starts the server, points the AWS environment at it (endpoint,
 dummy credentials, region) for the rest of the session, creates :data:`S3_BUCKET`, and
 yields the endpoint URL. ``s3_url`` (per test): a fresh, empty ``s3://`` prefix in it.
+``one_rank`` (per test): a one-rank gloo process group for DeepSpeed in the test's process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A one-rank gloo process group for DeepSpeed in this process (its CPU accelerator), torn
+    down after the test."""
+    import torch
+    from deepspeed.utils import groups
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    groups._WORLD_GROUP = None  # DeepSpeed keeps a clone of the destroyed group for the next engine
 
 
 @pytest.fixture(scope="session")

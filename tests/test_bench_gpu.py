@@ -30,7 +30,6 @@ from pipeline.training import prepare
 from pipeline.training.schedule import Schedule, schedule_of
 from sharding.format import load_manifest
 from sharding.writer import write_shards
-from tests.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -43,17 +42,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-@pytest.fixture
-def one_cpu_rank(monkeypatch: pytest.MonkeyPatch):
-    """The bench's one-rank process group, on the CPU (DeepSpeed's CPU accelerator, gloo)."""
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 @pytest.mark.parametrize("module, says", [("bench.gpu", "no CUDA device"), ("bench.smoke_gpu", "no CUDA GPU")])
 def test_without_cuda_it_says_so_and_exits_2(module, says):
     result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True,
@@ -62,7 +50,7 @@ def test_without_cuda_it_says_so_and_exits_2(module, says):
     assert says in result.stderr and result.stderr.count("\n") == 1 and result.stdout == ""
 
 
-def test_the_training_step_is_the_gpu_config_s_deepspeed_step_split_into_its_phases(shards, one_cpu_rank):
+def test_the_training_step_is_the_gpu_config_s_deepspeed_step_split_into_its_phases(shards, one_rank):
     config = gpu_config(["model.options.size=small"])
     assert (config.train.precision, config.train.zero_stage, config.model.name) == ("bf16", 1, "type2branch")
     engine = step_engine(config, subjects=30)

@@ -19,7 +19,6 @@ from pipeline.config import TrainConfig
 from pipeline.training import prepare
 from pipeline.training.ray_snapshot import resumption
 from sharding.writer import write_shards
-from tests.loopback import free_port
 
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"  # P = 16 per rank, 2 ranks
 runner = CliRunner()
@@ -330,20 +329,6 @@ def test_a_persistent_threshold_without_the_implicit_gradient_is_refused_in_one_
     result = train(shards, tmp_path, "loss.options.threshold_momentum=0.9", "loss.options.threshold_grad=unrolled")
     assert_refused_in_one_line(result, "threshold_momentum=0.9 needs threshold_grad='implicit'")
     assert not (tmp_path / "cpu-local").exists()
-
-
-@pytest.fixture
-def one_rank(monkeypatch: pytest.MonkeyPatch):
-    """A one-rank gloo process group in this process, for DeepSpeed; torn down after the test."""
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    from deepspeed.utils import groups
-
-    groups._WORLD_GROUP = None  # DeepSpeed keeps a clone of the destroyed group for the next engine
 
 
 def test_the_workers_load_deepspeed_states_weights_only(one_rank, tmp_path):
