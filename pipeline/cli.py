@@ -9,6 +9,7 @@ import typer
 
 from jobs.cli import register as _register_jobs
 from common.cli import clean_errors
+from pipeline.cluster import TrainingFailed
 from sharding.cli import register as _register_sharding
 from sharding.format import ShardIntegrityError
 from sharding.storage import StorageError
@@ -22,7 +23,7 @@ app = typer.Typer(
 )
 _register_sharding(app)
 _register_jobs(app)
-_expected = clean_errors(ValueError, FileNotFoundError, StorageError, ShardIntegrityError)
+_expected = clean_errors(ValueError, FileNotFoundError, StorageError, ShardIntegrityError, TrainingFailed)
 
 
 _CHECKPOINT = typer.Option(

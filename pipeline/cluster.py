@@ -29,6 +29,11 @@ LOCAL_RAY_ENV = {
 }
 
 
+class TrainingFailed(RuntimeError):
+    """A run that failed on its workers (after Ray's retries): the worker's traceback is in Ray's
+    log above; this is the one line that names the run, the rank and the cause."""
+
+
 def use_local_ray_settings() -> None:
     """Apply :data:`LOCAL_RAY_ENV` unless a cluster address is set."""
     if not os.environ.get("RAY_ADDRESS"):

@@ -291,3 +291,22 @@ def test_a_bf16_run_trains_validates_resumes_exactly_and_exports_fp32_weights(
     assert all(value.dtype in (torch.float32, torch.int64) for value in weights.values())
     assert any(not torch.equal(weights[name], fp32_weights[name]) for name in weights)
     assert all(value.dtype in (torch.float32, torch.int64) for value in parameters(straight.best_model).values())
+
+
+def test_a_run_that_fails_on_its_workers_ends_in_one_line_naming_the_run_the_rank_and_the_cause(
+    shards, ray_cluster, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    corrupt = tmp_path / "shards"
+    shutil.copytree(shards, corrupt)
+    for shard in corrupt.glob("train-*.tar"):  # the manifest (checked before launch) still holds
+        shard.write_bytes(shard.read_bytes()[:-512])
+    result = CliRunner().invoke(app, ["train", "--quiet", "--config", str(CONFIG), f"data.shards={corrupt}",
+                                      f"run.storage={tmp_path}", "wandb.enabled=false"])
+    assert result.exit_code == 1, result.output
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert f"{tmp_path / 'cpu-local'}: training failed on rank " in last_line
+    assert "ShardIntegrityError" in last_line and last_line.endswith("to go on from its last checkpoint")

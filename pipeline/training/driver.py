@@ -55,7 +55,7 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
                 callbacks=[forward_reports],
             ),
         )
-        result = trainer.fit()
+        result = _fit(trainer, config.run_dir)
     return TrainResult(
         run_dir=config.run_dir,
         checkpoint=result.checkpoint and checkpoint_url(result.checkpoint.path, config.run.storage),
@@ -64,6 +64,26 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
         best_model=export_path(config.run_dir, "best"),
         curve=sorted((m["step"], m["val/eer"]) for _, m in result.best_checkpoints if "val/eer" in m),
     )
+
+
+def _fit(trainer: Any, run_dir: str) -> Any:
+    """``trainer.fit()``, its failure reduced to one line (a full disk on a worker reads as
+    ``OSError: [Errno 28] No space left on device`` naming the run)."""
+    from ray.train import TrainingFailedError
+
+    from pipeline.cluster import TrainingFailed
+    from pipeline.exports import first_line
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as error:
+        failures = getattr(error, "worker_failures", None) or {}
+        rank, cause = min(failures.items(), key=lambda item: item[0]) if failures else ("?", error)
+        cause = getattr(cause, "controller_failure", cause)
+        raise TrainingFailed(
+            f"{run_dir}: training failed on rank {rank}: {first_line(cause)}; relaunch the same run.name to go on "
+            "from its last checkpoint"
+        ) from None
 
 
 def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainConfig, str | None]:
