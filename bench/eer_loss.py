@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from pipeline.losses import EERLoss
-from pipeline.losses.eer import _Collective
+from pipeline.losses.eer.collective import _Collective
 from pipeline.losses.fmr_band import FMRBandLoss
 
 DIM = 256

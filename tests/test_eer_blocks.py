@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses import EERLoss
-from pipeline.losses import eer as eer_module
+from pipeline.losses.eer import pairs as eer_module
 from pipeline.metrics import eer as exact_eer
 
 TOLERANCE = 1e-5

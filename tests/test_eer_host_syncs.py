@@ -8,7 +8,7 @@ step wait on the host instead of the device. The CPU profiler shows these reads 
 ``int(t)``, ``bool(t)``, and the output size ``repeat_interleave`` computes), ``aten::nonzero``
 (a boolean-mask selection, whose size is data) and ``aten::bincount`` (reads its largest value on
 a GPU). ``.tolist()`` and blocking host-to-device copies do not show on the CPU; the loss makes a
-fixed few of those too (``pipeline/losses/eer.py``, "Host waits").
+fixed few of those too (``pipeline/losses/eer/__init__.py``, "Host waits").
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pipeline.losses import EERLoss
-from pipeline.losses import eer as eer_module
+from pipeline.losses.eer import pairs as eer_module
 from pipeline.losses.fmr_band import FMRBandLoss
 
 DEVICE_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::bincount")
