@@ -45,6 +45,9 @@ PASS_THROUGH = (
     "WANDB_MODE",
     "WANDB_BASE_URL",
     "WANDB_INIT_TIMEOUT",
+    "EERPIPE_S3_CONNECT_TIMEOUT",
+    "EERPIPE_S3_READ_TIMEOUT",
+    "AWS_MAX_ATTEMPTS",
 )
 PACKAGES = ("pipeline", "sharding", "jobs", "common")  # the distribution's packages (pyproject.toml)
 CONFIG_FILE = "eerpipe-job.yaml"

@@ -89,10 +89,15 @@ def shard(
     endpoint_url: Optional[str] = _ENDPOINT,
     region: Optional[str] = _REGION,
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
+    break_lock: bool = typer.Option(
+        False, "--break-lock", help="Remove the lock of an earlier job on --out that is no "
+        "longer running (another host's, or a killed container's); a job that still runs on "
+        "this machine is never unlocked."),
 ) -> None:
     """Shard a corpus into subject-grouped WebDataset tars plus manifest.json.
 
     Resumable; re-run on a finished set, it rewrites exactly its missing or corrupt shards.
+    One job at a time writes an output: a second one is refused, naming the first.
     """
     from sharding.sources import parse_source
     from sharding.writer import read_rejects, write_shards
@@ -102,7 +107,8 @@ def shard(
                             subjects_per_shard=subjects_per_shard, val_subjects=val_subjects,
                             test_subjects=test_subjects, split=split.value if split else None,
                             workers=workers, progress=progress, storage_options=options,
-                            log=lambda message: _console.print(message, highlight=False))
+                            log=lambda message: _console.print(message, highlight=False),
+                            break_lock=break_lock)
     counts = {name: sum(s.samples for s in manifest.shards_of(name)) for name in SPLITS}
     shards = {name: len(manifest.shards_of(name)) for name in SPLITS}
     _console.print(f"{out}: {len(manifest.shards)} shards {shards}, subjects {counts}, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import stat
 from abc import ABC, abstractmethod
 from array import array
 from collections import Counter
@@ -39,6 +40,13 @@ MOBILE_KEYSTROKE_COLUMNS = ("KEYSTROKE_ID", "PRESS_TIME", "RELEASE_TIME", "LETTE
                             "TEST_SECTION_ID", "KEYCODE", "IKI")
 MOBILE_SECTION_COLUMNS = ("TEST_SECTION_ID", "SENTENCE_ID", "PARTICIPANT_ID", "USER_INPUT")
 _TIME_COLUMNS = ("PRESS_TIME", "RELEASE_TIME", "KEYCODE")
+# The public desktop files average ~100 KB (16 GiB over 168,000 files): 15 sentences of a few
+# dozen keystrokes, ~150 bytes a row. 32 MiB leaves room for a participant 300 times as
+# prolific, and bounds what one worker holds in memory for one file.
+MAX_PARTICIPANT_FILE_BYTES = 32 * 2**20
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISDIR, "a folder"))
 
 
 class SourceError(ValueError):
@@ -59,6 +67,11 @@ class Source(ABC):
     @abstractmethod
     def load(self, subject_id: str) -> Any:
         """The raw ``{session id: [n_keys, 3]}`` of one subject; raises :class:`Rejected`."""
+
+    def load_counted(self, subject_id: str) -> tuple[Any, Counter]:
+        """:meth:`load`, and the sessions it dropped because their raw rows do not parse
+        (reason → count); only sources that parse text per subject drop any here."""
+        return self.load(subject_id), Counter()
 
 
 class KVCSource(Source):
@@ -83,11 +96,15 @@ class KVCSource(Source):
 
 
 class AaltoDesktopSource(Source):
-    """One ``<PARTICIPANT_ID>_keystrokes.txt`` per participant; malformed files are skipped.
+    """One ``<PARTICIPANT_ID>_keystrokes.txt`` per participant; malformed files are skipped,
+    and a malformed row drops only its session (see :func:`read_desktop_file`).
 
     ``participants`` (a file, see :func:`read_participants`) restricts the source to the
     listed participants, so that a benchmark subset can be rebuilt from the public download;
-    a listed participant without a file is an error.
+    a listed participant without a file is an error. Every file to read must be a regular
+    file (or a symlink to one, wherever it points) of at most
+    :data:`MAX_PARTICIPANT_FILE_BYTES`: a named pipe would block the reader forever and a link
+    to ``/dev/zero`` would fill its memory, so either stops the job in ``open``, naming it.
     """
 
     SUFFIX = "_keystrokes.txt"
@@ -116,11 +133,16 @@ class AaltoDesktopSource(Source):
         ids = [f.name[: -len(self.SUFFIX)] for f in files]
         if self.participants is not None:
             files, ids = self._listed(files, ids)
+        for path in files:
+            _check_participant_file(path)
         keep, duplicates = dedupe(ids)
         self._files = {ids[i]: files[i] for i in keep}
         return list(self._files), Counter({"subject:duplicate_id": duplicates} if duplicates else {})
 
     def load(self, subject_id: str) -> dict[str, np.ndarray]:
+        return self.load_counted(subject_id)[0]
+
+    def load_counted(self, subject_id: str) -> tuple[dict[str, np.ndarray], Counter]:
         return read_desktop_file(self._files[subject_id], subject_id)
 
     def _listed(self, files: list[Path], ids: list[str]) -> tuple[list[Path], list[str]]:
@@ -166,11 +188,36 @@ def read_participants(path: str | Path) -> list[str]:
     return list(lines)
 
 
-def read_desktop_file(path: Path, participant: str) -> dict[str, np.ndarray]:
-    """Sessions (by TEST_SECTION_ID, in file order) of one Aalto desktop file.
+def _check_participant_file(path: Path) -> None:
+    """Refuse, naming it, a file the reader must not open: one that is not a regular file (a
+    symlink is followed) or is larger than :data:`MAX_PARTICIPANT_FILE_BYTES`."""
+    try:
+        status = path.stat()
+    except OSError as error:  # a dangling symlink, a file that vanished
+        raise SourceError(f"aalto-desktop: {path}: cannot read "
+                          f"({error.strerror or error})") from error
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(status.st_mode)), "a file")
+        problem = (f"{kind}, not a regular file (only regular files, or symlinks to them, are "
+                   "read)")
+    elif status.st_size > MAX_PARTICIPANT_FILE_BYTES:
+        problem = (f"{status.st_size:,} bytes, more than the {MAX_PARTICIPANT_FILE_BYTES:,} an "
+                   "Aalto participant file may hold")
+    else:
+        return
+    raise SourceError(f"aalto-desktop: {path} is {problem}; remove it, or leave its participant "
+                      "out with --participants")
 
-    Raises ``Rejected("file:malformed")`` unless every row has the header's field count,
-    numeric times and keycodes, and the file's participant id.
+
+def read_desktop_file(path: Path, participant: str) -> tuple[dict[str, np.ndarray], Counter]:
+    """Sessions (by TEST_SECTION_ID, in file order) of one Aalto desktop file, and what was
+    dropped while parsing it (reason → count).
+
+    A row that does not parse (another field count than the header's, e.g. a field holding a
+    tab or a line break; a time or keycode that is not a number) drops its session,
+    ``session:malformed_rows``, and nothing else: rejecting the file would lose the
+    participant's other sentences. Raises ``Rejected("file:malformed")`` if the file cannot
+    be read, its header lacks a needed column, or a row names another participant.
     """
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -181,22 +228,76 @@ def read_desktop_file(path: Path, participant: str) -> dict[str, np.ndarray]:
     missing = [c for c in ("PARTICIPANT_ID", "TEST_SECTION_ID", *_TIME_COLUMNS) if c not in header]
     if missing:
         raise Rejected("file:malformed", f"{path}: header lacks {', '.join(missing)}")
-    rows = [line.split("\t") for line in lines[1:] if line]
-    for number, row in enumerate(rows, start=2):
-        if len(row) != len(header):
-            raise Rejected("file:malformed",
-                           f"{path}:{number}: {len(row)} fields, the header has {len(header)}")
-    if not rows:
-        return {}
-    columns = list(zip(*rows))
-    if {value.strip() for value in columns[header.index("PARTICIPANT_ID")]} != {participant}:
-        raise Rejected("file:malformed", f"{path}: PARTICIPANT_ID differs from the file name")
+    sections, table, dropped = _desktop_rows(path, lines, header, participant)
+    if not sections:
+        return {}, dropped
+    return {str(section): block for section, block in _group(np.array(sections), table)}, dropped
+
+
+def _desktop_rows(path: Path, lines: list[str], header: list[str],
+                  participant: str) -> tuple[list[str], np.ndarray, Counter]:
+    """Each good row's section and ``[press, release, keycode]``, without the sessions that
+    hold a row that does not parse, and the count of what was dropped.
+
+    Whole columns are converted at once, as long as the rows allow: a file is ~1,000 rows, and
+    a row at a time would slow the common, clean file by a third.
+    """
+    width = len(header)
+    split = [line.split("\t") for line in lines[1:] if line]
+    rows = [fields for fields in split if len(fields) == width]
+    columns = list(zip(*rows)) if rows else [()] * width
+    others = {name.strip() for name in columns[header.index("PARTICIPANT_ID")]} - {participant}
+    if others:
+        raise Rejected("file:malformed", f"{path}: PARTICIPANT_ID {min(others)!r} differs from "
+                                         "the file name")
+    sections = [name.strip() for name in columns[header.index("TEST_SECTION_ID")]]
+    table, not_numbers = _numbers([columns[header.index(c)] for c in _TIME_COLUMNS])
+    bad, orphans = (_cut_sections(split, header, participant) if len(rows) < len(split)
+                    else (set(), 0))
+    bad.update(sections[i] for i in not_numbers)
+    kept = [i for i, name in enumerate(sections) if name not in bad]
+    dropped = Counter({"session:malformed_rows": len(bad), "row:malformed": orphans})
+    return [sections[i] for i in kept], table[kept], +dropped
+
+
+def _cut_sections(split: list[list[str]], header: list[str],
+                  participant: str) -> tuple[set[str], int]:
+    """The sections holding a row of another field count than the header's, and how many such
+    rows belong to no section.
+
+    A bad row belongs to the section it names when it starts with the participant's id;
+    otherwise it is the rest of the row above it, cut by a line break inside a field.
+    """
+    owner, named = header.index("PARTICIPANT_ID"), header.index("TEST_SECTION_ID")
+    bad, orphans, section = set(), 0, None
+    for fields in split:
+        if len(fields) > max(owner, named) and fields[owner].strip() == participant:
+            section = fields[named].strip()
+        if len(fields) == len(header):
+            continue
+        if section is None:
+            orphans += 1
+        else:
+            bad.add(section)
+    return bad, orphans
+
+
+def _numbers(columns: list[tuple[str, ...]]) -> tuple[np.ndarray, list[int]]:
+    """The text ``columns`` as ``float64 [rows, columns]`` (NaN where a field is not a number),
+    and the rows holding such a field."""
     try:
-        table = np.array([columns[header.index(c)] for c in _TIME_COLUMNS], dtype=np.float64).T
-    except ValueError as error:
-        raise Rejected("file:malformed", f"{path}: {error}") from error
-    sections = np.array([name.strip() for name in columns[header.index("TEST_SECTION_ID")]])
-    return {str(section): block for section, block in _group(sections, table)}
+        return np.array(columns, dtype=np.float64).T, []
+    except ValueError:
+        rows = [_floats(values) for values in zip(*columns)]
+        table = np.array([row or [np.nan] * len(columns) for row in rows], dtype=np.float64)
+        return table, [i for i, row in enumerate(rows) if row is None]
+
+
+def _floats(values: tuple[str, ...]) -> list[float] | None:
+    try:
+        return [float(value) for value in values]
+    except ValueError:
+        return None
 
 
 def _group(keys: np.ndarray, table: np.ndarray) -> list[tuple[Any, np.ndarray]]:

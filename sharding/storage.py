@@ -1,24 +1,79 @@
-"""Where shards live: a local folder, ``file://`` or ``s3://`` through fsspec.
+"""Where shards live: a local folder, ``file://`` or ``s3://`` through fsspec; the output lock.
 
 S3 endpoint, region and credentials come from the environment (``AWS_ENDPOINT_URL``,
 ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or any
 boto credential source) or from explicit ``storage_options``; they are never written
 anywhere by this project.
+
+Every S3 call is bounded (:func:`s3_config`): connecting within ``EERPIPE_S3_CONNECT_TIMEOUT``
+seconds (default 10), each part of an answer within ``EERPIPE_S3_READ_TIMEOUT`` seconds of the
+last (default 30; the clock starts once a request's body is sent: an upload of any size is not
+cut short),
+``AWS_MAX_ATTEMPTS`` attempts (default 3, botocore's "standard" retries: throttling, 5xx,
+dropped connections and timeouts), tried twice by s3fs. A store that dies mid-job thus fails a
+call after about 3 minutes; the first call of a command (:func:`check_writable`,
+:func:`check_readable`) gets one attempt and at most 10 s, so a wrong endpoint is named within
+seconds, before any work starts.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import fsspec
+from aiobotocore.httpsession import AIOHTTPSession
+from botocore.exceptions import BotoCoreError
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from common.atomic import create_exclusive
+
+CONNECT_TIMEOUT_ENV = "EERPIPE_S3_CONNECT_TIMEOUT"
+READ_TIMEOUT_ENV = "EERPIPE_S3_READ_TIMEOUT"
+MAX_ATTEMPTS_ENV = "AWS_MAX_ATTEMPTS"  # botocore's own variable, honoured as botocore would
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_ATTEMPTS = 3
+PROBE_READ_TIMEOUT_S = 10.0
+# s3fs tries each call 5 times over botocore's attempts; twice still retries a body cut off
+# mid-read, which botocore does not
+_S3FS_TRIES = 2
+STORAGE_FAILURES = (OSError, BotoCoreError)  # what a store raises: full disk, timeout, refusal
+LOCK_NAME = "_lock.json"
+
 
 class StorageError(RuntimeError):
-    """Storage is unreachable, misconfigured or refuses our credentials."""
+    """Storage is unreachable, misconfigured, full or refuses our credentials."""
+
+
+class OutputLocked(StorageError):
+    """Another job holds the lock of the output (see :func:`output_lock`)."""
+
+
+class ExpectFreeHTTPSession(AIOHTTPSession):
+    """aiobotocore's HTTP session, without asking for ``100 Continue`` before an upload.
+
+    botocore adds ``Expect: 100-continue`` to every upload, and aiohttp then waits for the
+    interim answer with no time limit (the read timeout starts once the body is sent): an
+    endpoint that accepts connections and never answers hangs the upload forever. Without the
+    header the body goes out at once and the read timeout bounds the wait, as with plain
+    botocore, which stops waiting for the interim answer after a second.
+    """
+
+    async def send(self, request: Any) -> Any:
+        request.headers.pop("Expect", None)
+        return await super().send(request)
 
 
 def s3_options_from_env() -> dict[str, Any]:
@@ -33,12 +88,56 @@ def s3_options_from_env() -> dict[str, Any]:
     return options
 
 
+def s3_config() -> dict[str, Any]:
+    """botocore settings that bound every S3 call (see the module docstring)."""
+    return {"connect_timeout": _setting(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S, float),
+            "read_timeout": _setting(READ_TIMEOUT_ENV, DEFAULT_READ_TIMEOUT_S, float),
+            "retries": {"total_max_attempts": _setting(MAX_ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS, int),
+                        "mode": "standard"},
+            "http_session_cls": ExpectFreeHTTPSession}
+
+
+def _setting(name: str, default: float, kind: type) -> Any:
+    """A positive number from the environment variable ``name``; a bad one is refused by name."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if not (math.isfinite(value) and value > 0):
+        unit = "number of seconds" if kind is float else "whole number"
+        raise StorageError(f"{name}={text!r}: expected a positive {unit}")
+    return value
+
+
 def open_fs(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return ``(filesystem, root path)`` for ``url``; S3 settings default from the environment."""
+    """Return ``(filesystem, root path)`` for ``url``; S3 settings default from the environment,
+    and every S3 call is bounded in time (:func:`s3_config`; ``config_kwargs`` overrides)."""
     if url.startswith("s3://"):
-        storage_options = {**s3_options_from_env(), **storage_options}
+        storage_options = {**s3_options_from_env(), **storage_options, "config_kwargs": {
+            **s3_config(), **storage_options.get("config_kwargs", {})}}
     fs, root = url_to_fs(url, **storage_options)
+    if url.startswith("s3://"):
+        fs.retries = _S3FS_TRIES
     return fs, root.rstrip("/")
+
+
+def _probing_fs(url: str, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+    """The filesystem for a command's first call: one attempt, an answer within 10 s.
+
+    A store that answers nothing is then named within seconds, rather than after every
+    attempt at the full read timeout meant for a busy store in the middle of a job.
+    """
+    if not url.startswith("s3://"):
+        return open_fs(url, **storage_options)[0]
+    quick = {"read_timeout": min(PROBE_READ_TIMEOUT_S, s3_config()["read_timeout"]),
+             "retries": {"total_max_attempts": 1, "mode": "standard"}}
+    config = {**quick, **storage_options.get("config_kwargs", {})}
+    fs = open_fs(url, **{**storage_options, "config_kwargs": config})[0]
+    fs.retries = 1
+    return fs
 
 
 def check_writable(url: str, *, create: bool = True,
@@ -56,8 +155,9 @@ def check_writable(url: str, *, create: bool = True,
             return fs, root
         if not url.startswith("s3://"):  # on S3, makedirs would create a mistyped bucket
             fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(probe, b"ok")
-        fs.rm_file(probe)
+        probing = _probing_fs(url, storage_options)
+        probing.pipe_file(probe, b"ok")
+        probing.rm_file(probe)
     except Exception as error:  # noqa: BLE001 - any backend error means "cannot write here"
         raise StorageError(_explain(url, error)) from error
     return fs, root
@@ -76,7 +176,7 @@ def check_readable(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFil
     """Fail fast if ``url`` cannot be listed (unreachable endpoint, missing credentials)."""
     fs, root = open_fs(url, **storage_options)
     try:
-        if not fs.exists(root):
+        if not _probing_fs(url, storage_options).exists(root):
             raise FileNotFoundError(root)
     except Exception as error:  # noqa: BLE001
         raise StorageError(_explain(url, error)) from error
@@ -84,11 +184,209 @@ def check_readable(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFil
 
 
 def _explain(url: str, error: Exception) -> str:
-    text = f"{type(error).__name__}: {error}"
+    text = describe_failure(error)
     hint = ""
-    if url.startswith("s3://"):
+    if url.startswith("s3://") and not _is_timeout(error):
         if "credential" in text.lower() or "NoCredentials" in text:
             hint = " (no S3 credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
         else:
             hint = " (check AWS_ENDPOINT_URL, the bucket name and the credentials)"
     return f"cannot use storage {url!r}: {text}{hint}"
+
+
+def describe_failure(error: BaseException) -> str:
+    """A store's failure in words: ``No space left on device (ENOSPC)``, or the store's own
+    message (which names the endpoint), with what to do about a timeout."""
+    if isinstance(error, OSError) and error.errno in errno.errorcode:
+        return f"{error.strerror or os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
+    text = f"{type(error).__name__}: {error}"
+    if _is_timeout(error):
+        text += (" (no answer in time: check AWS_ENDPOINT_URL, or give a slow store more time "
+                 f"with {CONNECT_TIMEOUT_ENV} / {READ_TIMEOUT_ENV})")
+    return text
+
+
+def _is_timeout(error: BaseException) -> bool:
+    return isinstance(error, TimeoutError) or "Timeout" in type(error).__name__
+
+
+@contextmanager
+def failures_named(what: str, advice: str = "") -> Iterator[None]:
+    """Turn a store's failure below (a full disk, a timeout, refused credentials) into one
+    :class:`StorageError` line: ``what`` (e.g. ``"cannot write s3://b/x/a.tar"``), the cause,
+    then ``advice``. A missing file stays ``FileNotFoundError``: callers take it as an answer."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except STORAGE_FAILURES as error:
+        message = f"{what}: {describe_failure(error)}" + (f"; {advice}" if advice else "")
+        raise StorageError(message) from error
+
+
+def location(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` as a user would write it: a local path, or ``s3://bucket/key``."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+# --- the output lock ---------------------------------------------------------------------------
+
+@dataclass
+class OutputLock:
+    """The lock this process holds on an output; ``record`` says who holds it and since when."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str
+    record: dict[str, Any]
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours (``--break-lock`` may have given it to another
+        job). Only the process that took it releases it: forked workers inherit this object."""
+        if os.getpid() != self.record["pid"]:
+            return
+        holder = _read_holder(self.fs, self.path)
+        if holder is not None and holder.get("token") == self.record["token"]:
+            self.fs.rm_file(self.path)
+
+
+@contextmanager
+def output_lock(fs: fsspec.AbstractFileSystem, root: str, url: str, *, break_lock: bool = False,
+                log: Callable[[str], None] | None = None) -> Iterator[OutputLock]:
+    """Hold ``{url}/_lock.json`` while the block runs: one job at a time writes an output.
+
+    The lock is created only if absent (:func:`common.atomic.create_exclusive`) and records
+    the job's host, pid, start time and a unique token. A second job is refused, naming the
+    output and the holder. A lock whose process is gone is taken over when that is knowable:
+    the holder ran on this machine, in this pid namespace, and no longer runs. Elsewhere (another
+    host or container, or any S3 job whose process cannot be seen from here) ``break_lock``
+    removes it, once the user has made sure no job runs; a holder that still runs here is
+    never broken. Locks do not expire with age: a job may run for hours, and an age limit
+    would hand a live job's output to a second one.
+
+    The lock is released when the block ends, by an error or ``KeyboardInterrupt`` too; the
+    local folders created for the lock are removed if the job left them empty.
+    """
+    created = _missing_folders(fs, root)
+    try:
+        with failures_named(f"cannot lock {url}"):
+            lock = _acquire(fs, f"{root}/{LOCK_NAME}", url, break_lock, log)
+        try:
+            yield lock
+        finally:
+            with failures_named(f"cannot release the lock of {url}"):
+                lock.release()
+    finally:
+        for folder in created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
+def _missing_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The local folders down to ``root`` that do not exist yet, deepest first."""
+    if not isinstance(fs, LocalFileSystem):
+        return []
+    missing, folder = [], Path(root)
+    while not folder.exists():
+        missing.append(str(folder))
+        folder = folder.parent
+    return missing
+
+
+def _acquire(fs: fsspec.AbstractFileSystem, path: str, url: str, break_lock: bool,
+             log: Callable[[str], None] | None) -> OutputLock:
+    record = _this_job()
+    for _ in range(3):  # again after a holder released or a stale lock was removed
+        if _create(fs, path, record):
+            return OutputLock(fs, path, record)
+        holder = _read_holder(fs, path)
+        if holder is not None:
+            _remove_stale(fs, path, url, holder, break_lock, log)
+    raise OutputLocked(f"{url}: could not take the lock {LOCK_NAME}; other jobs keep taking it")
+
+
+def _create(fs: fsspec.AbstractFileSystem, path: str, record: dict[str, Any]) -> bool:
+    """Create the lock, then read it back: on a store that ignored the upload's condition a
+    later job would overwrite it, and only the last writer reads its own token (best effort
+    there; AWS S3, MinIO and moto honour the condition)."""
+    if not create_exclusive(fs, path, json.dumps(record).encode()):
+        return False
+    holder = _read_holder(fs, path)
+    return holder is not None and holder.get("token") == record["token"]
+
+
+def _remove_stale(fs: fsspec.AbstractFileSystem, path: str, url: str, holder: dict[str, Any],
+                  break_lock: bool, log: Callable[[str], None] | None) -> None:
+    """Remove a lock whose job is gone (or that the user breaks); refuse a live one."""
+    running = _still_running(holder)
+    if running is False:
+        why = "its process is no longer running"
+    elif break_lock and running is None:
+        why = "--break-lock"
+    elif break_lock:
+        raise OutputLocked(f"{url} is locked by {_describe(holder)}, which is still running on "
+                           "this machine: stop it first (--break-lock removes only the locks of "
+                           "jobs that are gone)")
+    else:
+        raise OutputLocked(f"{url} is locked by another shard job: {_describe(holder)}; wait "
+                           "for it to finish, or, if it is no longer running, re-run with "
+                           "--break-lock")
+    fs.rm_file(path)
+    if log is not None:
+        log(f"{url}: removed the lock of {_describe(holder)} ({why})")
+
+
+def _this_job() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "process": _process_identity(os.getpid()),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex}
+
+
+def _read_holder(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """The lock's record; ``None`` if there is no lock, ``{}`` if it is unreadable."""
+    try:
+        holder = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _process_identity(pid: int) -> str | None:
+    """``boot id/pid namespace/pid/start tick``: one process on one machine, for as long as it
+    runs (a reused pid has another start tick); ``None`` if it does not run, or off Linux."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}/{namespace}/{pid}/{start}"
+
+
+def _still_running(holder: dict[str, Any]) -> bool | None:
+    """Whether the holder's process runs; ``None`` where that cannot be seen from here (another
+    machine or pid namespace, or an unreadable lock)."""
+    recorded, mine, pid = holder.get("process"), _process_identity(os.getpid()), holder.get("pid")
+    if not (isinstance(recorded, str) and isinstance(pid, int) and mine is not None):
+        return None
+    if recorded.rsplit("/", 2)[0] != mine.rsplit("/", 2)[0]:
+        return None
+    return _process_identity(pid) == recorded
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not {"pid", "host", "started"} <= holder.keys():
+        return "an unknown job (the lock file is unreadable)"
+    return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}{_age(holder)}"
+
+
+def _age(holder: dict[str, Any]) -> str:
+    try:
+        minutes = int((datetime.now(timezone.utc) - datetime.fromisoformat(str(holder["started"])))
+                      .total_seconds() // 60)
+    except (TypeError, ValueError):  # not a time, or one without a time zone
+        return ""
+    hours = f"{minutes // 60} h " if minutes >= 60 else ""
+    return f" ({hours}{minutes % 60} min ago)"

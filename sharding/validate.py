@@ -25,13 +25,13 @@ REASONS = {
     "session:release_before_press": "a key released before it was pressed",
     "session:keycode_out_of_range": "a keycode outside the integers 0-255",
     "session:duplicate_id": "a session id already used by this subject (once made a string)",
-    "session:malformed_rows": "Aalto mobile rows of this session did not parse",
+    "session:malformed_rows": "an Aalto row of this session did not parse (the session is dropped, the file kept)",
     "session:unknown_test_section": "Aalto mobile keystrokes whose test section has no participant",
     "subject:too_few_sessions": f"fewer than {MIN_SESSIONS} valid sessions left",
     "subject:duplicate_id": "the id was already taken by an earlier subject (the first is kept)",
     "subject:not_a_session_dict": "the user's entry is not a dict of sessions",
-    "file:malformed": "an Aalto file that does not parse (skipped whole)",
-    "row:malformed": "an Aalto mobile row whose test section id does not parse",
+    "file:malformed": "an Aalto file that cannot be read as one participant's (skipped whole)",
+    "row:malformed": "an Aalto row whose test section id does not parse",
 }
 
 

@@ -47,8 +47,8 @@ def verify_shards(url: str, **storage_options: Any) -> VerifyReport:
     Also checks that each subject sits in exactly the shard the manifest maps it to (hence in
     one split only).
     """
+    fs, root = check_readable(url, **storage_options)  # first: an unreachable store fails fast
     manifest = load_manifest(url, **storage_options)
-    fs, root = check_readable(url, **storage_options)
     report = VerifyReport(shards=len(manifest.shards))
     found: dict[str, str] = {}
     for info in manifest.shards:
@@ -93,8 +93,8 @@ def verify_shards(url: str, **storage_options: Any) -> VerifyReport:
 
 def shard_stats(url: str, **storage_options: Any) -> dict[str, Any]:
     """Subjects, sessions and keys per split, shard size distribution and rejected counts."""
-    manifest = load_manifest(url, **storage_options)
     fs, root = check_readable(url, **storage_options)
+    manifest = load_manifest(url, **storage_options)
     splits = {split: {"shards": 0, "subjects": 0, "sessions": 0, "keys": 0} for split in SPLITS}
     for info in manifest.shards:
         row = splits[info.split]

@@ -16,12 +16,22 @@ the shards whose checksums match their records and rewrites the rest; once a man
 a re-run checks every shard against it and rebuilds exactly the missing or corrupt ones (the
 same bytes, since the job is deterministic), so re-running the command repairs a set.
 
-Nothing is created at the output URL before the options, the source and the plan have been
-checked; a job whose every subject is rejected removes what it wrote and fails.
+One job at a time writes an output: the job holds ``_lock.json`` there from before it reads
+its source until it ends (:func:`sharding.storage.output_lock`), and releases it on success,
+on an error, on ``KeyboardInterrupt`` and on SIGTERM. A second job is refused, naming the
+holder; the lock of a job that died on this machine is taken over, so re-running a killed job
+resumes it.
+
+Nothing is created at the output URL before the options and the storage have been checked,
+and a job refused later (its source, its plan) leaves nothing behind; a job whose every
+subject is rejected removes what it wrote and fails. A store that fails mid-job (a full disk,
+a timeout) ends the job with one line naming the file and the cause; what was published
+before stays, whole, for a re-run to resume from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -53,7 +63,8 @@ from common.atomic import is_temporary, write_atomic
 from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject, manifest_location
 from sharding.plan import PlannedShard, ShardingError, check_options, plan_shards
 from sharding.sources import Source, parse_source, source_arguments
-from sharding.storage import check_writable, open_fs
+from sharding.storage import (OutputLock, check_writable, failures_named, location, open_fs,
+                              output_lock)
 from sharding.validate import MIN_SESSIONS, Rejected, clean_subject
 
 PENDING = "_pending"
@@ -108,15 +119,17 @@ def write_shards(source: Source | str, url: str, *, seed: int = 0,
                  test_subjects: int | None = None, split: str | None = None,
                  workers: int = 1, progress: bool = False,
                  storage_options: dict[str, Any] | None = None,
-                 log: Callable[[str], None] | None = None) -> Manifest:
+                 log: Callable[[str], None] | None = None, break_lock: bool = False) -> Manifest:
     """Shard ``source`` (a :class:`Source` or a spec string) to ``url``; return the manifest.
 
     Idempotent, resumable and self-repairing (see the module docstring). Fails before
-    creating anything if an option is impossible or ``url`` is not writable.
+    creating anything if an option is impossible or ``url`` is not writable, and with
+    :class:`~sharding.storage.OutputLocked` if another job writes there (``break_lock``
+    removes the lock of a job that is gone, see :func:`~sharding.storage.output_lock`).
     ``subjects_per_shard=None`` sizes shards automatically (:mod:`sharding.plan`);
     ``val_subjects``/``test_subjects`` default to :func:`~sharding.plan.default_holdout`;
     ``split`` puts every subject in that one split. ``log`` hears what a re-run of a
-    finished set found and rewrote.
+    finished set found and rewrote, and which stale lock it removed.
     """
     check_options(subjects_per_shard=subjects_per_shard, val_subjects=val_subjects,
                   test_subjects=test_subjects, split=split, workers=workers)
@@ -127,6 +140,17 @@ def write_shards(source: Source | str, url: str, *, seed: int = 0,
     sharding = {"subjects_per_shard": subjects_per_shard, "val_subjects": val_subjects,
                 "test_subjects": test_subjects, **({"split": split} if split else {})}
     requested = {**source.describe(), "sharding": sharding}
+    with (failures_named(f"cannot use storage {url!r}"),
+          output_lock(fs, root, url, break_lock=break_lock, log=log) as lock,
+          _released_on_sigterm(lock)):
+        return _write_or_repair(job, requested, seed, workers, progress, log)
+
+
+def _write_or_repair(job: _Job, requested: dict[str, Any], seed: int, workers: int,
+                     progress: bool, log: Callable[[str], None] | None) -> Manifest:
+    """Write the set, or check and repair the one already at the URL (under its lock)."""
+    url = job.url
+    fs, root = open_fs(url, **job.storage_options)
     manifest = _existing_manifest(fs, root, url)
     if manifest is None:
         return _write_new(job, requested, seed, workers, progress)
@@ -172,7 +196,6 @@ def _write_new(job: _Job, requested: dict[str, Any], seed: int, workers: int,
                progress: bool) -> Manifest:
     """Plan, write (or resume writing) every shard, then commit the manifest."""
     fs, root = open_fs(job.url, **job.storage_options)
-    created = not fs.exists(root)
     previous = _read_json(fs, f"{root}/{PENDING}/plan.json")
     identity = (previous and _adopt(previous.get("source", {}), requested)) or requested
     subject_ids, rejected = job.source.open()
@@ -184,12 +207,12 @@ def _write_new(job: _Job, requested: dict[str, Any], seed: int, workers: int,
     manifest = _manifest(records, rejected, identity, seed)
     rejects = [entry for record in records for entry in record["rejects"]]
     if not manifest.subjects:
-        _discard(fs, root, plan, created)
+        _discard(fs, root, plan)
         raise ShardingError(_no_subjects_message(job, manifest.rejected, rejects))
-    write_atomic(fs, f"{root}/{REJECTS_NAME}", json.dumps({
+    _publish(fs, f"{root}/{REJECTS_NAME}", json.dumps({
         "rejected_subjects": len(rejects), "listed": rejects[:MAX_LISTED_REJECTS],
         "counts": manifest.rejected}, indent=1).encode())
-    write_atomic(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode())
+    _publish(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode())
     _remove_pending(fs, root)
     return manifest
 
@@ -252,28 +275,26 @@ def _results(plan: list[PlannedShard], job: _Job, workers: int,
         for shard in plan:
             yield shard, task(shard)
         return
-    with _workers_die_on_sigterm(), ProcessPoolExecutor(
-            workers, mp_context=get_context("fork"), initializer=_init_worker,
-            initargs=(job,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+                             initargs=(job,)) as pool:
         pending = {pool.submit(task, shard): shard for shard in plan}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                shard = pending.pop(future)
-                try:
-                    record = future.result()
-                except BaseException:
-                    pool.shutdown(cancel_futures=True)  # finished shards stay for a re-run
-                    raise
-                yield shard, record
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    yield pending.pop(future), future.result()
+        except BaseException:  # a failed shard, or KeyboardInterrupt: start no other shard
+            pool.shutdown(wait=False, cancel_futures=True)  # finished shards stay for a re-run
+            raise
 
 
 @contextmanager
-def _workers_die_on_sigterm() -> Iterator[None]:
-    """While a pool runs, SIGTERM kills its workers, then this process as SIGTERM would.
+def _released_on_sigterm(lock: OutputLock) -> Iterator[None]:
+    """While a job runs, SIGTERM kills its workers, releases its lock, then ends this process
+    as SIGTERM would; what was published stays for a re-run.
 
-    Outside the main thread no handler can be installed; the workers' parent-death signal
-    still ends them.
+    Outside the main thread no handler can be installed: the workers' parent-death signal
+    still ends them, and the next job on this machine takes the dead job's lock over.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -282,6 +303,8 @@ def _workers_die_on_sigterm() -> Iterator[None]:
     def terminate(signum: int, _frame: Any) -> None:
         for child in multiprocessing.active_children():
             child.kill()
+        with contextlib.suppress(Exception):  # a failing store leaves the lock: see output_lock
+            lock.release()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -320,8 +343,8 @@ def _ensure_shard(shard: PlannedShard) -> dict:
     if record is not None and "rejects" in record and _matches(fs, path, record["shard"]):
         return record
     data, record = _build(shard, job.source)
-    write_atomic(fs, path, data)
-    write_atomic(fs, record_path, json.dumps(record).encode())
+    _publish(fs, path, data)
+    _publish(fs, record_path, json.dumps(record).encode())
     return record
 
 
@@ -333,7 +356,7 @@ def _repair_shard(expected: dict[str, ShardInfo], shard: PlannedShard) -> dict:
         raise ShardingError(f"cannot repair {job.url}/{shard.name}: rebuilt from the source it "
                             "differs from the manifest (the source changed since sharding); "
                             "re-shard to another location")
-    write_atomic(fs, f"{root}/{shard.name}", data)
+    _publish(fs, f"{root}/{shard.name}", data)
     return record
 
 
@@ -366,15 +389,17 @@ def _load_clean(source: Source, subject_id: str,
                 rejected: Counter) -> tuple[dict[str, Any], str | None, str]:
     """One subject's valid sessions, or the reason and detail of its rejection."""
     try:
-        sessions = source.load(subject_id)
+        sessions, unreadable = source.load_counted(subject_id)
         clean, dropped = clean_subject(sessions)
     except Rejected as rejection:
         return {}, rejection.reason, rejection.detail
+    dropped.update(unreadable)
     rejected.update(dropped)
     if len(clean) >= MIN_SESSIONS:
         return clean, None, ""
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items()))
-    return {}, "subject:too_few_sessions", (f"{len(clean)} valid of {len(sessions)} sessions"
+    total = len(sessions) + sum(unreadable.values())
+    return {}, "subject:too_few_sessions", (f"{len(clean)} valid of {total} sessions"
                                             + (f" (dropped: {why})" if why else ""))
 
 
@@ -415,6 +440,13 @@ def rerun_command(manifest: Manifest, url: str) -> str | None:
     return shlex.join(["eerpipe", "shard", *arguments, "--out", url, "--seed", str(manifest.seed)])
 
 
+def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Publish one file whole; a full disk or a failing store is one line naming the file."""
+    with failures_named(f"cannot write {location(fs, path)}",
+                        "nothing partial was left; re-run the same command to resume"):
+        write_atomic(fs, path, data)
+
+
 def _matches(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
     try:
         data = fs.cat_file(path)
@@ -444,7 +476,7 @@ def _commit_plan(fs: fsspec.AbstractFileSystem, root: str, url: str, previous: A
     """Write the plan, or check that an unfinished job left the same one."""
     plan = json.loads(json.dumps(plan))  # compare as stored: tuples become lists
     if previous is None:
-        write_atomic(fs, f"{root}/{PENDING}/plan.json", json.dumps(plan).encode())
+        _publish(fs, f"{root}/{PENDING}/plan.json", json.dumps(plan).encode())
     elif previous != plan:
         raise ShardingError(f"{url} holds an unfinished job with another plan (source "
                             f"{previous.get('source')}, seed {previous.get('seed')}; if those "
@@ -463,15 +495,12 @@ def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
                     fs.rm_file(path)
 
 
-def _discard(fs: fsspec.AbstractFileSystem, root: str, plan: list[PlannedShard],
-             created: bool) -> None:
-    """Remove what a failed job wrote (and its folder, if the job created it)."""
+def _discard(fs: fsspec.AbstractFileSystem, root: str, plan: list[PlannedShard]) -> None:
+    """Remove what a failed job wrote (its folder goes with the lock, if the job created it)."""
     for shard in plan:
         if fs.exists(f"{root}/{shard.name}"):
             fs.rm_file(f"{root}/{shard.name}")
     _remove_pending(fs, root)
-    if created and isinstance(fs, LocalFileSystem) and fs.isdir(root) and not fs.ls(root):
-        fs.rmdir(root)
 
 
 def _remove_pending(fs: fsspec.AbstractFileSystem, root: str) -> None:

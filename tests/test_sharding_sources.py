@@ -213,7 +213,7 @@ def desktop_file(folder: Path, participant: str, sections: dict[str, np.ndarray]
     (folder / f"{participant}_keystrokes.txt").write_text("".join(lines) + extra)
 
 
-def test_aalto_desktop_reads_sessions_and_skips_malformed_files(tmp_path: Path) -> None:
+def test_aalto_desktop_reads_sessions_and_drops_only_the_sentence_of_a_malformed_row(tmp_path: Path) -> None:
     data = tmp_path / "Keystrokes" / "files"
     sections = {f"{100 + s}": keystrokes(4 + s, 10**12 * (s + 1)) for s in range(3)}
     for p in ("11", "12", "13"):
@@ -232,8 +232,8 @@ def test_aalto_desktop_reads_sessions_and_skips_malformed_files(tmp_path: Path) 
         np.testing.assert_array_equal(got, want)
 
     manifest = write_shards(source, str(tmp_path / "out"), val_subjects=0, test_subjects=1)
-    assert manifest.rejected == {"file:malformed": 3, "subject:duplicate_id": 1}
-    assert sorted(manifest.subjects) == ["11", "12", "13"]
+    assert manifest.rejected == {"file:malformed": 1, "session:malformed_rows": 2, "subject:duplicate_id": 1}
+    assert sorted(manifest.subjects) == ["11", "12", "13", "20", "21"]
 
 
 # --- Aalto mobile ---------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def _aalto_corpus(folder: Path, good: tuple[str, ...] = ("11", "12", "13"),
     for p in good:
         desktop_file(folder, p, sections)
     for p in bad:
-        desktop_file(folder, p, sections, extra=f"{p}\t999\tbroken row\n")  # 3 of 9 fields
+        desktop_file(folder, p, sections, extra=f"9{p}\t999\tx\tx\t1\t5\t6\ta\t65\n")  # another participant's row
 
 
 def test_rejected_aalto_files_are_listed_with_file_line_and_reason(tmp_path: Path) -> None:
@@ -313,8 +313,8 @@ def test_rejected_aalto_files_are_listed_with_file_line_and_reason(tmp_path: Pat
     assert rejects["rejected_subjects"] == 2 and rejects["counts"] == {"file:malformed": 2}
     by_subject = {entry["subject"]: entry for entry in rejects["listed"]}
     assert by_subject["20"]["reason"] == "file:malformed"
-    assert "20_keystrokes.txt:17: 3 fields, the header has 9" in by_subject["20"]["detail"]
-    assert "2 subjects rejected" in result.stdout and "21_keystrokes.txt:17" in result.stdout
+    assert "20_keystrokes.txt: PARTICIPANT_ID '920' differs" in by_subject["20"]["detail"]
+    assert "2 subjects rejected" in result.stdout and "21_keystrokes.txt" in result.stdout
 
 
 def test_the_rejects_list_is_capped_but_counts_every_rejected_subject(tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def test_a_corpus_whose_every_file_is_malformed_fails_in_one_line_and_writes_not
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert "no valid subject" in result.stderr and "file:malformed 3" in result.stderr
-    assert "20_keystrokes.txt:17" in result.stderr
+    assert "20_keystrokes.txt: PARTICIPANT_ID" in result.stderr
     assert not out.exists()
 
 
