@@ -61,7 +61,8 @@ from webdataset import TarWriter
 
 from common.atomic import is_temporary, write_atomic
 from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject, manifest_location
-from sharding.plan import PlannedShard, ShardingError, check_options, plan_shards
+from sharding.plan import (FORMER_MAX_SUBJECTS_PER_SHARD, MAX_SUBJECTS_PER_SHARD, PlannedShard, ShardingError,
+                           check_options, plan_shards)
 from sharding.sources import Source, parse_source, source_arguments
 from sharding.storage import (OutputLock, check_writable, failures_named, location, open_fs,
                               output_lock)
@@ -139,6 +140,8 @@ def write_shards(source: Source | str, url: str, *, seed: int = 0,
     job = _Job(source, url, storage_options, os.getpid())
     sharding = {"subjects_per_shard": subjects_per_shard, "val_subjects": val_subjects,
                 "test_subjects": test_subjects, **({"split": split} if split else {})}
+    if subjects_per_shard is None:  # the automatic rule's cap, so a later default re-plans this set alike
+        sharding["max_subjects_per_shard"] = MAX_SUBJECTS_PER_SHARD
     requested = {**source.describe(), "sharding": sharding}
     with (failures_named(f"cannot use storage {url!r}"),
           output_lock(fs, root, url, break_lock=break_lock, log=log) as lock,
@@ -174,14 +177,18 @@ def _count(items: list, noun: str) -> str:
 def _adopt(recorded: dict[str, Any], requested: dict[str, Any]) -> dict[str, Any] | None:
     """``recorded`` if ``requested`` names the same job, else ``None``.
 
-    An automatic shard size accepts the size a set was written with, so that re-running the
-    command that wrote a set keeps (and repairs) it — including sets written when the default
-    was a fixed 1,000 subjects per shard.
+    An automatic shard size accepts the size and the automatic cap a set was written with, so
+    that re-running the command that wrote a set keeps (and repairs) it — including sets
+    written when the default was a fixed 1,000 subjects per shard, or the automatic rule's cap
+    was 1,000 (such records name no cap).
     """
     wanted = {**requested, "sharding": dict(requested["sharding"])}
-    recorded_size = recorded.get("sharding", {}).get("subjects_per_shard")
     if wanted["sharding"]["subjects_per_shard"] is None:
-        wanted["sharding"]["subjects_per_shard"] = recorded_size
+        recorded_sharding = recorded.get("sharding", {})
+        for key in ("subjects_per_shard", "max_subjects_per_shard"):
+            wanted["sharding"].pop(key, None)
+            if key in recorded_sharding:
+                wanted["sharding"][key] = recorded_sharding[key]
     return recorded if json.loads(json.dumps(wanted)) == recorded else None
 
 
@@ -189,7 +196,9 @@ def _plan(subject_ids: list[str], identity: dict[str, Any], seed: int) -> list[P
     sharding = identity["sharding"]
     return plan_shards(subject_ids, seed=seed, subjects_per_shard=sharding["subjects_per_shard"],
                        val_subjects=sharding["val_subjects"],
-                       test_subjects=sharding["test_subjects"], split=sharding.get("split"))
+                       test_subjects=sharding["test_subjects"], split=sharding.get("split"),
+                       max_subjects_per_shard=sharding.get("max_subjects_per_shard",
+                                                           FORMER_MAX_SUBJECTS_PER_SHARD))
 
 
 def _write_new(job: _Job, requested: dict[str, Any], seed: int, workers: int,

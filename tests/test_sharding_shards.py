@@ -273,6 +273,20 @@ def test_the_former_cap_replans_a_set_written_before_the_cap_changed() -> None:
     assert [len(s.subjects) for s in plan if s.split != "train"] == [500] * 4  # 2 val + 2 test
 
 
+def test_a_set_planned_under_the_former_automatic_cap_is_resumed_with_it_and_a_new_one_with_today_s() -> None:
+    """A pending set's record names no cap when it was planned before the cap was recorded."""
+    from sharding.writer import _adopt, _plan
+
+    ids = [f"{i:06d}" for i in range(5_000)]
+    sharding = {"subjects_per_shard": None, "val_subjects": None, "test_subjects": None}
+    requested = {"name": "synth", "sharding": {**sharding, "max_subjects_per_shard": 128}}
+    former = {"name": "synth", "sharding": sharding}
+    assert _adopt(former, requested) == former
+    assert _plan(ids, former, 0) == plan_shards(ids, seed=0, max_subjects_per_shard=FORMER_MAX_SUBJECTS_PER_SHARD)
+    assert _adopt(requested, requested) == requested
+    assert _plan(ids, requested, 0) == plan_shards(ids, seed=0)
+
+
 def test_a_tiny_corpus_gets_one_subject_per_shard_rather_than_too_few_shards() -> None:
     plan = plan_shards([f"{i}" for i in range(7)], seed=0, val_subjects=1, test_subjects=1)
     assert [len(s.subjects) for s in plan if s.split == "train"] == [1] * 5
