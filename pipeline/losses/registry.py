@@ -166,7 +166,7 @@ def _triplet(margin: float = 0.2, **kwargs: Any) -> nn.Module:
 
 def _triplet_all(margin: float = 0.2, **kwargs: Any) -> nn.Module:
     """Every valid triplet of the batch on L2-normalised embeddings: the strongest baseline of
-    docs/research-notes.md (the semi-hard miner finds too few triplets in small batches)."""
+    docs/archive/research-notes.md (the semi-hard miner finds too few triplets in small batches)."""
     return _metric(losses.TripletMarginLoss)(margin=margin, **kwargs)
 
 

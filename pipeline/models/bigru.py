@@ -1,4 +1,4 @@
-"""A small bidirectional GRU: the fast CPU model of the loss study (docs/research-notes.md)."""
+"""A small bidirectional GRU: the fast CPU model of the loss study (docs/archive/research-notes.md)."""
 
 from __future__ import annotations
 

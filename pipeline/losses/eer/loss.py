@@ -23,7 +23,7 @@ and the loss is evaluated at ``d*``:
 Both are in percent, as in the authors' code. As ``k`` and the search precision grow, the direct
 EER loss converges to the exact EER of the batch (tested to 0.1 percentage points).
 
-Recipe options (measured in ``docs/research-notes.md``): ``normalize=True`` (default)
+Recipe options (measured in ``docs/archive/research-notes.md``): ``normalize=True`` (default)
 L2-normalises the embeddings before the distance, so pair distances live in ``[0, 2]`` and ``k``
 keeps a fixed meaning instead of drifting with the embedding norm; ``floor="softplus"`` (default,
 ``soft_terms``) keeps a gradient on correct pairs near ``d*``. Both lowered the held-out EER;
@@ -90,7 +90,7 @@ class EERLoss(torch.nn.Module):
         normalize: L2-normalise the embeddings first (the default: it won in the issue-8 study).
         floor, tau: the area variant's floor, ``"hard"`` ``max(ε, x)`` or ``"softplus"`` ``τ·softplus(x/τ)``.
         both_sides: with an FMR or FNMR target, keep both area terms instead of only the one the
-            target does not fix (the authors' form; docs/results.md §5 measures both).
+            target does not fix (the authors' form; docs/archive/results-notebook.md §5 measures both).
         threshold_momentum: ``m`` of a persistent threshold ``d̄ ← m·d̄ + (1−m)·d*`` across
             training calls, where the loss is then evaluated, with the implicit gradient taken at
             ``d̄``; 0, the default, searches every batch afresh. Only calls that train (module in
