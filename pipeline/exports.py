@@ -3,8 +3,9 @@
 A training run exports to ``{storage}/{name}/export/{best,final}/model.pt`` (:func:`export_path`);
 evaluation, prediction and fine-tuning find those files from whatever path a user gives
 (:func:`find_export`). An export holds the weights and what is needed to rebuild and feed the
-model; it is plain tensors and builtins, loaded with ``torch.load(weights_only=True)``, so a
-tampered file is refused, never executed.
+model (its features, ``max_len``, evaluation settings, and the precision its forward was
+validated at, so evaluation scores what validation scored); it is plain tensors and builtins,
+loaded with ``torch.load(weights_only=True)``, so a tampered file is refused, never executed.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def save_model(path: str, model: nn.Module, config: dict[str, Any]) -> None:
             "model": config["model"],
             "data": {"features": list(config["data"]["features"]), "max_len": config["data"]["max_len"]},
             "eval": config["eval"],
+            "precision": config["train"]["precision"],
         },
         buffer,
     )

@@ -42,6 +42,7 @@ EXPORT_CONFIG = {
     "model": {"name": "typenet", "embedding_size": 16, "options": {"hidden": 16}},
     "data": {"features": ["keycode", "hold", "flight", "release_press"], "max_len": 60},
     "eval": {"impostors_per_session": 4, "distance": "cosine"},
+    "train": {"precision": "fp32"},
 }
 TEST_SUBJECTS = 12
 

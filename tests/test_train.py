@@ -291,6 +291,7 @@ def test_a_bf16_run_trains_validates_resumes_exactly_and_exports_fp32_weights(
     assert all(value.dtype in (torch.float32, torch.int64) for value in weights.values())
     assert any(not torch.equal(weights[name], fp32_weights[name]) for name in weights)
     assert all(value.dtype in (torch.float32, torch.int64) for value in parameters(straight.best_model).values())
+    assert load_model(straight.best_model)[1]["precision"] == "bf16"  # evaluation embeds as validation did
 
 
 def test_a_run_that_fails_on_its_workers_ends_in_one_line_naming_the_run_the_rank_and_the_cause(

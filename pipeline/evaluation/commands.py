@@ -86,7 +86,7 @@ def embed_split(
     )
     with progress_bar(progress) as bar:
         batches = bar.track(loader, total=len(loader), description=f"embedding {split} batches")
-        embeddings, labels, _ = embed(model, batches)
+        embeddings, labels, _ = embed(model, batches, precision=validated_precision(export))
     return EmbeddedSplit(embeddings, labels, export, split)
 
 
@@ -135,6 +135,7 @@ def predict(
     sessions, pairs = read_test_set(kvc_dir, scenario)
     embeddings, ids = embed_sessions(
         model, sessions, export["data"]["features"], export["data"]["max_len"], batch_size=batch_size, progress=progress,
+        precision=validated_precision(export),
     )
     row = {session: i for i, session in enumerate(ids)}
     first = np.fromiter((row[a] for a, _ in pairs), dtype=np.int64, count=len(pairs))
@@ -202,6 +203,12 @@ def write_report(out_dir: str | Path, scored: Scored) -> Path:
     (out / "report.md").write_text(f"# Verification report: {scored.name}\n\n{report_to_markdown(scored.report)}\n")
     plot_det({scored.name: (scored.truth, scored.scores)}, out / "det.png")
     return out
+
+
+def validated_precision(export: dict[str, Any]) -> str:
+    """The precision the export's validation embedded at (``train.precision``: bf16 autocast or
+    fp32), so that its scores here are those that chose it; exports that predate the key: fp32."""
+    return str(export.get("precision", "fp32"))
 
 
 def _device() -> torch.device:

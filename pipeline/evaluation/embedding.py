@@ -57,8 +57,10 @@ def embed_sessions(
     *,
     batch_size: int = 1024,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, list[str]]:
-    """Embeddings of raw ``[n_keys, 3]`` sessions and their ids, in ``sessions`` order."""
+    """Embeddings of raw ``[n_keys, 3]`` sessions and their ids, in ``sessions`` order, the
+    model's forward run at ``precision``."""
     ids = list(sessions)
 
     def batches() -> Iterator[Batch]:
@@ -70,7 +72,7 @@ def embed_sessions(
 
     with progress_bar(progress) as bar:
         task = bar.add_task("embedding sessions", total=len(ids))
-        embeddings, _, order = embed(model, batches())
+        embeddings, _, order = embed(model, batches(), precision=precision)
     return embeddings, order
 
 
