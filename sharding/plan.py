@@ -29,7 +29,7 @@ import numpy as np
 from sharding.format import SPLITS
 
 MAX_SUBJECTS_PER_SHARD = 128  # ≈ 2 MB of keystrokes: two batches of 64 subjects
-FORMER_MAX_SUBJECTS_PER_SHARD = 1000  # the automatic rule's cap before issue 34 (≈ 15 MB)
+FORMER_MAX_SUBJECTS_PER_SHARD = 1000  # the automatic rule's former cap (≈ 15 MB): sets planned with it
 MIN_SHARDS = {"train": 8, "val": 2, "test": 2}  # 8 train readers: 2 ranks × 4 loader workers
 MAX_DEFAULT_HOLDOUT = 1000
 

@@ -21,7 +21,8 @@ per module, in the order they build on each other:
 Host waits: on a GPU the host queues kernels ahead of the device until it needs a value from it
 (``.item()``, ``float(t)``, ``.tolist()``, a blocking copy, the size of a boolean selection,
 ``bincount``'s length); each such read waits for everything queued so far. A default forward and
-backward pass wait six times, whatever N and however many blocks and chunks (a memory adds three,
+backward pass wait six times on a GPU (the CPU profiler, which sees the scalar reads only, counts
+three), whatever N and however many blocks and chunks (a memory adds three,
 sharding two, an unrolled search two per step): the genuine pairs of all blocks are found at once,
 the search grid's size is read once, and the thresholds once before the pass of sums and once
 before backward. The search keeps ``d`` on the device, histograms add into a counts vector

@@ -87,7 +87,8 @@ class EERLoss(torch.nn.Module):
             root), ``"unrolled"`` (through the authors' search) or ``"detached"`` (not at all;
             see ``threshold``).
         evaluate_at: ``"threshold"`` (at d*) or ``"midpoint"`` (authors' last midpoint).
-        normalize: L2-normalise the embeddings first (the default: it won in the issue-8 study).
+        normalize: L2-normalise the embeddings first (the default: it measured best,
+            docs/archive/research-notes.md).
         floor, tau: the area variant's floor, ``"hard"`` ``max(ε, x)`` or ``"softplus"`` ``τ·softplus(x/τ)``.
         both_sides: with an FMR or FNMR target, keep both area terms instead of only the one the
             target does not fix (the authors' form; docs/archive/results-notebook.md §5 measures both).

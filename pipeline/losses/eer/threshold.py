@@ -145,8 +145,9 @@ class RunningThreshold:
     training call sets it to that batch's ``d*``; a run's checkpoint part, so a resumed run
     continues it bit for bit.
 
-    Not a buffer of the loss module: DeepSpeed would cast it to bf16 with the module, where the
-    update of a 0.99 average stalls (its steps fall below bf16's resolution of the threshold).
+    Not a buffer of the loss module: buffers follow the module's dtype (``.to(torch.bfloat16)``,
+    DeepSpeed's fp16/bf16 blocks), and in bf16 the update of a 0.99 average stalls (its steps fall
+    below bf16's resolution of the threshold); float64 keeps those small steps over long runs.
     """
 
     def __init__(self, momentum: float) -> None:
