@@ -44,7 +44,8 @@ def train(
     resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Start from this checkpoint (folder or s3:// URL)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ) -> None:
-    """Train with Ray Train + DeepSpeed; relaunching the same run.name resumes it."""
+    """Train with Ray Train + DeepSpeed; relaunching the same run.name resumes it. A config with
+    train.stages trains its stages in order, as one run (e.g. configs/aalto-desktop.yaml)."""
     from pipeline.cluster import use_local_ray_settings
     from pipeline.config import TrainConfig
 

@@ -12,6 +12,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -192,6 +193,7 @@ class TrainSection:
     max_failures: int = 0
     stop_after_epochs: int = 0  # > 0: stop (checkpointed) after this many epochs, as if preempted
     init_from: str = ""  # an exported model (file, folder or run) whose weights start a fresh run
+    stages: list[dict[str, Any]] = field(default_factory=list)  # staged training: TrainConfig.stage
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_workers", "epochs", "log_every", "num_to_keep")
@@ -247,14 +249,44 @@ class TrainConfig:
             key, sep, value = override.partition("=")
             if not sep or "." not in key:
                 raise ValueError(f"override {override!r} must look like section.key=value")
-            node = data
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ValueError(f"override {override!r}: {part!r} is not a section")
-            node[leaf] = parse_yaml(value, f"override {override!r}")
+            _set(data, key, parse_yaml(value, f"override {override!r}"), f"override {override!r}")
         return cls.from_dict(data)
+
+    def __post_init__(self) -> None:
+        for index in range(len(self.train.stages)):
+            self.stage(index)  # every stage's settings are checked with the file's, naming the stage
+
+    def stage(self, index: int) -> "TrainConfig":
+        """Stage ``index`` of a staged run (``train.stages``): this config without its stages, with
+        the stage's overrides (``section.key: value``, or nested under the section's name); a
+        mapping-valued setting such as ``loss.options`` is replaced whole, as on the command
+        line. A stage that does not make a valid config is refused in one line naming it."""
+        stage = self.train.stages[index]
+        where = f"train.stages[{index}]"
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
+            raise ValueError(f"{where} must be a mapping of a name and the settings it overrides, got {stage!r}")
+        from pipeline.cluster import check_run_name
+
+        check_run_name(stage["name"], f"{where}.name")  # its runs live in a folder named after it
+        where = f"{where} ({stage['name']})"
+        data = self.to_dict()
+        data["train"]["stages"] = []
+        try:
+            for key, value in self.stage_settings(index).items():
+                _refuse_in_stage(key)
+                _set(data, key, value, key)
+            return TrainConfig.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+
+    def stage_settings(self, index: int) -> dict[str, Any]:
+        """The settings stage ``index`` overrides, by ``section.key``."""
+        return dict(_settings({key: value for key, value in self.train.stages[index].items() if key != "name"}))
+
+    @property
+    def final_stage(self) -> "TrainConfig":
+        """The config a run ends with: its last stage's, or its own when it has no stages."""
+        return self.stage(len(self.train.stages) - 1) if self.train.stages else self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -280,7 +312,53 @@ class TrainConfig:
             del settings["loss"]["memory"]
         if not self.data.hard_batches.enabled:  # off trains as before the setting existed: same digest
             del settings["data"]["hard_batches"]
+        if not self.train.stages:  # a run without stages keeps its digest (its arm name) too
+            del settings["train"]["stages"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# What a stage may not override: the staged run's identity and its one W&B run; and what every
+# stage shares, since each stage after the first starts from the previous stage's weights.
+NOT_PER_STAGE = ("run", "wandb", "model", "data.features", "train.stages", "train.init_from")
+
+
+def _refuse_in_stage(key: str) -> None:
+    for setting in NOT_PER_STAGE:
+        if key == setting or key.startswith(f"{setting}."):
+            raise ValueError(f"{key} is the staged run's, not a stage's: set it outside train.stages")
+
+
+def _settings(overrides: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """A stage's overrides as ``(section.key, value)`` pairs: a mapping under a section's name
+    (``train: {lr: 6e-3}``) stands for that section's keys."""
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and _is_section(dotted):
+            yield from _settings(value, f"{dotted}.")
+        else:
+            yield dotted, value
+
+
+def _is_section(dotted: str) -> bool:
+    """Whether ``dotted`` (``data.hard_batches``) names a section of settings, not a setting."""
+    section: Any = TrainConfig
+    for part in dotted.split("."):
+        hint = typing.get_type_hints(section).get(part) if dataclasses.is_dataclass(section) else None
+        if hint is None or not dataclasses.is_dataclass(hint):
+            return False
+        section = hint
+    return True
+
+
+def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set the setting ``key`` (``section.key``) of a config's ``data`` to ``value``."""
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{where}: {part!r} is not a section")
+    node[leaf] = value
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of settings; a bigger file is not one

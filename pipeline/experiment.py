@@ -7,14 +7,16 @@ afresh (never continued from a stale run), a crashed worker resumes its arm from
 checkpoint (up to 3 times; resuming is exact), and experiments share identical arms (the ablation's
 ``eer-area`` is the batch-size experiment's ``P16`` at the default batch). All arms share the
 config file, the shards, the seed, the steps and the optimizer; an arm changes only what its
-overrides say. Each arm validates and checkpoints at the same steps, which gives the
-validation-EER-vs-step curves.
+overrides say. An arm may be a staged recipe (``train.stages``, in the config file or the arm's
+overrides): it is compared at its steps and sessions summed over its stages, and counts as ours
+when its last stage trains EERLoss. Each arm validates and checkpoints at the same steps (each
+stage of a staged arm at the same share of its own), which gives the validation-EER-vs-step curves.
 
 Outputs in ``out``: ``results.md`` and ``results.json`` (test split, under both verification
 protocols — session against session, and KVC's enrolment sets (``kvc_`` keys): global EER, mean
 per-subject EER, AUC, FNMR at FMR 1 % and 0.1 %; steps to reach the best baseline's final
-validation EER, training wall time), ``det.png`` (one DET curve per arm, session protocol) and
-``val_eer.png``.
+validation EER, steps and training sessions seen, training wall time), ``det.png`` (one DET
+curve per arm, session protocol) and ``val_eer.png``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from pipeline.config import TrainConfig
 # wherever the arm does not set the same key.
 ABLATION_ARMS: dict[str, list[str]] = {
     "eer-area": ["loss.name=eer"],
-    "eer-area-authors": [  # the authors' form: raw embeddings, hard floor (docs/research-notes.md)
+    "eer-area-authors": [  # the authors' form: raw embeddings, hard floor (docs/archive/research-notes.md)
         "loss.name=eer", "loss.options.normalize=false", "loss.options.floor=hard", "eval.distance=euclidean"
     ],
     "eer-direct": ["loss.name=eer", "loss.options.variant=direct"],
-    "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/results.md §3)
+    "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/archive/results-notebook.md §3)
         "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
     ],
     "eer+subject-eer": ["loss.name=eer+subject_eer"],  # each subject's own EER beside the global one
@@ -107,10 +109,13 @@ class Arm:
 
     name: str
     overrides: list[str]
-    loss: str
+    loss: str  # a staged arm's losses in order: multisimilarity-then-eer
+    ours: bool  # its (last stage's) loss is EERLoss or a sum with it
     run_dir: str
     curve: list[tuple[int, float]]  # (step, validation EER)
     seconds: float  # training wall time, summed over the launches of the run
+    steps: int  # summed over a staged arm's stages, as are the sessions
+    sessions: int  # training sessions seen
     report: dict[str, Any]  # session protocol
     kvc_report: dict[str, Any]  # KVC enrolment-set protocol
     truth: np.ndarray
@@ -143,7 +148,8 @@ def run_experiment(
         embedded = embed_split(result.best_model, shards, split="test")
         sessions, kvc = embedded.score("session"), embedded.score("kvc")
         results.append(
-            Arm(name, arm_overrides, config.loss.name, result.run_dir, result.curve, result.metrics["time/train_s"],
+            Arm(name, arm_overrides, recipe_loss(config), OURS in config.final_stage.loss.name.split("+"),
+                result.run_dir, result.curve, result.metrics["time/train_s"], result.metrics["step"], result.sessions,
                 sessions.report, kvc.report, sessions.truth, sessions.scores)
         )
     _write(out, results)
@@ -152,16 +158,50 @@ def run_experiment(
 
 def _arm_config(config_path: str | None, shards: str, overrides: list[str], validations: int) -> TrainConfig:
     from pipeline.cluster import arm_run_name
-    from pipeline.training.schedule import schedule_of
     from sharding.format import load_manifest
 
     config = TrainConfig.load(config_path, [f"data.shards={shards}", *overrides])
-    every = max(1, schedule_of(config, load_manifest(shards)).stop_step // validations)
-    config.train.val_every = config.train.checkpoint_every = every
+    _refuse_overridden_by_every_stage(config, overrides)
+    manifest = load_manifest(shards)
+    stages = config.train.stages
+    for index, stage in enumerate(stages):  # each stage validated as often over its own steps
+        every = _validation_interval(config.stage(index), manifest, validations)
+        stages[index] = {**stage, "train.val_every": every, "train.checkpoint_every": every}
+    if not stages:
+        config.train.val_every = config.train.checkpoint_every = _validation_interval(config, manifest, validations)
     config.train.num_to_keep = 1000  # every validated checkpoint is a point of the curve
     config.train.max_failures = max(config.train.max_failures, 3)  # a crashed worker resumes the arm
-    config.run.name = arm_run_name(config.loss.name, config.digest())
+    config.run.name = arm_run_name(recipe_loss(config), config.digest())
     return config
+
+
+def _refuse_overridden_by_every_stage(config: TrainConfig, overrides: list[str]) -> None:
+    """An override that every stage of a staged recipe sets again (``loss.name=…`` on a recipe
+    whose stages each name their loss) would change nothing, and arms that differ only by it would
+    train the same recipe under different names: refuse it, naming the way that works."""
+    stages = [config.stage_settings(index) for index in range(len(config.train.stages))]
+    for key in (override.partition("=")[0] for override in overrides):
+        if stages and all(_sets(stage, key) for stage in stages):
+            raise ValueError(f"{key} is set by every stage of train.stages, so overriding it changes nothing; "
+                             "give the arm its own train.stages instead")
+
+
+def _sets(stage: dict[str, Any], key: str) -> bool:
+    """Whether a stage's settings set ``key``, or a setting holding it (``loss.options``)."""
+    return any(key == setting or key.startswith(f"{setting}.") for setting in stage)
+
+
+def _validation_interval(config: TrainConfig, manifest: Any, validations: int) -> int:
+    """Steps between a run's validations (and checkpoints): ``validations`` of them over its steps."""
+    from pipeline.training.schedule import schedule_of
+
+    return max(1, schedule_of(config, manifest).stop_step // validations)
+
+
+def recipe_loss(config: TrainConfig) -> str:
+    """The loss of a run, or a staged run's losses in order (``multisimilarity-then-eer``)."""
+    stages = [config.stage(index) for index in range(len(config.train.stages))] or [config]
+    return "-then-".join(stage.loss.name for stage in stages)
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -174,7 +214,7 @@ def _write(out: Path, arms: list[Arm]) -> None:
 
     from pipeline.metrics import plot_det
 
-    baselines = [arm for arm in arms if OURS not in arm.loss.split("+") and arm.curve]
+    baselines = [arm for arm in arms if not arm.ours and arm.curve]
     best_baseline = min(baselines, key=lambda arm: arm.curve[-1][1]) if baselines else None
     rows = []
     for arm in arms:
@@ -189,7 +229,8 @@ def _write(out: Path, arms: list[Arm]) -> None:
                 **_test_metrics(arm.kvc_report, "kvc_"),
                 "final_val_eer": arm.curve[-1][1] if arm.curve else None,
                 "steps_to_best_baseline": reached,
-                "steps": arm.curve[-1][0] if arm.curve else None,
+                "steps": arm.steps,
+                "sessions": arm.sessions,
                 "wall_s": arm.seconds,
                 "val_curve": arm.curve,
             }
@@ -228,14 +269,14 @@ def _markdown(rows: list[dict[str, Any]], best_baseline: str | None) -> str:
     titles = ("EER", "mean per-subject EER", "AUC", "FNMR@1%FMR", "FNMR@0.1%FMR")
     lines = [
         "| arm | loss | " + " | ".join(f"{t} %" for t in titles) + " | " + " | ".join(f"KVC {t} %" for t in titles)
-        + f" | steps to {best_baseline or 'best baseline'}'s final val EER | steps | wall s |",
-        "|:--|:--|" + "--:|" * (2 * len(titles) + 3),
+        + f" | steps to {best_baseline or 'best baseline'}'s final val EER | steps | sessions | wall s |",
+        "|:--|:--|" + "--:|" * (2 * len(titles) + 4),
     ]
     for row in rows:
         reached = "–" if row["steps_to_best_baseline"] is None else str(row["steps_to_best_baseline"])
         cells = [pct(row[key]) for key in measured] + [pct(row[f"kvc_{key}"]) for key in measured]
         lines.append(
             f"| {row['arm']} | {row['loss']} | " + " | ".join(cells)
-            + f" | {reached} | {row['steps']} | {row['wall_s']:.0f} |"
+            + f" | {reached} | {row['steps']} | {row['sessions']} | {row['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"

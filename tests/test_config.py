@@ -15,11 +15,30 @@ from pipeline.training.schedule import lr_factor
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
+# The shipped configs end with EERLoss, except the real-data recipe's control, a baseline.
+ENDS_WITH = {"aalto-desktop-control.yaml": "multisimilarity"}
+
+
 @pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_the_shipped_configs_load(name):
     config = TrainConfig.load(CONFIGS / name)
-    assert config.loss.name == "eer"
-    assert deepspeed_config(config, config.train.num_workers)["train_batch_size"] > 0
+    assert config.final_stage.loss.name == ENDS_WITH.get(name, "eer")
+    for stage in [config.stage(index) for index in range(len(config.train.stages))] or [config]:
+        assert deepspeed_config(stage, stage.train.num_workers)["train_batch_size"] > 0
+
+
+def test_the_real_data_recipe_and_its_control_share_the_first_stage_and_see_the_same_sessions_after_it():
+    """docs/archive/results-notebook.md R17: EERLoss at 8× the batch against MultiSimilarity for 8× the steps; an
+    epoch sees every training participant at either batch, so equal epochs are equal sessions."""
+    recipe, control = (TrainConfig.load(CONFIGS / f"{name}.yaml") for name in ("aalto-desktop", "aalto-desktop-control"))
+    def first_stage(config: TrainConfig) -> dict:  # all but the run's name
+        return {section: settings for section, settings in config.stage(0).to_dict().items() if section != "run"}
+
+    assert first_stage(recipe) == first_stage(control)
+    large_batch, more_steps = recipe.stage(1), control.stage(1)
+    assert large_batch.loss.name == "eer"
+    assert large_batch.data.subjects_per_batch == 8 * more_steps.data.subjects_per_batch
+    assert (large_batch.train.epochs, large_batch.train.lr) == (more_steps.train.epochs, more_steps.train.lr)
 
 
 def test_overrides_reach_nested_keys_and_parse_yaml_values():

@@ -139,3 +139,32 @@ def test_an_arm_is_named_by_its_whole_config_so_changed_settings_never_continue_
     assert name("loss.name=eer", "train.max_failures=5", "wandb.enabled=false") == default  # outcome unchanged
     assert name("loss.name=eer", "train.lr=0.01") != default
     assert name("loss.name=triplet_all").startswith("triplet_all-")
+
+
+STAGES = ("train.stages=[{name: ms, loss.name: multisimilarity, train.epochs: 8}, "
+          "{name: fine, loss.name: eer, train.epochs: 2}]")
+
+
+def test_an_arm_may_be_a_staged_recipe_named_by_its_losses_and_validated_as_often_in_each_stage(tmp_path):
+    from pipeline.experiment import _arm_config, recipe_loss
+    from sharding.writer import write_shards
+
+    write_shards("synth:80:0", str(tmp_path), subjects_per_shard=40, val_subjects=5, test_subjects=5)
+    config = _arm_config(str(CONFIG), str(tmp_path), ["run.storage=runs", STAGES], validations=2)
+    assert config.run.name.startswith("multisimilarity-then-eer-") and recipe_loss(config) == "multisimilarity-then-eer"
+    # 8 steps, then 2: a rank's 30 subjects make one batch of 16 an epoch
+    assert [config.stage(index).train.val_every for index in (0, 1)] == [4, 1]
+    assert config.final_stage.train.num_to_keep == 1000
+
+
+def test_an_arm_setting_what_every_stage_sets_again_is_refused_before_anything_runs(tmp_path):
+    """The ablation's arms set loss.name, which each stage of this recipe sets again."""
+    from sharding.writer import write_shards
+
+    write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
+    result = CliRunner().invoke(app, ["experiment", "ablation", "--shards", str(tmp_path / "shards"), "-c", str(CONFIG),
+                                      "--out", str(tmp_path / "out"), "--arms", "eer-area,multisimilarity", STAGES,
+                                      "run.storage=" + str(tmp_path)])
+    assert result.exit_code == 1
+    assert "loss.name is set by every stage of train.stages, so overriding it changes nothing" in result.output
+    assert not (tmp_path / "out").exists()

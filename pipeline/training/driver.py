@@ -16,7 +16,8 @@ from pipeline.config import TrainConfig, absolute
 from pipeline.exports import export_path
 from pipeline.training.checkpointer import check_checkpoint
 from pipeline.training.ray_snapshot import Resumption, resumption
-from pipeline.training.schedule import schedule_of
+from pipeline.training.schedule import schedule_of, sessions_per_step
+from pipeline.training.stages import StageContext
 
 
 @dataclass
@@ -29,14 +30,26 @@ class TrainResult:
     final_model: str
     best_model: str
     curve: list[tuple[int, float]]  # (step, val EER) of every kept checkpoint
+    sessions: int  # training sessions seen: steps × P × K × ranks, summed over a staged run's stages
 
 
 def train(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True) -> TrainResult:
-    """Run (or resume) ``config.run.name`` to the end of its schedule; returns where things are."""
+    """Run (or resume) ``config.run.name`` to the end of its schedule, or of its last stage for a
+    staged run (:mod:`~pipeline.training.stages`); returns where things are."""
+    if config.train.stages:
+        from pipeline.training.stages import train_stages
+
+        return train_stages(config, resume_from, show_progress)
+    return launch(config, resume_from, show_progress)
+
+
+def launch(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True,
+           stage: StageContext | None = None) -> TrainResult:
+    """One Ray Train run of ``config``: a run, or the ``stage`` of a staged run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import checkpoint_url, init_ray, ray_storage
+    from pipeline.cluster import init_ray, ray_storage
     from pipeline.training.progress import progress_display
     from pipeline.training.worker import worker_loop
 
@@ -46,7 +59,8 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
     with progress_display(show_progress) as forward_reports:
         trainer = TorchTrainer(
             worker_loop,
-            train_loop_config={"config": config.to_dict(), "resume_from": resume_from},
+            train_loop_config={"config": config.to_dict(), "resume_from": resume_from,
+                               "stage": stage and asdict(stage)},
             scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu),
             run_config=RunConfig(
                 name=config.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
@@ -55,14 +69,22 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
                 callbacks=[forward_reports],
             ),
         )
-        result = _fit(trainer, config.run_dir)
+        return run_result(config, _fit(trainer, config.run_dir))
+
+
+def run_result(config: TrainConfig, result: Any) -> TrainResult:
+    """The :class:`TrainResult` of Ray's ``result`` of the run ``config``."""
+    from pipeline.cluster import checkpoint_url
+
+    metrics = dict(result.metrics or {})
     return TrainResult(
         run_dir=config.run_dir,
         checkpoint=result.checkpoint and checkpoint_url(result.checkpoint.path, config.run.storage),
-        metrics=dict(result.metrics or {}),
+        metrics=metrics,
         final_model=export_path(config.run_dir, "final"),
         best_model=export_path(config.run_dir, "best"),
         curve=sorted((m["step"], m["val/eer"]) for _, m in result.best_checkpoints if "val/eer" in m),
+        sessions=metrics.get("step", 0) * sessions_per_step(config),
     )
 
 

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.training.clock import clock
+from pipeline.training.stages import StageContext
 from pipeline.training.wandb_run import WandbRun
 
 STEP_PHASES = ("data", "model", "backward", "optimizer")  # a step's time; validation etc. excluded
@@ -76,10 +77,12 @@ def parameter_grad_norm(engine: Any) -> float | None:
 class MetricsSink:
     """Publishes metrics: to W&B on rank 0 (:mod:`pipeline.training.wandb_run`: a relaunch
     continues the same W&B run, and a W&B failure never stops training) and to Ray Train on every
-    rank (a report is a barrier)."""
+    rank (a report is a barrier). A stage of a staged run logs into the staged run's W&B run, at
+    the staged run's steps, so that the stages read as one run's curves; Ray hears its own steps."""
 
-    def __init__(self, config: TrainConfig, rank: int) -> None:
-        self.wandb = WandbRun(config) if rank == 0 and config.wandb.enabled else None
+    def __init__(self, config: TrainConfig, rank: int, stage: StageContext | None = None) -> None:
+        self.wandb = WandbRun(config, stage) if rank == 0 and config.wandb.enabled else None
+        self.stage = stage
 
     def publish(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
         """A report to Ray; with a checkpoint, W&B's files written so far also reach the run's
@@ -91,11 +94,13 @@ class MetricsSink:
             self.wandb.copy_to_storage()
 
     def log(self, metrics: dict[str, Any], step: int, det: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """W&B, rank 0 only: one row, its ``step`` the training step; ``det``: a validation's
-        (truth, scores), plotted as ``val/det``."""
+        """W&B, rank 0 only: one row, its ``step`` the training step (of the staged run, beside its
+        ``stage``, for a stage); ``det``: a validation's (truth, scores), plotted as ``val/det``."""
         if self.wandb is None:
             return
-        row = {key: value for key, value in metrics.items() if key != "total_steps"} | {"step": step}
+        position = {"step": step} if self.stage is None else {"step": self.stage.step_offset + step,
+                                                              "stage": self.stage.index}
+        row = {key: value for key, value in metrics.items() if key != "total_steps"} | position
         with _det_image(det) as image:
             self.wandb.log(row | image)
 

@@ -48,6 +48,17 @@ def schedule_of(config: TrainConfig, manifest: Manifest) -> Schedule:
     return Schedule(steps, steps * train.epochs, stop)
 
 
+def end_step(config: TrainConfig, schedule: Schedule) -> int:
+    """The step where the run's training ends and its final model is exported: the schedule's
+    end or ``train.max_steps``, never ``train.stop_after_epochs``, which stops it as if preempted."""
+    return min(schedule.total_steps, config.train.max_steps or schedule.total_steps)
+
+
+def sessions_per_step(config: TrainConfig) -> int:
+    """Sessions in a global batch: P subjects × K sessions on every rank."""
+    return config.data.subjects_per_batch * config.data.sessions_per_subject * config.train.num_workers
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Linear warm-up, then cosine decay to zero over the schedule (or constant)."""
     if step < warmup:

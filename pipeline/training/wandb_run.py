@@ -33,6 +33,8 @@ from pipeline.config import TrainConfig
 if TYPE_CHECKING:
     from wandb import Run
 
+    from pipeline.training.stages import StageContext
+
 INIT_TIMEOUT_VARIABLE = "WANDB_INIT_TIMEOUT"  # wandb's own variable for its ``init_timeout`` setting
 # W&B's default is 90 s. A healthy server starts a run in a few seconds; during an outage every
 # launch of a run waits this long (plus wandb's two account lookups, 5 s each) before logging
@@ -100,9 +102,11 @@ def _sync_command(folder: str) -> str:
 
 class WandbRun:
     """The W&B run of rank 0, continued by every relaunch of the run (its id follows the run's
-    storage and name). ``run`` is None once W&B has failed mid-run."""
+    storage and name) and, for a stage of a staged run, by every stage (the id, name and config
+    are the staged run's). ``run`` is None once W&B has failed mid-run."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, stage: StageContext | None = None) -> None:
+        self.stage = stage
         self.folder = wandb_folder(config)
         remote = "://" in self.folder
         # W&B's ``dir``: it writes into ``{dir}/wandb``
@@ -132,16 +136,19 @@ class WandbRun:
             return self._init(config, "offline")
 
     def _init(self, config: TrainConfig, mode: str) -> Run:
-        """``wandb.init``, waiting for the server ``WANDB_INIT_TIMEOUT`` seconds, else 30 s; read
-        here, since a setting passed to ``wandb.init`` outranks the variable."""
+        """``wandb.init`` of the run (of the staged run, for a stage), waiting for the server
+        ``WANDB_INIT_TIMEOUT`` seconds, else 30 s; read here, since a setting passed to
+        ``wandb.init`` outranks the variable."""
         import wandb
 
         from pipeline.cluster import wandb_run_id
 
         timeout = os.environ.get(INIT_TIMEOUT_VARIABLE, DEFAULT_INIT_TIMEOUT_S)
+        stage = self.stage
+        name, storage = (stage.run_name, stage.run_storage) if stage else (config.run.name, config.run.storage)
         return wandb.init(
-            project=config.wandb.project, name=config.run.name, id=wandb_run_id(config.run.storage, config.run.name),
-            resume="allow", mode=mode, dir=str(self.init_dir), config=config.to_dict(),
+            project=config.wandb.project, name=name, id=wandb_run_id(storage, name), resume="allow", mode=mode,
+            dir=str(self.init_dir), config=stage.config if stage else config.to_dict(),
             settings=wandb.Settings(init_timeout=timeout),
         )
 

@@ -21,13 +21,15 @@ from pipeline.training.engine import build_engine, pins_memory
 from pipeline.training.memory import CrossBatchMemory, memory_of
 from pipeline.training.metrics_sink import MetricsSink, StepTimer, parameter_grad_norm, step_metrics
 from pipeline.training.neighbours import HardBatches
-from pipeline.training.schedule import schedule_of
+from pipeline.training.schedule import end_step, schedule_of, sessions_per_step
+from pipeline.training.stages import StageContext
 from pipeline.training.state import RunState
 from pipeline.training.validator import Validator
 
 
 def worker_loop(payload: dict[str, Any]) -> None:
-    """Train ``payload["config"]`` from its latest checkpoint (or ``resume_from``) to its stop step."""
+    """Train ``payload["config"]`` from its latest checkpoint (or ``resume_from``) to its stop step;
+    ``payload["stage"]``: the staged run it is a stage of, if any."""
     config = TrainConfig.from_dict(payload["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -40,11 +42,12 @@ def worker_loop(payload: dict[str, Any]) -> None:
     state = RunState()
     checkpointer = Checkpointer(engine, _checkpoint_parts(state, loader, memory, criterion), config, rank)
     checkpointer.restore(payload.get("resume_from"))
-    validate, sink = Validator(config, rank, world), MetricsSink(config, rank)
+    stage = StageContext(**payload["stage"]) if payload.get("stage") else None
+    validate, sink = Validator(config, rank, world), MetricsSink(config, rank, stage)
     device = torch.device(engine.device)
     timer = StepTimer(device)
     hard = HardBatches(config, loader, engine.module.model)
-    sessions_per_step = config.data.subjects_per_batch * config.data.sessions_per_subject * world
+    sessions = sessions_per_step(config)
     seconds_before, launched = state.train_seconds, timer.last  # time of earlier launches of this run
 
     def logs(step: int) -> bool:
@@ -73,7 +76,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
             metrics: dict[str, Any] = {"step": state.step, "epoch": loader.epoch, "total_steps": schedule.stop_step,
                                        "time/train_s": state.train_seconds}
             if log_now:
-                metrics.update(step_metrics(engine, loss, stats, norm, timer, sessions_per_step))
+                metrics.update(step_metrics(engine, loss, stats, norm, timer, sessions))
                 metrics.update(hard.metrics(batch))
             validate_now = epoch_end or _every(state.step, config.train.val_every)
             if validate_now:
@@ -89,7 +92,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
             timer.lap("reporting")
             if state.step >= schedule.stop_step:
                 break
-    if rank == 0:
+    if rank == 0 and state.step >= end_step(config, schedule):  # not when stopped as if preempted
         save_model(export_path(config.run_dir, "final"), engine.module.model, config.to_dict())
     sink.finish()
 

@@ -1,0 +1,160 @@
+"""Staged training (``train.stages``): one run trained in stages, each with its own loss, batch,
+rate and length, e.g. a MultiSimilarity model refined by EERLoss at a large batch.
+
+Each stage is a run of its own, ``{storage}/{name}/stages/{index}-{stage name}``, so everything a
+run has — checks before launch, checkpoints, an exact resume from Ray's snapshot, exports — a
+stage has too, and the optimizer and schedule restart with it. A stage after the first starts
+from the previous stage's final export (``train.init_from``). A stage is finished when its final
+export exists (written atomically, at the end of its schedule only), so a relaunch skips the
+finished stages and Ray resumes the unfinished one from its own checkpoints: a kill inside a
+stage or between two leaves the same end as a straight run. The staged run's
+``export/{best,final}`` are its last stage's, so its best model is chosen by the last stage's
+validation target. Every stage logs into the staged run's one W&B run, at steps that continue
+across stages, beside a ``stage`` metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import TrainConfig
+
+if TYPE_CHECKING:
+    from pipeline.training.driver import TrainResult
+
+STAGES_FOLDER = "stages"
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage's workers know of the staged run: where its W&B run is, and where they are in it."""
+
+    index: int
+    step_offset: int  # the steps of the stages before this one
+    run_name: str  # the staged run's name and storage, which give its W&B run id
+    run_storage: str
+    config: dict[str, Any]  # the staged run's config, W&B's record of the run
+
+
+def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bool) -> TrainResult:
+    """Run (or resume) the staged run ``config`` stage by stage, every stage checked before the
+    first starts; returns the staged run's result (a stage stopped early ends it there, as a
+    preempted run: the next launch goes on from it)."""
+    from pipeline.training.driver import launch
+
+    if resume_from:
+        raise ValueError("--resume-from does not apply to a staged run (train.stages): relaunch it, and each stage "
+                         "goes on from its own checkpoints")
+    config = config.with_absolute_paths()
+    stages = [stage_config(config, index) for index in range(len(config.train.stages))]
+    offsets = _checked_step_offsets(config, stages)
+    results = []
+    for index, (stage, offset) in enumerate(zip(stages, offsets)):
+        if _finished(stage):
+            results.append(_finished_result(stage))
+            continue
+        context = StageContext(index, offset, config.run.name, config.run.storage, config.to_dict())
+        results.append(launch(stage, show_progress=show_progress, stage=context))
+        if not _finished(stage):  # stopped as if preempted (train.stop_after_epochs)
+            break
+    else:
+        _publish_exports(stages[-1].run_dir, config.run_dir)
+    return _staged_result(config.run_dir, results, offsets)
+
+
+def stage_config(config: TrainConfig, index: int) -> TrainConfig:
+    """Stage ``index`` of the staged run ``config`` (absolute paths) as a run of its own in the
+    staged run's folder, logging into its W&B folder, and, after the first stage, starting from
+    the previous stage's final export."""
+    from pipeline.exports import export_path
+
+    stage = config.stage(index).with_absolute_paths()
+    stage.run.storage = f"{config.run_dir}/{STAGES_FOLDER}"
+    stage.run.name = _stage_name(config, index)
+    stage.wandb.dir = config.wandb.dir or config.run_dir
+    if index:
+        stage.train.init_from = export_path(f"{stage.run.storage}/{_stage_name(config, index - 1)}", "final")
+    return stage
+
+
+def _stage_name(config: TrainConfig, index: int) -> str:
+    return f"{index}-{config.train.stages[index]['name']}"
+
+
+def _checked_step_offsets(config: TrainConfig, stages: list[TrainConfig]) -> list[int]:
+    """The driver's checks of every stage, before any starts, a refusal naming the stage; returns
+    each stage's first step in the staged run. A later stage's warm start is checked without its
+    file, which the stage before writes: every stage trains the same model on the same features."""
+    from sharding.format import load_manifest
+    from sharding.storage import StorageError
+
+    from pipeline.training.driver import prepare
+    from pipeline.training.schedule import end_step, schedule_of
+
+    offsets, steps = [], 0
+    for index, stage in enumerate(stages):
+        offsets.append(steps)
+        checked = TrainConfig.from_dict(stage.to_dict())
+        if index:
+            checked.train.init_from = ""
+        try:
+            prepare(checked)
+        except (ValueError, FileNotFoundError, StorageError) as error:  # each a one-line refusal
+            raise type(error)(f"train.stages[{index}] ({config.train.stages[index]['name']}): {error}") from None
+        steps += end_step(stage, schedule_of(stage, load_manifest(stage.data.shards)))
+    return offsets
+
+
+def _finished(stage: TrainConfig) -> bool:
+    """Whether the stage has trained to its end: its final export is written there, atomically."""
+    from sharding.storage import open_fs
+
+    from pipeline.exports import export_path
+
+    fs, path = open_fs(export_path(stage.run_dir, "final"))
+    fs.invalidate_cache()  # a listing cached before the stage ran
+    return fs.isfile(path)
+
+
+def _finished_result(stage: TrainConfig) -> TrainResult:
+    """A finished stage's result, read from Ray's record of its checkpoints instead of launching it again."""
+    from ray.train import Result
+
+    from pipeline.cluster import ray_storage
+    from pipeline.training.driver import run_result
+
+    path, filesystem = ray_storage(stage.run_dir)
+    return run_result(stage, Result.from_path(path, storage_filesystem=filesystem))
+
+
+def _publish_exports(last_stage_dir: str, run_dir: str) -> None:
+    """The last stage's exports become the staged run's, each file whole; ``final`` last, so
+    that it marks a finished run as it marks a finished stage."""
+    from common.atomic import write_atomic
+    from sharding.storage import open_fs
+
+    from pipeline.exports import export_path
+
+    for which in ("best", "final"):
+        source_fs, source = open_fs(export_path(last_stage_dir, which))
+        if source_fs.isfile(source):  # a stage that never validated has no best export
+            target_fs, target = open_fs(export_path(run_dir, which))
+            write_atomic(target_fs, target, source_fs.cat_file(source))
+
+
+def _staged_result(run_dir: str, results: list[TrainResult], offsets: list[int]) -> TrainResult:
+    """The staged run's result: its last stage's metrics at the staged run's steps, the stages'
+    validation curves end to end, training time and sessions summed over the stages."""
+    from pipeline.exports import export_path
+    from pipeline.training.driver import TrainResult
+
+    last, offset = results[-1], offsets[len(results) - 1]
+    metrics = last.metrics | {
+        "step": offset + last.metrics["step"], "total_steps": offset + last.metrics["total_steps"],
+        "time/train_s": sum(result.metrics["time/train_s"] for result in results), "stage": len(results) - 1,
+    }
+    curve = [(start + step, value) for result, start in zip(results, offsets) for step, value in result.curve]
+    return TrainResult(run_dir=run_dir, checkpoint=last.checkpoint, metrics=metrics,
+                       final_model=export_path(run_dir, "final"), best_model=export_path(run_dir, "best"),
+                       curve=curve, sessions=sum(result.sessions for result in results))
