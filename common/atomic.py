@@ -1,11 +1,16 @@
-"""Atomic publication of one file on any fsspec filesystem: readers see it whole or not at all."""
+"""Atomic publication of one file on any fsspec filesystem: readers see it whole or not at all;
+creation only if absent, removal only if unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import fsspec
+from botocore.exceptions import ClientError
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -37,6 +42,10 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     sees the file partly written. A local disk writes a temporary and hard-links it to ``path``
     (``link`` fails if ``path`` exists, atomically, NFS included); an object store gets a
     conditional upload (``If-None-Match: *``, honoured by AWS S3, MinIO and moto).
+
+    ``False`` may also answer a create that went through: a retry after a lost reply is refused
+    (S3 answers 412; NFS may answer ``EEXIST`` to a retried ``link``). Read the file back to
+    know whose it is.
     """
     _make_folder(fs, path)
     if not isinstance(fs, LocalFileSystem):
@@ -55,6 +64,73 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
         if os.path.exists(temporary):
             os.remove(temporary)
     return True
+
+
+def remove_if(fs: fsspec.AbstractFileSystem, path: str, wanted: Callable[[bytes], bool]) -> bool:
+    """Remove ``path`` if ``wanted(its content)``; ``True`` if it was removed.
+
+    A check, then a removal, would remove a file that another writer put in its place in
+    between. A local disk therefore first renames ``path`` aside (atomic: of racing callers
+    only one moves a given file), checks the file it moved, and puts an unwanted one back. An
+    object store gets a removal conditional on the ETag of the content checked
+    (``If-Match``, honoured by AWS S3 and moto; a store that ignores it removes whatever is
+    there, the few milliseconds after the check).
+
+    The local scheme leaves one window: while an unwanted file is aside (microseconds),
+    another file can be created at ``path``; the one aside is then dropped.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        return _remove_object_if(fs, path, wanted)
+    aside = _temporary(path)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    removed = False
+    try:
+        removed = wanted(Path(aside).read_bytes())
+    finally:
+        if removed:
+            os.remove(aside)
+        else:
+            _put_back(aside, path)
+    return removed
+
+
+def _put_back(aside: str, path: str) -> None:
+    """Return a file moved aside to ``path``, unless another was created there meanwhile."""
+    with contextlib.suppress(FileExistsError):
+        os.link(aside, path)
+    os.remove(aside)
+
+
+def _remove_object_if(fs: fsspec.AbstractFileSystem, path: str,
+                      wanted: Callable[[bytes], bool]) -> bool:
+    """:func:`remove_if` on S3. The ETag is read before the content: if the content checked is
+    the one wanted, the ETag is that content's (a wanted content, once replaced, never
+    returns: callers check a unique token)."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        etag = fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
+        if not wanted(fs.cat_file(path)):
+            return False
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+    except FileNotFoundError:  # gone already; or removed by a retry whose first reply was lost
+        return False
+    except OSError as error:
+        if _precondition_failed(error):  # replaced since the check
+            return False
+        raise
+    finally:
+        fs.invalidate_cache(path)
+    return True
+
+
+def _precondition_failed(error: OSError) -> bool:
+    """Whether s3fs raised ``error`` for an HTTP 412 (its ``EINVAL`` says no more)."""
+    cause = error.__cause__
+    return (isinstance(cause, ClientError)
+            and cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
 
 
 def is_temporary(name: str) -> bool:

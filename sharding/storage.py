@@ -24,6 +24,7 @@ import math
 import os
 import socket
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from botocore.exceptions import BotoCoreError
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from common.atomic import create_exclusive
+from common.atomic import create_exclusive, remove_if
 
 CONNECT_TIMEOUT_ENV = "EERPIPE_S3_CONNECT_TIMEOUT"
 READ_TIMEOUT_ENV = "EERPIPE_S3_READ_TIMEOUT"
@@ -195,10 +196,12 @@ def _explain(url: str, error: Exception) -> str:
 
 
 def describe_failure(error: BaseException) -> str:
-    """A store's failure in words: ``No space left on device (ENOSPC)``, or the store's own
-    message (which names the endpoint), with what to do about a timeout."""
+    """A store's failure in words: ``No space left on device (ENOSPC)`` and the file, if the
+    error names one, or the store's own message (which names the endpoint), with what to do
+    about a timeout."""
     if isinstance(error, OSError) and error.errno in errno.errorcode:
-        return f"{error.strerror or os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
+        text = f"{error.strerror or os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
+        return f"{text}: {error.filename}" if error.filename is not None else text
     text = f"{type(error).__name__}: {error}"
     if _is_timeout(error):
         text += (" (no answer in time: check AWS_ENDPOINT_URL, or give a slow store more time "
@@ -242,11 +245,8 @@ class OutputLock:
     def release(self) -> None:
         """Remove the lock if it is still ours (``--break-lock`` may have given it to another
         job). Only the process that took it releases it: forked workers inherit this object."""
-        if os.getpid() != self.record["pid"]:
-            return
-        holder = _read_holder(self.fs, self.path)
-        if holder is not None and holder.get("token") == self.record["token"]:
-            self.fs.rm_file(self.path)
+        if os.getpid() == self.record["pid"]:
+            remove_if(self.fs, self.path, _holding(self.record["token"]))
 
 
 @contextmanager
@@ -263,8 +263,9 @@ def output_lock(fs: fsspec.AbstractFileSystem, root: str, url: str, *, break_loc
     never broken. Locks do not expire with age: a job may run for hours, and an age limit
     would hand a live job's output to a second one.
 
-    The lock is released when the block ends, by an error or ``KeyboardInterrupt`` too; the
-    local folders created for the lock are removed if the job left them empty.
+    The lock is released when the block ends, by an error or ``KeyboardInterrupt`` too (then
+    best effort: see :func:`_release_after_failure`); the local folders created for the lock are
+    removed if the job left them empty.
     """
     created = _missing_folders(fs, root)
     try:
@@ -272,13 +273,30 @@ def output_lock(fs: fsspec.AbstractFileSystem, root: str, url: str, *, break_loc
             lock = _acquire(fs, f"{root}/{LOCK_NAME}", url, break_lock, log)
         try:
             yield lock
-        finally:
-            with failures_named(f"cannot release the lock of {url}"):
-                lock.release()
+        except BaseException:
+            _release_after_failure(lock, url)
+            raise
+        with failures_named(_cannot_release(url)):
+            lock.release()
     finally:
         for folder in created:
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
+
+
+def _release_after_failure(lock: OutputLock, url: str) -> None:
+    """Release the lock of a failed job, with one warning if the store fails that too: a store
+    that is down fails the job and then its release, and the job's own error is the one to
+    report."""
+    try:
+        lock.release()
+    except STORAGE_FAILURES as error:
+        warnings.warn(f"{_cannot_release(url)}: {describe_failure(error)}; a later job on this "
+                      "machine takes it over (elsewhere, --break-lock removes it)", stacklevel=2)
+
+
+def _cannot_release(url: str) -> str:
+    return f"cannot release the lock of {url}"
 
 
 def _missing_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -296,27 +314,34 @@ def _acquire(fs: fsspec.AbstractFileSystem, path: str, url: str, break_lock: boo
              log: Callable[[str], None] | None) -> OutputLock:
     record = _this_job()
     for _ in range(3):  # again after a holder released or a stale lock was removed
-        if _create(fs, path, record):
+        holder = _create_and_read_back(fs, path, record)
+        if holder is None:  # released between the create and the read
+            continue
+        if holder.get("token") == record["token"]:  # ours, whatever the create answered
             return OutputLock(fs, path, record)
-        holder = _read_holder(fs, path)
-        if holder is not None:
-            _remove_stale(fs, path, url, holder, break_lock, log)
+        _remove_stale(fs, path, url, holder, break_lock, log)
     raise OutputLocked(f"{url}: could not take the lock {LOCK_NAME}; other jobs keep taking it")
 
 
-def _create(fs: fsspec.AbstractFileSystem, path: str, record: dict[str, Any]) -> bool:
-    """Create the lock, then read it back: on a store that ignored the upload's condition a
-    later job would overwrite it, and only the last writer reads its own token (best effort
-    there; AWS S3, MinIO and moto honour the condition)."""
-    if not create_exclusive(fs, path, json.dumps(record).encode()):
-        return False
-    holder = _read_holder(fs, path)
-    return holder is not None and holder.get("token") == record["token"]
+def _create_and_read_back(fs: fsspec.AbstractFileSystem, path: str,
+                          record: dict[str, Any]) -> dict[str, Any] | None:
+    """Try to create the lock; return the record it then holds (``None``: no lock).
+
+    The lock is read back whatever the create answered: a create that went through can answer
+    "exists" (:func:`common.atomic.create_exclusive`), and the job then holds the lock; on a
+    store that ignored the upload's condition a later job would overwrite it, and only the
+    last writer reads its own token (best effort there; AWS S3, MinIO and moto honour it).
+    """
+    create_exclusive(fs, path, json.dumps(record).encode())
+    return _read_holder(fs, path)
 
 
 def _remove_stale(fs: fsspec.AbstractFileSystem, path: str, url: str, holder: dict[str, Any],
                   break_lock: bool, log: Callable[[str], None] | None) -> None:
-    """Remove a lock whose job is gone (or that the user breaks); refuse a live one."""
+    """Remove a lock whose job is gone (or that the user breaks); refuse a live one.
+
+    Only the lock judged is removed (:func:`common.atomic.remove_if`): jobs that judge the
+    same dead lock at once would otherwise each remove the lock the other just took."""
     running = _still_running(holder)
     if running is False:
         why = "its process is no longer running"
@@ -330,8 +355,7 @@ def _remove_stale(fs: fsspec.AbstractFileSystem, path: str, url: str, holder: di
         raise OutputLocked(f"{url} is locked by another shard job: {_describe(holder)}; wait "
                            "for it to finish, or, if it is no longer running, re-run with "
                            "--break-lock")
-    fs.rm_file(path)
-    if log is not None:
+    if remove_if(fs, path, _holding(holder.get("token"))) and log is not None:
         log(f"{url}: removed the lock of {_describe(holder)} ({why})")
 
 
@@ -345,12 +369,22 @@ def _this_job() -> dict[str, Any]:
 def _read_holder(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
     """The lock's record; ``None`` if there is no lock, ``{}`` if it is unreadable."""
     try:
-        holder = json.loads(fs.cat_file(path))
+        return _parse_record(fs.cat_file(path))
     except FileNotFoundError:
         return None
+
+
+def _parse_record(data: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(data)
     except ValueError:
         return {}
-    return holder if isinstance(holder, dict) else {}
+    return record if isinstance(record, dict) else {}
+
+
+def _holding(token: str | None) -> Callable[[bytes], bool]:
+    """Whether a lock's content is the record with ``token`` (``None``: an unreadable one)."""
+    return lambda data: _parse_record(data).get("token") == token
 
 
 def _process_identity(pid: int) -> str | None:

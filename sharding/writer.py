@@ -25,8 +25,8 @@ resumes it.
 Nothing is created at the output URL before the options and the storage have been checked,
 and a job refused later (its source, its plan) leaves nothing behind; a job whose every
 subject is rejected removes what it wrote and fails. A store that fails mid-job (a full disk,
-a timeout) ends the job with one line naming the file and the cause; what was published
-before stays, whole, for a re-run to resume from.
+a timeout) ends the job with one line naming the file and the cause, as does a source that
+cannot be read; what was published before stays, whole, for a re-run to resume from.
 """
 
 from __future__ import annotations
@@ -143,8 +143,7 @@ def write_shards(source: Source | str, url: str, *, seed: int = 0,
     if subjects_per_shard is None:  # the automatic rule's cap, so a later default re-plans this set alike
         sharding["max_subjects_per_shard"] = MAX_SUBJECTS_PER_SHARD
     requested = {**source.describe(), "sharding": sharding}
-    with (failures_named(f"cannot use storage {url!r}"),
-          output_lock(fs, root, url, break_lock=break_lock, log=log) as lock,
+    with (output_lock(fs, root, url, break_lock=break_lock, log=log) as lock,
           _released_on_sigterm(lock)):
         return _write_or_repair(job, requested, seed, workers, progress, log)
 
@@ -207,7 +206,8 @@ def _write_new(job: _Job, requested: dict[str, Any], seed: int, workers: int,
     fs, root = open_fs(job.url, **job.storage_options)
     previous = _read_json(fs, f"{root}/{PENDING}/plan.json")
     identity = (previous and _adopt(previous.get("source", {}), requested)) or requested
-    subject_ids, rejected = job.source.open()
+    with _reading_source(job.source):
+        subject_ids, rejected = job.source.open()
     plan = _plan(subject_ids, identity, seed)
     _commit_plan(fs, root, job.url, previous, {"source": identity, "seed": seed,
                                                "shards": [asdict(s) for s in plan]})
@@ -250,7 +250,9 @@ def _repair(manifest: Manifest, job: _Job, workers: int, progress: bool) -> list
     bad = [info.name for info, ok in zip(manifest.shards, good) if not ok]
     if not bad:
         return []
-    planned = {s.name: s for s in _plan(job.source.open()[0], manifest.source, manifest.seed)}
+    with _reading_source(job.source):
+        subject_ids = job.source.open()[0]
+    planned = {s.name: s for s in _plan(subject_ids, manifest.source, manifest.seed)}
     lost = [name for name in bad if name not in planned]
     if lost:
         raise ShardingError(f"cannot repair {job.url}: {lost[0]} is not in the plan of the "
@@ -398,7 +400,8 @@ def _load_clean(source: Source, subject_id: str,
                 rejected: Counter) -> tuple[dict[str, Any], str | None, str]:
     """One subject's valid sessions, or the reason and detail of its rejection."""
     try:
-        sessions, unreadable = source.load_counted(subject_id)
+        with _reading_source(source):
+            sessions, unreadable = source.load_counted(subject_id)
         clean, dropped = clean_subject(sessions)
     except Rejected as rejection:
         return {}, rejection.reason, rejection.detail
@@ -416,10 +419,20 @@ def _no_subjects_message(job: _Job, rejected: dict[str, int],
                          rejects: list[dict[str, str]]) -> str:
     counts = ", ".join(f"{reason} {n}" for reason, n in rejected.items())
     example = f"; e.g. {format_reject(rejects[0])}" if rejects else ""
-    arguments = source_arguments(job.source.describe())
-    name = arguments[1] if arguments else job.source.describe().get("kind")
-    return (f"no valid subject in the source {name} (rejected: {counts or 'none'}){example}; "
-            f"nothing was written to {job.url}")
+    return (f"no valid subject in the source {_source_name(job.source)} (rejected: "
+            f"{counts or 'none'}){example}; nothing was written to {job.url}")
+
+
+def _source_name(source: Source) -> str:
+    """The source as its spec names it (``kvc:/data/kvc:desktop``), else its kind."""
+    arguments = source_arguments(source.describe())
+    return arguments[1] if arguments else str(source.describe().get("kind"))
+
+
+def _reading_source(source: Source) -> contextlib.AbstractContextManager[None]:
+    """A failure to read the source (an unreadable file, a failing disk) as one line naming the
+    source and the file: it is not the output's storage that failed."""
+    return failures_named(f"cannot read the source {_source_name(source)}")
 
 
 def format_reject(entry: dict[str, str]) -> str:
@@ -456,9 +469,20 @@ def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         write_atomic(fs, path, data)
 
 
+def _reading(fs: fsspec.AbstractFileSystem, path: str) -> contextlib.AbstractContextManager[None]:
+    """A failure to read a file of the output (a missing one is an answer) as one line naming it."""
+    return failures_named(f"cannot read {location(fs, path)}")
+
+
+def _cleaning(fs: fsspec.AbstractFileSystem, root: str) -> contextlib.AbstractContextManager[None]:
+    """A failure to remove what a job no longer needs as one line naming the output."""
+    return failures_named(f"cannot clean up {location(fs, root)}")
+
+
 def _matches(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
     try:
-        data = fs.cat_file(path)
+        with _reading(fs, path):
+            data = fs.cat_file(path)
     except FileNotFoundError:
         return False
     return len(data) == info["bytes"] and hashlib.sha256(data).hexdigest() == info["sha256"]
@@ -466,7 +490,9 @@ def _matches(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
 
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     try:
-        return json.loads(fs.cat_file(path))
+        with _reading(fs, path):
+            data = fs.cat_file(path)
+        return json.loads(data)
     except FileNotFoundError:
         return None
     except ValueError as error:  # a file we write atomically: only a person can have broken it
@@ -474,10 +500,13 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 
 
 def _existing_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest | None:
+    path = f"{root}/{MANIFEST_NAME}"
     try:
-        return Manifest.from_json(fs.cat_file(f"{root}/{MANIFEST_NAME}"), manifest_location(url))
+        with _reading(fs, path):
+            data = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    return Manifest.from_json(data, manifest_location(url))
 
 
 def _commit_plan(fs: fsspec.AbstractFileSystem, root: str, url: str, previous: Any,
@@ -497,21 +526,24 @@ def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
     """Delete temporaries left by a killed run (only local disks have any)."""
     if not isinstance(fs, LocalFileSystem):
         return
-    for folder in (root, f"{root}/{PENDING}"):
-        if fs.isdir(folder):
-            for path in fs.ls(folder, detail=False):
-                if is_temporary(path.rsplit("/", 1)[-1]):
-                    fs.rm_file(path)
+    with _cleaning(fs, root):
+        for folder in (root, f"{root}/{PENDING}"):
+            if fs.isdir(folder):
+                for path in fs.ls(folder, detail=False):
+                    if is_temporary(path.rsplit("/", 1)[-1]):
+                        fs.rm_file(path)
 
 
 def _discard(fs: fsspec.AbstractFileSystem, root: str, plan: list[PlannedShard]) -> None:
     """Remove what a failed job wrote (its folder goes with the lock, if the job created it)."""
-    for shard in plan:
-        if fs.exists(f"{root}/{shard.name}"):
-            fs.rm_file(f"{root}/{shard.name}")
+    with _cleaning(fs, root):
+        for shard in plan:
+            if fs.exists(f"{root}/{shard.name}"):
+                fs.rm_file(f"{root}/{shard.name}")
     _remove_pending(fs, root)
 
 
 def _remove_pending(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    if fs.exists(f"{root}/{PENDING}"):
-        fs.rm(f"{root}/{PENDING}", recursive=True)
+    with _cleaning(fs, root):
+        if fs.exists(f"{root}/{PENDING}"):
+            fs.rm(f"{root}/{PENDING}", recursive=True)

@@ -1,5 +1,7 @@
-"""`eerpipe shard` under misuse and failure (issue 35): one job per output, bounded waits on S3,
-inputs that would hang or flood the reader, a full disk, malformed Aalto rows.
+"""`eerpipe shard` under misuse and failure (issue 35): one job per output (jobs racing for a
+dead job's lock, a store that answers "exists" to a create that went through, a lock the store
+cannot release), bounded waits on S3, inputs that would hang or flood the reader, an unreadable
+source, a full disk, malformed Aalto rows.
 
 Every failure is one line on stderr naming the input, and loses nothing: what was published
 stays whole, and re-running the command finishes the job.
@@ -12,6 +14,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,20 +22,24 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from s3fs import S3FileSystem
 from typer.testing import CliRunner, Result
 
+import sharding.storage
+from common.atomic import remove_if
 from pipeline.cli import app
 from sharding.format import MANIFEST_NAME, load_manifest
 from sharding.sources import MAX_PARTICIPANT_FILE_BYTES, SynthSource
-from sharding.storage import LOCK_NAME, READ_TIMEOUT_ENV
+from sharding.storage import (LOCK_NAME, READ_TIMEOUT_ENV, OutputLock, OutputLocked, StorageError,
+                              open_fs, output_lock)
 from sharding.verify import read_shard, verify_shards
 from sharding.writer import PENDING, REJECTS_NAME, write_shards
 
@@ -119,10 +126,15 @@ def lock_exists(url: str) -> bool:
     return (Path(url) / LOCK_NAME).exists()
 
 
+def an_output(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh output: a local folder, or a prefix on the moto S3 server."""
+    return str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_url")
+
+
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_a_second_job_on_the_same_output_is_refused_naming_the_first(
         where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    out = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_url")
+    out = an_output(where, tmp_path, request)
     with a_first_job_holding(out) as first:
         second = shard("--source", "synth:60", "--out", out, "--seed", "2")
     manifest = first.result(timeout=120)
@@ -187,6 +199,126 @@ def test_a_stopped_job_releases_its_lock_and_a_killed_ones_is_taken_over(
     assert bool(taken_over) == lock_left, heard
     assert all(f"pid {job.pid} " in line and "no longer running" in line for line in taken_over)
     assert verify_shards(str(out)).ok and not (out / LOCK_NAME).exists()
+
+
+def a_dead_jobs_lock(url: str) -> str:
+    """Write the lock of a job that died on this machine, as it would have left it: this boot,
+    this pid namespace, a pid that runs no process. Returns its token."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    pid = next(p for p in range(2**15 - 1, 1, -1) if not Path(f"/proc/{p}").exists())
+    token = "d" * 32
+    fs, root = open_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{LOCK_NAME}", json.dumps({
+        "host": socket.gethostname(), "pid": pid, "process": f"{boot}/{namespace}/{pid}/1",
+        "started": "2026-01-05T08:00:00+00:00", "token": token}).encode())
+    return token
+
+
+def token_of_the_lock(url: str) -> str | None:
+    fs, root = open_fs(url)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{LOCK_NAME}"))["token"]
+    except FileNotFoundError:
+        return None
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_of_two_jobs_taking_over_the_same_dead_lock_at_once_exactly_one_gets_it(
+        where: str, tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = an_output(where, tmp_path, request)
+    dead = a_dead_jobs_lock(out)
+    both_judged, still_running = threading.Barrier(2, timeout=30), sharding.storage._still_running
+
+    def judge_at_once(holder: dict[str, Any]) -> bool | None:
+        """Both jobs find the dead job's lock; the second acts once the first has taken over."""
+        if holder.get("token") == dead and both_judged.wait() == 0:
+            wait_for(lambda: token_of_the_lock(out) not in (None, dead), "a takeover")
+        return still_running(holder)
+
+    monkeypatch.setattr(sharding.storage, "_still_running", judge_at_once)
+
+    def take_the_lock(held: ExitStack) -> OutputLock | OutputLocked:
+        fs, root = open_fs(out)
+        try:
+            return held.enter_context(output_lock(fs, root, out))
+        except OutputLocked as refusal:
+            return refusal
+
+    with ExitStack() as held, ThreadPoolExecutor(2) as jobs:
+        outcomes = list(jobs.map(take_the_lock, [held, held]))
+        winners = [lock for lock in outcomes if isinstance(lock, OutputLock)]
+        assert len(winners) == 1, outcomes
+        assert token_of_the_lock(out) == winners[0].record["token"]
+    assert token_of_the_lock(out) is None
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_a_file_replaced_between_the_check_and_the_removal_is_kept(
+        where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    fs, root = open_fs(an_output(where, tmp_path, request))
+    path = f"{root}/{LOCK_NAME}"
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(path, b"the dead job's")
+
+    def replaced_meanwhile(data: bytes) -> bool:
+        fs.pipe_file(path, b"another job's")
+        return data == b"the dead job's"
+
+    remove_if(fs, path, replaced_meanwhile)
+    assert fs.cat_file(path) == b"another job's"
+
+
+def test_a_job_whose_lock_was_created_though_the_store_answered_exists_holds_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create whose reply is lost is retried and refused: NFS answers EEXIST to a retried
+    link that the first try made (S3, 412 to a retried conditional upload)."""
+    link = os.link
+
+    def link_then_exists(source: str, target: str) -> None:
+        link(source, target)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
+
+    monkeypatch.setattr(os, "link", link_then_exists)
+    out = tmp_path / "out"
+    manifest = write_shards("synth:30", str(out), val_subjects=3, test_subjects=3)
+    assert len(manifest.subjects) == 30 and not (out / LOCK_NAME).exists()
+
+
+def the_store_goes_down(out: Path) -> None:
+    """From now on every access below ``out`` fails (ENOTDIR): the folder becomes a file."""
+    shutil.rmtree(out)
+    out.write_text("")
+
+
+def test_a_job_that_fails_reports_its_own_error_when_the_store_fails_the_release_too(
+        tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, root = open_fs(str(out))
+    with (pytest.raises(ValueError, match="the job's own error"),
+          pytest.warns(UserWarning, match=f"cannot release the lock of {out}: Not a directory")):
+        with output_lock(fs, root, str(out)):
+            the_store_goes_down(out)
+            raise ValueError("the job's own error")
+
+
+def test_a_job_that_succeeds_fails_if_its_lock_cannot_be_released(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, root = open_fs(str(out))
+    with pytest.raises(StorageError, match=f"cannot release the lock of {out}: Not a directory"):
+        with output_lock(fs, root, str(out)):
+            the_store_goes_down(out)
 
 
 # --- bounded waits on S3 -----------------------------------------------------------------------
@@ -315,6 +447,31 @@ def test_a_symlink_to_a_regular_file_is_read_wherever_it_points(tmp_path: Path) 
     (raw / "77_keystrokes.txt").symlink_to(elsewhere)
     assert shard(*sharding_args(raw, tmp_path / "out")).exit_code == 0
     assert "77" in load_manifest(str(tmp_path / "out")).subjects
+
+
+# --- an unreadable source ---------------------------------------------------------------------
+
+class ReadsAFolder(SynthSource):
+    """A source whose subjects' file is a folder: reading it fails (EISDIR), for root too."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(30, seed=1)
+        self.folder = folder
+
+    def load(self, subject_id: str) -> Any:
+        return np.load(self.folder)
+
+
+def test_a_source_that_cannot_be_read_is_named_with_its_file_not_taken_for_the_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unreadable = tmp_path / "subjects.npy"
+    unreadable.mkdir()
+    source = ReadsAFolder(unreadable)
+    monkeypatch.setattr("sharding.sources.parse_source", lambda spec, participants=None: source)
+    result = shard("--source", "synth:30:1", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result.exit_code, result.stderr, "cannot read the source synth:30:1",
+                          f"Is a directory (EISDIR): {unreadable}")
+    assert "storage" not in result.stderr
 
 
 # --- a full disk -------------------------------------------------------------------------------
