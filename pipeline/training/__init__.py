@@ -1,9 +1,11 @@
 """Distributed training: Ray Train (V2) launches DeepSpeed workers; the loss sees the global batch.
 
-``driver`` (checks, launch, result) · ``worker`` (the loop each rank runs) · ``verifier`` (model,
-gather, loss) · ``memory`` (the cross-batch queue and its momentum encoder) · ``engine`` (DeepSpeed settings) · ``schedule`` (step counts, learning rate) ·
-``state`` (the run's progress) · ``checkpointer`` (save, restore, safe loading) · ``validator``
-(val metrics, best export) · ``metrics_sink`` (W&B, Ray reports, timings) · ``progress``
+``driver`` (checks, launch, result) · ``stages`` (staged training) · ``worker`` (the loop each
+rank runs) · ``verifier`` (model, gather, loss) · ``memory`` (the cross-batch queue and its
+momentum encoder) · ``engine`` (DeepSpeed settings) · ``schedule`` (step counts, learning rate) ·
+``state`` (the run's progress) · ``checkpointer`` (save, restore, safe loading) ·
+``ray_snapshot`` (which checkpoint Ray resumes) · ``validator`` (val metrics, best export) ·
+``metrics_sink`` (Ray reports, timings) · ``wandb_run`` (rank 0's W&B run) · ``progress``
 (driver display) · ``warm_start`` (fine-tuning from an export).
 """
 
