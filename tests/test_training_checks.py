@@ -374,3 +374,15 @@ def test_a_bf16_engine_holds_fp32_weights_and_gradients_and_runs_the_model_under
     assert {parameter.dtype for parameter in engine.module.parameters()} == {torch.float32}
     engine.step()
     assert {parameter.dtype for parameter in engine.module.parameters()} == {torch.float32}
+
+
+def test_a_failed_run_names_the_rank_whose_own_error_it_was_not_a_peer_waiting_for_it():
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    from pipeline.training.driver import _first_cause
+
+    waiting = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    full = OSError(28, "No space left on device")
+    assert _first_cause(WorkerGroupError("", {0: waiting, 1: full})) == ("rank 1", full)
+    assert _first_cause(WorkerGroupError("", {0: waiting, 1: waiting})) == ("rank 0", waiting)
+    assert _first_cause(ControllerError(full)) == ("the controller", full)

@@ -154,3 +154,12 @@ def test_wandb_init_waits_for_the_server_as_long_as_wandb_init_timeout_says_else
     with pytest.raises(InitCalled) as called:
         WandbRun(config_of(str(tmp_path), "timeout", "wandb.mode=offline"))
     assert called.value.args[0].init_timeout == timeout
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "inf"])
+def test_a_wandb_init_timeout_that_is_not_a_positive_number_is_refused_on_the_driver(tmp_path, monkeypatch, value):
+    from pipeline.training.wandb_run import check_wandb
+
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"WANDB_INIT_TIMEOUT must be a positive number of seconds, got '{value}'"):
+        check_wandb(config_of(str(tmp_path), "bad-timeout", "wandb.mode=offline"))

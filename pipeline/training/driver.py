@@ -99,13 +99,29 @@ def _fit(trainer: Any, run_dir: str) -> Any:
     try:
         return trainer.fit()
     except TrainingFailedError as error:
-        failures = getattr(error, "worker_failures", None) or {}
-        rank, cause = min(failures.items(), key=lambda item: item[0]) if failures else ("?", error)
-        cause = getattr(cause, "controller_failure", cause)
+        where, cause = _first_cause(error)
         raise TrainingFailed(
-            f"{run_dir}: training failed on rank {rank}: {first_line(cause)}; relaunch the same run.name to go on "
+            f"{run_dir}: training failed on {where}: {first_line(cause)}; relaunch the same run.name to go on "
             "from its last checkpoint"
         ) from None
+
+
+PEER_FAILURE_WORDS = ("gloo", "nccl", "collective", "connection reset", "connection closed", "broken pipe")
+
+
+def _first_cause(error: Exception) -> tuple[str, BaseException]:
+    """Where the run failed and why: the lowest rank whose own error is not a collective's (when
+    one rank dies, the others fail in gloo or NCCL waiting for it), or the controller."""
+    failures: dict[int, BaseException] = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return "the controller", getattr(error, "controller_failure", error)
+
+    def follows_a_peer(rank: int) -> bool:
+        text = f"{type(failures[rank]).__name__} {failures[rank]}".lower()
+        return any(word in text for word in PEER_FAILURE_WORDS)
+
+    rank = min(failures, key=lambda rank: (follows_a_peer(rank), rank))
+    return f"rank {rank}", failures[rank]
 
 
 def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainConfig, str | None]:

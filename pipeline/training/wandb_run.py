@@ -20,6 +20,7 @@ W&B; each warns once.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import shutil
@@ -47,6 +48,8 @@ def check_wandb(config: TrainConfig) -> str | None:
     (rank 0 would fail only once Ray has started); ``auto`` without one returns the notice to show
     once, since that run reaches W&B only when someone syncs its files."""
     mode = config.wandb.mode
+    if config.wandb.enabled and mode != "disabled":
+        init_timeout()  # a bad value would fail rank 0 twice (online, then the offline fallback)
     if not config.wandb.enabled or mode in ("offline", "disabled") or has_wandb_login():
         return None
     if mode == "online":
@@ -55,6 +58,19 @@ def check_wandb(config: TrainConfig) -> str | None:
             "or use wandb.mode=auto or offline"
         )
     return f"W&B: no login (WANDB_API_KEY or `wandb login`), so wandb.mode=auto {_logs_offline(wandb_folder(config))}"
+
+
+def init_timeout() -> float:
+    """Seconds ``wandb.init`` waits for the server: ``WANDB_INIT_TIMEOUT``, else 30; read here,
+    since a setting passed to ``wandb.init`` outranks the variable."""
+    text = os.environ.get(INIT_TIMEOUT_VARIABLE, str(DEFAULT_INIT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise ValueError(f"{INIT_TIMEOUT_VARIABLE} must be a positive number of seconds, got {text!r}")
+    return seconds
 
 
 def has_wandb_login() -> bool:
@@ -114,8 +130,11 @@ class WandbRun:
         self.init_dir.mkdir(parents=True, exist_ok=True)
         self.mirror = FolderMirror(self.init_dir / "wandb", self.folder) if remote else None
         self.run: Run | None = self._start(config)
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
+        try:
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
+        except Exception as error:  # noqa: BLE001 - any W&B failure: monitoring must not stop training
+            self._lose_wandb(error)
 
     def _start(self, config: TrainConfig) -> Run:
         """The run in ``wandb.mode``; an online run that cannot start (the server does not answer
@@ -136,14 +155,13 @@ class WandbRun:
             return self._init(config, "offline")
 
     def _init(self, config: TrainConfig, mode: str) -> Run:
-        """``wandb.init`` of the run (of the staged run, for a stage), waiting for the server
-        ``WANDB_INIT_TIMEOUT`` seconds, else 30 s; read here, since a setting passed to
-        ``wandb.init`` outranks the variable."""
+        """``wandb.init`` of the run (of the staged run, for a stage), waiting :func:`init_timeout`
+        for the server."""
         import wandb
 
         from pipeline.cluster import wandb_run_id
 
-        timeout = os.environ.get(INIT_TIMEOUT_VARIABLE, DEFAULT_INIT_TIMEOUT_S)
+        timeout = init_timeout()
         stage = self.stage
         name, storage = (stage.run_name, stage.run_storage) if stage else (config.run.name, config.run.storage)
         return wandb.init(
