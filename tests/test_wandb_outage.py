@@ -8,8 +8,6 @@ the machine (wandb's error reporting is off, and no proxy is in the way).
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ import pytest
 
 from pipeline.training.metrics_sink import MetricsSink
 from pipeline.training.wandb_run import WandbRun
-from tests.loopback import free_port
+from tests.loopback import free_port, server_that_never_answers
 from tests.test_wandb_cluster import API_KEY, config_of, logged_steps, metrics
 
 INIT_TIMEOUT_S = 1  # WANDB_INIT_TIMEOUT here: the default would make each test wait 30 s
@@ -42,35 +40,6 @@ def logged_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     for name in ("WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", *PROXY_VARIABLES):
         monkeypatch.delenv(name, raising=False)
-
-
-@contextmanager
-def server_that_never_answers(lifetime_s: float = 120) -> Iterator[str]:
-    """A server on 127.0.0.1 that accepts connections and never reads or answers them, until the
-    block ends or ``lifetime_s`` has passed, whichever comes first; yields its URL."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.1)
-    done = threading.Event()
-
-    def hold_connections() -> None:
-        held: list[socket.socket] = []
-        deadline = time.monotonic() + lifetime_s
-        while not done.is_set() and time.monotonic() < deadline:
-            try:
-                held.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-        for connection in held:
-            connection.close()
-        listener.close()
-
-    holder = threading.Thread(target=hold_connections, daemon=True)
-    holder.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        done.set()
-        holder.join()
 
 
 @contextmanager
