@@ -1,5 +1,5 @@
 """Atomic publication of one file on any fsspec filesystem: readers see it whole or not at all;
-creation only if absent, removal only if unchanged."""
+creation only if absent, removal and replacement only if unchanged."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import fsspec
 from botocore.exceptions import ClientError
@@ -80,7 +81,7 @@ def remove_if(fs: fsspec.AbstractFileSystem, path: str, wanted: Callable[[bytes]
     another file can be created at ``path``; the one aside is then dropped.
     """
     if not isinstance(fs, LocalFileSystem):
-        return _remove_object_if(fs, path, wanted)
+        return _object_call_if(fs, path, wanted, "delete_object")
     aside = _temporary(path)
     try:
         os.rename(path, aside)
@@ -104,17 +105,45 @@ def _put_back(aside: str, path: str) -> None:
     os.remove(aside)
 
 
-def _remove_object_if(fs: fsspec.AbstractFileSystem, path: str,
-                      wanted: Callable[[bytes], bool]) -> bool:
-    """:func:`remove_if` on S3. The ETag is read before the content: if the content checked is
-    the one wanted, the ETag is that content's (a wanted content, once replaced, never
-    returns: callers check a unique token)."""
+def replace_if(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
+               wanted: Callable[[bytes], bool]) -> bool:
+    """Replace the content of ``path`` with ``data`` if ``wanted(its content)``; ``True`` if it
+    was replaced (a missing ``path`` is not created).
+
+    An object store gets an upload conditional on the ETag of the content checked (``If-Match``,
+    honoured by AWS S3, MinIO and moto). A local disk writes ``data`` to a temporary first, then
+    checks ``path`` and renames the temporary over it: readers see either content whole, and the
+    window in which another writer's file can be replaced is that of a check and a rename
+    (microseconds), not that of a write.
+    """
+    if not isinstance(fs, LocalFileSystem):
+        return _object_call_if(fs, path, wanted, "put_object", Body=data)
+    temporary = _temporary(path)
+    try:
+        _write_durably(temporary, data)
+        if not wanted(Path(path).read_bytes()):
+            return False
+        os.replace(temporary, path)
+    except FileNotFoundError:  # no such file, or no such folder: nothing to replace
+        return False
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return True
+
+
+def _object_call_if(fs: fsspec.AbstractFileSystem, path: str, wanted: Callable[[bytes], bool],
+                    method: str, **arguments: Any) -> bool:
+    """The S3 call ``method`` on ``path`` if ``wanted(its content)``, conditional on the ETag of
+    that content (``False``: not wanted, gone, or replaced since the check). The ETag is read
+    before the content: if the content checked is the one wanted, the ETag is that content's (a
+    wanted content, once replaced, never returns: callers check a unique token)."""
     bucket, key, _ = fs.split_path(path)
     try:
         etag = fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
         if not wanted(fs.cat_file(path)):
             return False
-        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+        fs.call_s3(method, Bucket=bucket, Key=key, IfMatch=etag, **arguments)
     except FileNotFoundError:  # gone already; or removed by a retry whose first reply was lost
         return False
     except OSError as error:

@@ -47,6 +47,7 @@ PASS_THROUGH = (
     "WANDB_INIT_TIMEOUT",
     "EERPIPE_S3_CONNECT_TIMEOUT",
     "EERPIPE_S3_READ_TIMEOUT",
+    "EERPIPE_LOCK_LEASE",
     "AWS_MAX_ATTEMPTS",
 )
 PACKAGES = ("pipeline", "sharding", "jobs", "common")  # the distribution's packages (pyproject.toml)

@@ -14,6 +14,12 @@ dropped connections and timeouts), tried twice by s3fs. A store that dies mid-jo
 call after about 3 minutes; the first call of a command (:func:`check_writable`,
 :func:`check_readable`) gets one attempt and at most 10 s, so a wrong endpoint is named within
 seconds, before any work starts.
+
+A training run's lock (:func:`output_lock` with a lease) outlives its holder's last renewal by
+``EERPIPE_LOCK_LEASE`` seconds (default 120, renewed every 40): a run preempted with its pod can
+be resumed on another node two minutes after its last renewal at most (about the time a pod
+takes to be rescheduled), while a live run's lock can be taken only after its renewals failed
+for two minutes (a store that long down fails the run's checkpoints too).
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ import json
 import math
 import os
 import socket
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,7 @@ from botocore.exceptions import BotoCoreError
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from common.atomic import create_exclusive, remove_if
+from common.atomic import create_exclusive, remove_if, replace_if
 
 CONNECT_TIMEOUT_ENV = "EERPIPE_S3_CONNECT_TIMEOUT"
 READ_TIMEOUT_ENV = "EERPIPE_S3_READ_TIMEOUT"
@@ -52,6 +59,8 @@ PROBE_READ_TIMEOUT_S = 10.0
 _S3FS_TRIES = 2
 STORAGE_FAILURES = (OSError, BotoCoreError)  # what a store raises: full disk, timeout, refusal
 LOCK_NAME = "_lock.json"
+LOCK_LEASE_ENV = "EERPIPE_LOCK_LEASE"
+DEFAULT_LOCK_LEASE_S = 120.0
 
 
 class StorageError(RuntimeError):
@@ -234,43 +243,86 @@ def location(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 # --- the output lock ---------------------------------------------------------------------------
 
+def lock_lease() -> float:
+    """Seconds a training run's lock outlives its last renewal (``EERPIPE_LOCK_LEASE``, see the
+    module docstring)."""
+    return _setting(LOCK_LEASE_ENV, DEFAULT_LOCK_LEASE_S, float)
+
+
 @dataclass
 class OutputLock:
-    """The lock this process holds on an output; ``record`` says who holds it and since when."""
+    """The lock this process holds on an output; ``record`` says who holds it and since when.
+    ``lost`` says whether another job took it over while this one held it (a leased lock whose
+    renewals came too late)."""
 
     fs: fsspec.AbstractFileSystem
     path: str
     record: dict[str, Any]
+    lost: bool = False
+    _stopped: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _renewals: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    def keep_renewing(self) -> None:
+        """Renew the record every third of its lease from a daemon thread: a run that stops
+        renewing (killed, preempted, cut off from the store) loses the lock one lease later."""
+        self._renewals = threading.Thread(target=self._renew_until_released, daemon=True,
+                                          name=f"renew {self.path}")
+        self._renewals.start()
 
     def release(self) -> None:
-        """Remove the lock if it is still ours (``--break-lock`` may have given it to another
-        job). Only the process that took it releases it: forked workers inherit this object."""
-        if os.getpid() == self.record["pid"]:
-            remove_if(self.fs, self.path, _holding(self.record["token"]))
+        """Stop renewing, then remove the lock if it is still ours (``--break-lock`` or a takeover
+        may have given it to another job). Only the process that took it releases it: forked
+        workers inherit this object."""
+        if os.getpid() != self.record["pid"]:
+            return
+        self._stopped.set()
+        if self._renewals is not None:
+            self._renewals.join()  # a renewal in flight would otherwise rewrite a removed lock
+        remove_if(self.fs, self.path, _holding(self.record["token"]))
+
+    def _renew_until_released(self) -> None:
+        """Renew until released; stop for good once the lock is no longer ours."""
+        while not self._stopped.wait(self.record["lease_s"] / 3):
+            try:
+                renewed = {**self.record, "renewed": _renewal_time()}
+                if not replace_if(self.fs, self.path, json.dumps(renewed).encode(),
+                                  _holding(self.record["token"])):
+                    self.lost = True
+                    return
+                self.record = renewed
+            except STORAGE_FAILURES:  # the store may answer again before the lease runs out
+                continue
 
 
 @contextmanager
 def output_lock(fs: fsspec.AbstractFileSystem, root: str, url: str, *, break_lock: bool = False,
-                log: Callable[[str], None] | None = None) -> Iterator[OutputLock]:
-    """Hold ``{url}/_lock.json`` while the block runs: one job at a time writes an output.
+                log: Callable[[str], None] | None = None, job: str = "shard job",
+                lease: float | None = None) -> Iterator[OutputLock]:
+    """Hold ``{url}/_lock.json`` while the block runs: one ``job`` at a time writes an output.
 
     The lock is created only if absent (:func:`common.atomic.create_exclusive`) and records
     the job's host, pid, start time and a unique token. A second job is refused, naming the
     output and the holder. A lock whose process is gone is taken over when that is knowable:
     the holder ran on this machine, in this pid namespace, and no longer runs. Elsewhere (another
-    host or container, or any S3 job whose process cannot be seen from here) ``break_lock``
-    removes it, once the user has made sure no job runs; a holder that still runs here is
-    never broken. Locks do not expire with age: a job may run for hours, and an age limit
-    would hand a live job's output to a second one.
+    host or container, or any S3 job whose process cannot be seen from here):
 
-    The lock is released when the block ends, by an error or ``KeyboardInterrupt`` too (then
-    best effort: see :func:`_release_after_failure`); the local folders created for the lock are
-    removed if the job left them empty.
+    - without a ``lease`` (shard jobs), ``break_lock`` removes it, once the user has made sure no
+      job runs. Such a lock does not expire with age: a job may run for hours;
+    - with a ``lease`` in seconds (training runs, which Kubernetes may preempt and resubmit on
+      another node), the holder renews its record every ``lease / 3`` seconds, and a lock not
+      renewed for ``lease`` seconds is taken over: its holder is gone or cut off from the store.
+      A holder that finds its lock taken over when it renews fails once its block ends.
+
+    A holder that still runs here is never broken. The lock is released when the block ends, by
+    an error or ``KeyboardInterrupt`` too (then best effort: see :func:`_release_after_failure`);
+    the local folders created for the lock are removed if the job left them empty.
     """
     created = _missing_folders(fs, root)
     try:
         with failures_named(f"cannot lock {url}"):
-            lock = _acquire(fs, f"{root}/{LOCK_NAME}", url, break_lock, log)
+            lock = _acquire(fs, f"{root}/{LOCK_NAME}", url, _this_job(lease), break_lock, log, job)
+        if lease is not None:
+            lock.keep_renewing()
         try:
             yield lock
         except BaseException:
@@ -278,6 +330,10 @@ def output_lock(fs: fsspec.AbstractFileSystem, root: str, url: str, *, break_loc
             raise
         with failures_named(_cannot_release(url)):
             lock.release()
+        if lock.lost:
+            raise OutputLocked(f"{url}: this {job}'s lock was taken over or removed while it ran (a "
+                               f"renewal came more than {lease:g} s after the last): another {job} "
+                               "may have written there too")
     finally:
         for folder in created:
             if os.path.isdir(folder) and not os.listdir(folder):
@@ -292,7 +348,7 @@ def _release_after_failure(lock: OutputLock, url: str) -> None:
         lock.release()
     except STORAGE_FAILURES as error:
         warnings.warn(f"{_cannot_release(url)}: {describe_failure(error)}; a later job on this "
-                      "machine takes it over (elsewhere, --break-lock removes it)", stacklevel=2)
+                      f"machine takes it over (elsewhere: {_way_out(lock.record)})", stacklevel=2)
 
 
 def _cannot_release(url: str) -> str:
@@ -310,16 +366,15 @@ def _missing_folders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return missing
 
 
-def _acquire(fs: fsspec.AbstractFileSystem, path: str, url: str, break_lock: bool,
-             log: Callable[[str], None] | None) -> OutputLock:
-    record = _this_job()
+def _acquire(fs: fsspec.AbstractFileSystem, path: str, url: str, record: dict[str, Any],
+             break_lock: bool, log: Callable[[str], None] | None, job: str) -> OutputLock:
     for _ in range(3):  # again after a holder released or a stale lock was removed
         holder = _create_and_read_back(fs, path, record)
         if holder is None:  # released between the create and the read
             continue
         if holder.get("token") == record["token"]:  # ours, whatever the create answered
             return OutputLock(fs, path, record)
-        _remove_stale(fs, path, url, holder, break_lock, log)
+        _remove_stale(fs, path, url, holder, break_lock, log, job)
     raise OutputLocked(f"{url}: could not take the lock {LOCK_NAME}; other jobs keep taking it")
 
 
@@ -337,14 +392,17 @@ def _create_and_read_back(fs: fsspec.AbstractFileSystem, path: str,
 
 
 def _remove_stale(fs: fsspec.AbstractFileSystem, path: str, url: str, holder: dict[str, Any],
-                  break_lock: bool, log: Callable[[str], None] | None) -> None:
-    """Remove a lock whose job is gone (or that the user breaks); refuse a live one.
+                  break_lock: bool, log: Callable[[str], None] | None, job: str) -> None:
+    """Remove a lock whose job is gone (its process, or its lease, ran out) or that the user
+    breaks; refuse a live one.
 
     Only the lock judged is removed (:func:`common.atomic.remove_if`): jobs that judge the
     same dead lock at once would otherwise each remove the lock the other just took."""
     running = _still_running(holder)
     if running is False:
         why = "its process is no longer running"
+    elif running is None and _lease_expired(holder):
+        why = f"its lease ran out at {_lease_end(holder).isoformat(timespec='seconds')}"
     elif break_lock and running is None:
         why = "--break-lock"
     elif break_lock:
@@ -352,18 +410,48 @@ def _remove_stale(fs: fsspec.AbstractFileSystem, path: str, url: str, holder: di
                            "this machine: stop it first (--break-lock removes only the locks of "
                            "jobs that are gone)")
     else:
-        raise OutputLocked(f"{url} is locked by another shard job: {_describe(holder)}; wait "
-                           "for it to finish, or, if it is no longer running, re-run with "
-                           "--break-lock")
+        raise OutputLocked(f"{url} is locked by another {job}: {_describe(holder)}; wait for it "
+                           f"to finish, or, if it is no longer running, {_way_out(holder)}")
     if remove_if(fs, path, _holding(holder.get("token"))) and log is not None:
         log(f"{url}: removed the lock of {_describe(holder)} ({why})")
 
 
-def _this_job() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "process": _process_identity(os.getpid()),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "token": uuid.uuid4().hex}
+def _this_job(lease: float | None) -> dict[str, Any]:
+    record = {"host": socket.gethostname(), "pid": os.getpid(),
+              "process": _process_identity(os.getpid()),
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "token": uuid.uuid4().hex}
+    return record if lease is None else record | {"lease_s": lease, "renewed": _renewal_time()}
+
+
+def _renewal_time() -> str:
+    """Now, to the millisecond: a lease may be a few seconds long."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _lease_end(holder: dict[str, Any]) -> datetime | None:
+    """When a leased lock runs out unless renewed; ``None`` without a (readable) lease."""
+    try:
+        renewed = datetime.fromisoformat(str(holder["renewed"]))
+        end = renewed + timedelta(seconds=float(holder["lease_s"]))
+    except (KeyError, TypeError, ValueError, OverflowError):  # no lease, or not a time
+        return None
+    return end if end.tzinfo is not None else None
+
+
+def _lease_expired(holder: dict[str, Any]) -> bool:
+    """Whether a leased lock went unrenewed for its lease: its holder is gone, or cut off from
+    the store (hosts' clocks are compared: NTP keeps them far closer than a lease)."""
+    end = _lease_end(holder)
+    return end is not None and end < datetime.now(timezone.utc)
+
+
+def _way_out(holder: dict[str, Any]) -> str:
+    """What frees a lock whose holder may be gone, where that cannot be seen from here."""
+    end = _lease_end(holder)
+    if end is None:
+        return "re-run with --break-lock"
+    return f"relaunch once its lease runs out at {end.isoformat(timespec='seconds')}"
 
 
 def _read_holder(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:

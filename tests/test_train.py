@@ -97,6 +97,7 @@ def test_a_run_reports_validation_metrics_and_exports_final_and_best_models(stra
     for export in (straight_run.final_model, straight_run.best_model):
         model, meta = load_model(export)
         assert meta["model"]["name"] == "bigru"
+    assert not Path(straight_run.run_dir, "_lock.json").exists()  # the run released its folder
 
 
 def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_run):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,20 @@ def test_a_failed_run_names_the_rank_whose_own_error_it_was_not_a_peer_waiting_f
     assert _first_cause(WorkerGroupError("", {0: waiting, 1: full})) == ("rank 1", full)
     assert _first_cause(WorkerGroupError("", {0: waiting, 1: waiting})) == ("rank 0", waiting)
     assert _first_cause(ControllerError(full)) == ("the controller", full)
+
+
+def test_a_second_launch_of_a_running_run_is_refused_naming_its_folder_and_holder_before_ray_starts(shards, tmp_path):
+    import ray
+
+    from pipeline.training.driver import run_lock
+
+    run = tmp_path / "cpu-local"
+    checkpoint = write_checkpoint(run / OLDER, {"module": {"weight": torch.zeros(2)}})  # the running run's
+    with run_lock(str(run)):
+        holder = (run / "_lock.json").read_text()
+        result = train(shards, tmp_path)
+        assert (run / "_lock.json").read_text() == holder
+    assert_refused_in_one_line(result, f"{run} is locked by another training run: pid {os.getpid()} on "
+                                       f"{socket.gethostname()}, started ")
+    assert not ray.is_initialized()
+    assert checkpoint.exists() and not (run / "_lock.json").exists()

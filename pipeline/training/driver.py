@@ -3,12 +3,14 @@ then a ``TorchTrainer`` runs :func:`~pipeline.training.worker.worker_loop` on ev
 
 Relaunching the same ``run.name`` resumes from the latest checkpoint in Ray's snapshot of the
 run (:mod:`~pipeline.training.ray_snapshot`); deleting a bad checkpoint goes on from the previous one.
+One launch at a time trains a run: it holds the run's folder while it trains (:func:`run_lock`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,12 +42,29 @@ def train(config: TrainConfig, resume_from: str | None = None, show_progress: bo
         from pipeline.training.stages import train_stages
 
         return train_stages(config, resume_from, show_progress)
-    return launch(config, resume_from, show_progress)
+    config, resume_from = prepare(config, resume_from)
+    with run_lock(config.run_dir):
+        return launch(config, resume_from, show_progress)
+
+
+@contextmanager
+def run_lock(run_dir: str) -> Iterator[None]:
+    """Hold ``{run_dir}/_lock.json`` while the block trains the run: a second launch of the run
+    name, which would mix its checkpoints, W&B run and exports with this one's, is refused in one
+    line naming the holder, before Ray starts. The lock is leased
+    (:func:`~sharding.storage.lock_lease`): a run preempted with its pod is taken over by its
+    resubmission once the lease runs out, while a live run on another node is still refused."""
+    from sharding.storage import lock_lease, open_fs, output_lock
+
+    fs, path = open_fs(run_dir)
+    with output_lock(fs, path, run_dir, job="training run", lease=lock_lease(), log=warnings.warn):
+        yield
 
 
 def launch(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True,
            stage: StageContext | None = None) -> TrainResult:
-    """One Ray Train run of ``config``: a run, or the ``stage`` of a staged run."""
+    """One Ray Train run of ``config`` checked by :func:`prepare`: a run, or the ``stage`` of a
+    staged run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -53,7 +72,6 @@ def launch(config: TrainConfig, resume_from: str | None = None, show_progress: b
     from pipeline.training.progress import progress_display
     from pipeline.training.worker import worker_loop
 
-    config, resume_from = prepare(config, resume_from)
     storage_path, storage_filesystem = ray_storage(config.run.storage)
     init_ray(config.train.use_gpu)
     with progress_display(show_progress) as forward_reports:

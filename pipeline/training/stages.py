@@ -39,9 +39,10 @@ class StageContext:
 
 def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bool) -> TrainResult:
     """Run (or resume) the staged run ``config`` stage by stage, every stage checked before the
-    first starts; returns the staged run's result (a stage stopped early ends it there, as a
-    preempted run: the next launch goes on from it)."""
-    from pipeline.training.driver import launch
+    first starts and the staged run's folder held across them (one lock for the whole run: each
+    stage is a run of its own, in that folder); returns the staged run's result (a stage stopped
+    early ends it there, as a preempted run: the next launch goes on from it)."""
+    from pipeline.training.driver import launch, prepare, run_lock
 
     if resume_from:
         raise ValueError("--resume-from does not apply to a staged run (train.stages): relaunch it, and each stage "
@@ -50,16 +51,17 @@ def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bo
     stages = [stage_config(config, index) for index in range(len(config.train.stages))]
     offsets = _checked_step_offsets(config, stages)
     results = []
-    for index, (stage, offset) in enumerate(zip(stages, offsets)):
-        if _finished(stage):
-            results.append(_finished_result(stage))
-            continue
-        context = StageContext(index, offset, config.run.name, config.run.storage, config.to_dict())
-        results.append(launch(stage, show_progress=show_progress, stage=context))
-        if not _finished(stage):  # stopped as if preempted (train.stop_after_epochs)
-            break
-    else:
-        _publish_exports(stages[-1].run_dir, config.run_dir)
+    with run_lock(config.run_dir):
+        for index, (stage, offset) in enumerate(zip(stages, offsets)):
+            if _finished(stage):
+                results.append(_finished_result(stage))
+                continue
+            context = StageContext(index, offset, config.run.name, config.run.storage, config.to_dict())
+            results.append(launch(*prepare(stage), show_progress=show_progress, stage=context))
+            if not _finished(stage):  # stopped as if preempted (train.stop_after_epochs)
+                break
+        else:
+            _publish_exports(stages[-1].run_dir, config.run_dir)
     return _staged_result(config.run_dir, results, offsets)
 
 
