@@ -83,9 +83,10 @@ def shard(
     test_subjects: Optional[int] = typer.Option(None, min=0, help="Default: 10 % of the subjects, at most 1000."),
     split: Optional[Split] = typer.Option(
         None, help="Put every subject in this split (e.g. a test-only set to evaluate on)."),
-    participants: Optional[Path] = typer.Option(
+    participants: Optional[list[Path]] = typer.Option(
         None, help="aalto-desktop: read only the participants listed in this file "
-        "(one id per line, # comments)."),
+        "(one id per line, # comments); repeat it to combine lists, e.g. one per public source "
+        "(a participant in two lists is an error)."),
     endpoint_url: Optional[str] = _ENDPOINT,
     region: Optional[str] = _REGION,
     progress: bool = typer.Option(True, help="Show a progress bar on stderr."),
@@ -103,7 +104,7 @@ def shard(
     from sharding.writer import read_rejects, write_shards
 
     options = _storage_options(endpoint_url, region)
-    manifest = write_shards(parse_source(source, participants), out, seed=seed,
+    manifest = write_shards(parse_source(source, participants or None), out, seed=seed,
                             subjects_per_shard=subjects_per_shard, val_subjects=val_subjects,
                             test_subjects=test_subjects, split=split.value if split else None,
                             workers=workers, progress=progress, storage_options=options,

@@ -23,6 +23,7 @@ import stat
 from abc import ABC, abstractmethod
 from array import array
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,6 +48,9 @@ MAX_PARTICIPANT_FILE_BYTES = 32 * 2**20
 _FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
                (stat.S_ISDIR, "a folder"))
+
+
+ParticipantLists = str | Path | Sequence[str | Path] | None  # one list file, or several
 
 
 class SourceError(ValueError):
@@ -99,31 +103,35 @@ class AaltoDesktopSource(Source):
     """One ``<PARTICIPANT_ID>_keystrokes.txt`` per participant; malformed files are skipped,
     and a malformed row drops only its session (see :func:`read_desktop_file`).
 
-    ``participants`` (a file, see :func:`read_participants`) restricts the source to the
-    listed participants, so that a benchmark subset can be rebuilt from the public download;
-    a listed participant without a file is an error. Every file to read must be a regular
-    file (or a symlink to one, wherever it points) of at most
-    :data:`MAX_PARTICIPANT_FILE_BYTES`: a named pipe would block the reader forever and a link
-    to ``/dev/zero`` would fill its memory, so either stops the job in ``open``, naming it.
+    ``participants`` (a file, see :func:`read_participants`, or several, see
+    :func:`read_participant_lists`) restricts the source to the listed participants, so that a
+    benchmark subset can be rebuilt from the public downloads; a listed participant without a
+    file is an error. Every file to read must be a regular file (or a symlink to one, wherever
+    it points) of at most :data:`MAX_PARTICIPANT_FILE_BYTES`: a named pipe would block the
+    reader forever and a link to ``/dev/zero`` would fill its memory, so either stops the job
+    in ``open``, naming it.
     """
 
     SUFFIX = "_keystrokes.txt"
 
-    def __init__(self, root: str | Path, participants: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path, participants: ParticipantLists = None) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise SourceError(f"aalto-desktop: {self.root} is not a folder")
-        self.participants_file = Path(participants).resolve() if participants else None
-        self.participants = read_participants(participants) if participants else None
+        paths = _participant_paths(participants)
+        self.participant_lists = [(path.resolve(), ids) for path, ids
+                                  in zip(paths, read_participant_lists(paths))]
+        self.participants = ([p for _, ids in self.participant_lists for p in ids]
+                             if paths else None)
         self._files: dict[str, Path] = {}
 
     def describe(self) -> dict[str, Any]:
+        """One participant list is recorded as one entry, as before lists could be combined, so
+        the sets sharded with one keep their identity (re-running their command repairs them)."""
         description: dict[str, Any] = {"kind": "aalto-desktop", "path": str(self.root)}
-        if self.participants is not None:
-            listed = "\n".join(sorted(self.participants)).encode("utf-8")
-            description["participants"] = {"file": str(self.participants_file),
-                                            "count": len(self.participants),
-                                            "sha256": hashlib.sha256(listed).hexdigest()}
+        if self.participant_lists:
+            lists = [_list_identity(path, ids) for path, ids in self.participant_lists]
+            description["participants"] = lists[0] if len(lists) == 1 else lists
         return description
 
     def open(self) -> tuple[list[str], Counter]:
@@ -152,7 +160,8 @@ class AaltoDesktopSource(Source):
         missing = [p for p in self.participants if p not in present]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise SourceError(f"{self.participants_file}: participant {missing[0]!r} has no "
+            listing = next(path for path, ids in self.participant_lists if missing[0] in ids)
+            raise SourceError(f"{listing}: participant {missing[0]!r} has no "
                               f"{missing[0]}{self.SUFFIX} under {self.root}{more}")
         chosen = [i for i, subject in enumerate(ids) if subject in listed]
         return [files[i] for i in chosen], [ids[i] for i in chosen]
@@ -188,6 +197,38 @@ def read_participants(path: str | Path) -> list[str]:
     return list(lines)
 
 
+def read_participant_lists(paths: Sequence[Path]) -> list[list[str]]:
+    """The ids of each list (see :func:`read_participants`), in order.
+
+    A participant named by two lists is refused: combined lists are a benchmark's parts (one
+    per public source), which are reported separately and so must not overlap.
+    """
+    lists: list[list[str]] = []
+    owner: dict[str, Path] = {}
+    for path in paths:
+        ids = read_participants(path)
+        twice = next((p for p in ids if p in owner), None)
+        if twice is not None:
+            raise SourceError(f"{path}: participant {twice!r} is already listed in {owner[twice]}")
+        owner.update(dict.fromkeys(ids, path))
+        lists.append(ids)
+    return lists
+
+
+def _participant_paths(participants: ParticipantLists) -> list[Path]:
+    if participants is None:
+        return []
+    if isinstance(participants, (str, Path)):
+        return [Path(participants)]
+    return [Path(p) for p in participants]
+
+
+def _list_identity(path: Path, ids: list[str]) -> dict[str, Any]:
+    """A list's path, size and a digest of its ids (not of its bytes: comments may change)."""
+    listed = "\n".join(sorted(ids)).encode("utf-8")
+    return {"file": str(path), "count": len(ids), "sha256": hashlib.sha256(listed).hexdigest()}
+
+
 def _check_participant_file(path: Path) -> None:
     """Refuse, naming it, a file the reader must not open: one that is not a regular file (a
     symlink is followed) or is larger than :data:`MAX_PARTICIPANT_FILE_BYTES`."""
@@ -218,9 +259,13 @@ def read_desktop_file(path: Path, participant: str) -> tuple[dict[str, np.ndarra
     ``session:malformed_rows``, and nothing else: rejecting the file would lose the
     participant's other sentences. Raises ``Rejected("file:malformed")`` if the file cannot
     be read, its header lacks a needed column, or a row names another participant.
+
+    Rows end at a line feed only (a carriage return before it is dropped): in the few files
+    with CRLF line ends, the Enter key's LETTER is a lone carriage return, a field, which
+    universal newlines would take for a row end, dropping a good sentence.
     """
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_bytes().decode("utf-8", errors="replace")
     except OSError as error:
         raise Rejected("file:malformed", f"{path}: {error}") from error
     lines = [line.rstrip("\r") for line in text.split("\n")]
@@ -459,10 +504,11 @@ class SynthSource(Source):
         return self.corpus.subject(self._index[subject_id])
 
 
-def parse_source(spec: str, participants: str | Path | None = None) -> Source:
+def parse_source(spec: str, participants: ParticipantLists = None) -> Source:
     """Build the :class:`Source` named by a spec (see the module docstring).
 
-    ``participants`` (a participant list file) applies to ``aalto-desktop`` sources only.
+    ``participants`` (one participant list file or several) applies to ``aalto-desktop``
+    sources only.
     """
     kind, _, rest = spec.partition(":")
     if not rest:
@@ -512,5 +558,6 @@ def source_arguments(description: dict[str, Any]) -> list[str] | None:
         spec = "synth:{subjects}:{seed}:{difficulty}:{scenario}".format(**description)
     else:
         return None
-    participants = description.get("participants")
-    return ["--source", spec, *(["--participants", participants["file"]] if participants else [])]
+    participants = description.get("participants") or []
+    lists = [participants] if isinstance(participants, dict) else participants
+    return ["--source", spec, *(arg for entry in lists for arg in ("--participants", entry["file"]))]

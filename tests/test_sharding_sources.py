@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -12,16 +13,18 @@ import numpy as np
 import numpy.lib.format as npy_format
 import pytest
 
+from click.testing import Result
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from sharding.format import load_manifest
 from sharding.kvc import KVCFileError, load_npy, read_comparisons, read_dev_set, read_test_sessions
-from sharding.plan import ShardingError
-from sharding.sources import AaltoDesktopSource, SourceError, parse_source, read_participants
+from sharding.plan import ShardingError, plan_shards, split_subjects
+from sharding.sources import (AaltoDesktopSource, SourceError, parse_source, read_desktop_file,
+                              read_participant_lists, read_participants)
 from sharding.validate import clean_subject
 from sharding.verify import read_shard
-from sharding.writer import MAX_LISTED_REJECTS, REJECTS_NAME, write_shards
+from sharding.writer import MAX_LISTED_REJECTS, REJECTS_NAME, rerun_command, write_shards
 
 runner = CliRunner()
 
@@ -399,3 +402,90 @@ def test_the_benchmark_participant_list_names_1522_distinct_participants() -> No
     ids = read_participants(path)
     assert len(ids) == 1522 == len(set(ids)) and all(i.isdigit() for i in ids)
     assert ids == sorted(ids, key=int)
+
+
+def test_a_carriage_return_inside_a_field_is_data_not_a_row_break(tmp_path: Path) -> None:
+    """A few public files end rows with CRLF and log the Enter key's LETTER as a lone CR."""
+    desktop_file(tmp_path, "11", {f"{100 + s}": keystrokes(4 + s, 10**12 * (s + 1)) for s in range(3)})
+    path = tmp_path / "11_keystrokes.txt"
+    text = path.read_text().replace("\tA\t65\n", "\t\r\t13\n", 1).replace("\n", "\r\n")
+    path.write_bytes(text.encode())
+    sessions, dropped = read_desktop_file(path, "11")
+    assert list(sessions) == ["100", "101", "102"] and dropped == Counter()
+    assert sessions["100"][0, 2] == 13
+
+
+# --- combined participant lists (one per public source) ------------------------------------------
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def _shard_listed(tmp_path: Path, *lists: str) -> Result:
+    """``eerpipe shard`` of a six-participant corpus restricted to ``lists`` (files in tmp_path)."""
+    _aalto_corpus(tmp_path / "raw", good=("11", "12", "13", "14", "15", "16"), bad=())
+    arguments = [arg for name in lists for arg in ("--participants", str(tmp_path / name))]
+    return runner.invoke(app, ["shard", "--source", f"aalto-desktop:{tmp_path / 'raw'}", *arguments,
+                               "--out", str(tmp_path / "out"), "--val-subjects", "1",
+                               "--test-subjects", "1", "--workers", "1", "--no-progress"])
+
+
+def test_participant_lists_combine_and_each_is_named_by_the_manifest(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("11\n12\n13\n")
+    (tmp_path / "b.txt").write_text("# another source\n14\n15\n")
+    result = _shard_listed(tmp_path, "a.txt", "b.txt")
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(str(tmp_path / "out"))
+    assert sorted(manifest.subjects) == ["11", "12", "13", "14", "15"]
+    assert [(entry["file"], entry["count"]) for entry in manifest.source["participants"]] == [
+        (str(tmp_path / "a.txt"), 3), (str(tmp_path / "b.txt"), 2)]
+    assert (f"--participants {tmp_path / 'a.txt'} --participants {tmp_path / 'b.txt'}"
+            in rerun_command(manifest, str(tmp_path / "out")))
+    again = _shard_listed(tmp_path, "a.txt", "b.txt")  # the same command keeps the set
+    assert again.exit_code == 0 and "match the manifest" in again.stdout
+
+
+@pytest.mark.parametrize(("second", "message"), [
+    ("14\n12\n", "b.txt: participant '12' is already listed in {a}"),
+    ("14\n404\n", "b.txt: participant '404' has no 404_keystrokes.txt under"),
+    (None, "b.txt: cannot read the participant list (No such file or directory)"),
+])
+def test_a_bad_participant_list_is_one_line_naming_it(tmp_path: Path, second: str | None,
+                                                       message: str) -> None:
+    (tmp_path / "a.txt").write_text("11\n12\n13\n")
+    if second is not None:
+        (tmp_path / "b.txt").write_text(second)
+    result = _shard_listed(tmp_path, "a.txt", "b.txt")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message.format(a=tmp_path / "a.txt") in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_participant_list_is_described_as_before_lists_could_be_combined(tmp_path: Path) -> None:
+    """Sets sharded with one list (the 1,522-participant benchmark) keep their identity."""
+    _aalto_corpus(tmp_path / "raw", bad=())
+    (tmp_path / "p.txt").write_text("13\n11\n")
+    described = parse_source(f"aalto-desktop:{tmp_path / 'raw'}", tmp_path / "p.txt").describe()
+    assert described["participants"] == {
+        "file": str(tmp_path / "p.txt"), "count": 2,
+        "sha256": "0fef8e8e509cc45fc80a827ba3403eba92c8610bef9b92eb2fd2eb4720a6e4d4"}
+
+
+def test_the_1522_participant_benchmark_plan_is_unchanged() -> None:
+    """The subjects of each shard of docs/results.md's Reproduce command, pinned."""
+    ids = read_participants(BENCH / "aalto-desktop-participants.txt")
+    plan = plan_shards(ids, seed=0, val_subjects=150, test_subjects=300, subjects_per_shard=64)
+    layout = json.dumps([[shard.name, shard.subjects] for shard in plan]).encode()
+    assert hashlib.sha256(layout).hexdigest() == (
+        "7bd9c4890eb68f9abf31c6088a1bf7d56d4d8b749459037af92da3bfdf955f0c")
+
+
+def test_the_8068_participant_benchmark_split_is_proportional_to_its_sources() -> None:
+    """bench/README.md: seed 204 draws val 600 and test 1,200 in the sources' proportions."""
+    typelikeu, typability = read_participant_lists(
+        [BENCH / "aalto-desktop-participants.txt", BENCH / "typability-index-participants.txt"])
+    assert (len(typelikeu), len(typability)) == (1522, 6546)
+    split = split_subjects([*typelikeu, *typability], seed=204, val_subjects=600, test_subjects=1200)
+    first = set(typelikeu)
+    assert [sum(p in first for p in split[name]) for name in ("val", "test", "train")] == [
+        113, 226, 1183]
