@@ -16,7 +16,7 @@ GPU_GOALS := bench-gpu smoke-gpu test-gpu
 # The image the manifests name (k8s/components/cluster/kustomization.yaml `images:`).
 IMAGE     ?= registry.example.com/eerpipe:0.1.0
 
-.PHONY: demo test bench $(GPU_GOALS) image clean
+.PHONY: demo test test-fast lint bench $(GPU_GOALS) image clean
 
 # A GPU target on a machine without a CUDA GPU stops here, in one line and with exit status 2,
 # before anything is built: its venv alone is gigabytes of CUDA libraries.
@@ -54,6 +54,15 @@ test: $(STAMP)
 	command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubectl)
 	$(BIN)/python -m pytest
 
+# The unit specifications only: no Ray, DeepSpeed or S3 server end to end, no GPU (under 2 minutes).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+# ruff and mypy, both configured in pyproject.toml (ruff skips .venv*, build and docs there).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 demo: $(STAMP)
 	$(BIN)/python -m pipeline.demo
 
@@ -75,4 +84,4 @@ image:
 	DOCKER_BUILDKIT=1 docker build -f k8s/Dockerfile -t $(IMAGE) .
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

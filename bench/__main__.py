@@ -10,7 +10,6 @@ import importlib
 import sys
 from pathlib import Path
 
-
 GPU_ONLY = {"gpu", "smoke_gpu"}  # `make bench-gpu`, `make smoke-gpu`: exit 2 without CUDA
 
 

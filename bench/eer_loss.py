@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv:
         for n in map(int, argv):
             seconds, peak_mb = measure("eer", n, 1)
-            print(f"EERLoss() N={n}: {seconds:.1f} CPU s fwd+bwd ({THREADS} threads), peak {peak_mb:.0f} MB above the inputs")
+            print(f"EERLoss() N={n}: {seconds:.1f} CPU s fwd+bwd ({THREADS} threads), "
+                  f"peak {peak_mb:.0f} MB above the inputs")
         return
     against_the_floor()
     sharded()

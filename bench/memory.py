@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench._training import (
-    CONFIG, describe, last_step_metrics, local_ray, run_config, split_cells, split_header, synthetic_shards,
+    CONFIG,
+    describe,
+    last_step_metrics,
+    local_ray,
+    run_config,
+    split_cells,
+    split_header,
+    synthetic_shards,
 )
 from pipeline.config import TrainConfig
 

@@ -88,8 +88,8 @@ def main() -> None:
     # Per-subject block alone, on the 1M set and on a KVC-like shape (many subjects, few comparisons).
     for n_subjects, per in ((SUBJECTS, PER_SUBJECT), (2_000, 50)):
         y, s, ids = _synthetic(n_subjects, per, rng)
-        ours = _seconds(lambda: per_subject_metrics(*validate(y, s), ids))
-        loop = _seconds(lambda: _per_subject_loop(y, s, ids), repeat=1)
+        ours = _seconds(lambda y=y, s=s, ids=ids: per_subject_metrics(*validate(y, s), ids))
+        loop = _seconds(lambda y=y, s=s, ids=ids: _per_subject_loop(y, s, ids), repeat=1)
         rows += [
             (f"per-subject block, {n_subjects:,} x {per:,}: vectorised", ours, None),
             ("  reference: roc_curve per subject, no rank-1", loop, loop / ours),

@@ -66,7 +66,7 @@ def main() -> None:
                 ("shard --source synth:", f"synth:{SUBJECTS}", 1),
                 ("shard --source synth:", f"synth:{SUBJECTS}", 2),
                 ("shard --source kvc:", f"kvc:{root / 'kvc'}", 2))):
-            seconds, cpu, manifest = _timed(lambda: write_shards(
+            seconds, cpu, manifest = _timed(lambda spec=spec, number=number, workers=workers: write_shards(
                 spec, str(root / f"out-{number}"), subjects_per_shard=PER_SHARD, workers=workers))
             rows.append((label, workers, seconds, cpu, sum(s.bytes for s in manifest.shards)))
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 import tempfile
 
 from bench._training import (
-    describe, last_step_metrics, local_ray, run_config, split_cells, split_header, synthetic_shards,
+    describe,
+    last_step_metrics,
+    local_ray,
+    run_config,
+    split_cells,
+    split_header,
+    synthetic_shards,
 )
 
 STEPS = 20

@@ -12,15 +12,15 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from jobs.client import JobError, connect
 from common.cli import clean_errors
+from jobs.client import JobError, connect
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
@@ -55,10 +55,9 @@ def submit(
     follow: bool = _FOLLOW,
 ) -> None:
     """Submit a training run; resubmitting the same run name resumes it from its checkpoints."""
+    from jobs.submission import submit as submit_job
     from pipeline.cluster import check_run_name
     from pipeline.config import TrainConfig
-
-    from jobs.submission import submit as submit_job
 
     train_config = TrainConfig.load(config, overrides or [])
     if name is not None:  # "" too: an empty --name is refused, not taken for no --name
@@ -121,11 +120,11 @@ def logs(
     from jobs.submission import find_job, follow_logs
 
     client = connect(address)
-    job = find_job(client, ref)
+    job_id = cast(str, find_job(client, ref).submission_id)  # find_job returns submitted jobs only
     if follow:
-        follow_logs(client, job.submission_id, _write)
+        follow_logs(client, job_id, _write)
     else:
-        _write(client.get_job_logs(job.submission_id))
+        _write(client.get_job_logs(job_id))
 
 
 @job_app.command()
@@ -136,12 +135,13 @@ def stop(ref: str = _REF, address: Optional[str] = _ADDRESS, wait: bool = _WAIT)
 
     client = connect(address)
     job = find_job(client, ref)
-    if not client.stop_job(job.submission_id):
-        _console.print(f"{job.submission_id} had already ended ({job.status})")
+    job_id = cast(str, job.submission_id)  # find_job returns submitted jobs only
+    if not client.stop_job(job_id):
+        _console.print(f"{job_id} had already ended ({job.status})")
         return
-    _console.print(f"stopping {job.submission_id}")
+    _console.print(f"stopping {job_id}")
     if wait:
-        wait_for(client, job.submission_id, _show_status)
+        wait_for(client, job_id, _show_status)
 
 
 @job_app.command("list")
@@ -150,9 +150,10 @@ def list_jobs(address: Optional[str] = _ADDRESS) -> None:
     """Submitted jobs on the cluster, oldest first."""
     from jobs.submission import RUN_KEY
 
-    jobs = sorted((job for job in connect(address).list_jobs() if job.submission_id), key=lambda job: job.start_time or 0)
+    jobs = sorted((job for job in connect(address).list_jobs() if job.submission_id),
+                  key=lambda job: job.start_time or 0)
     table = Table(box=box.SIMPLE)
-    table.add_column("job", no_wrap=True, min_width=max((len(job.submission_id) for job in jobs), default=3))
+    table.add_column("job", no_wrap=True, min_width=max((len(job.submission_id or "") for job in jobs), default=3))
     for column in ("run", "status", "started", "ended"):
         table.add_column(column)
     for job in jobs:

@@ -99,7 +99,8 @@ def _job_client(target: str, timeout_s: float) -> "JobSubmissionClient":
 def _use_token_if_available() -> None:
     if "RAY_AUTH_MODE" in os.environ:
         return
-    from ray._raylet import AuthenticationTokenLoader, Config
+    # ray._raylet is compiled: mypy sees only part of it.
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         os.environ["RAY_AUTH_MODE"] = "token"

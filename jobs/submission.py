@@ -131,7 +131,7 @@ def resume(client: JobSubmissionClient, run: str, overrides: Sequence[str] = ())
     previous = jobs[-1]
     with tempfile.TemporaryDirectory(prefix="eerpipe-resume-") as folder:
         path = Path(folder, CONFIG_FILE)
-        path.write_text(previous.metadata[CONFIG_KEY])
+        path.write_text((previous.metadata or {})[CONFIG_KEY])
         config = TrainConfig.load(path, list(overrides))
     if config.run.name != run:
         raise JobError(f"resume keeps the run name {run!r}; to start another run, use `eerpipe job submit`")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from jobs.cli import register as _register_jobs
 from common.cli import clean_errors
+from jobs.cli import register as _register_jobs
 from pipeline.cluster import TrainingFailed
 from sharding.cli import register as _register_sharding
 from sharding.format import ShardIntegrityError
@@ -39,9 +39,11 @@ def main() -> None:
 @app.command()
 @_expected
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML training config (default: built-in defaults)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="YAML training config (default: built-in defaults)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="section.key=value overrides, e.g. train.lr=3e-4"),
-    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Start from this checkpoint (folder or s3:// URL)."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from",
+                                              help="Start from this checkpoint (folder or s3:// URL)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
 ) -> None:
     """Train with Ray Train + DeepSpeed; relaunching the same run.name resumes it. A config with
@@ -66,11 +68,13 @@ def evaluate(
     shards: str = typer.Option(..., "--shards", help="The shard set's folder or URL (its manifest.json)."),
     split: str = typer.Option("test", "--split", help="train | val | test."),
     protocol: Optional[str] = typer.Option(
-        None, "--protocol", help="session (session against session) | kvc (against 5-session enrolment sets, as KVC scores). "
+        None, "--protocol",
+        help="session (session against session) | kvc (against 5-session enrolment sets, as KVC scores). "
         "Default: the model's validation protocol."
     ),
     impostors: Optional[str] = typer.Option(
-        None, "--impostors", help="Impostor comparisons per session: a count, or all (every one, what FMR 0.1 % needs). "
+        None, "--impostors",
+        help="Impostor comparisons per session: a count, or all (every one, what FMR 0.1 % needs). "
         "Default: the model's validation setting."
     ),
     out: str = typer.Option("evaluation", "--out", help="Local folder for metrics.json, report.md and det.png."),
@@ -82,7 +86,8 @@ def evaluate(
     from pipeline.metrics import report_to_markdown
 
     report, folder = run_evaluation(
-        checkpoint, shards, split=split, protocol=protocol, impostors=impostors and _impostors(impostors), out_dir=out,
+        checkpoint, shards, split=split, protocol=_protocol(protocol),
+        impostors=None if impostors is None else _impostors(impostors), out_dir=out,
         batch_size=batch_size, progress=not quiet,
     )
     typer.echo(report_to_markdown(report))
@@ -108,7 +113,8 @@ def predict(
     typer.echo(f"predictions: {text}\nupload:      {text.with_suffix('.zip')}")
 
 
-experiment = typer.Typer(help="Same budget, one varied setting: losses, batch sizes, operating points.", no_args_is_help=True)
+experiment = typer.Typer(help="Same budget, one varied setting: losses, batch sizes, operating points.",
+                         no_args_is_help=True)
 app.add_typer(experiment, name="experiment")
 _SHARDS = typer.Option(..., "--shards", help="The shard set's folder or URL (its manifest.json).")
 _CONFIG = typer.Option(None, "--config", "-c", help="YAML training config shared by every arm.")
@@ -128,11 +134,24 @@ def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, li
     typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
 
 
-def _impostors(text: str) -> int | str:
+def _impostors(text: str) -> int | Literal["all"]:
     """``--impostors``: a positive whole number or ``all``, or a one-line error."""
-    if text == "all" or (text.isdigit() and int(text) > 0):
-        return text if text == "all" else int(text)
+    if text == "all":
+        return "all"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
     raise ValueError(f"--impostors takes a positive whole number or 'all', got {text!r}")
+
+
+def _protocol(text: str | None) -> Literal["session", "kvc"] | None:
+    """``--protocol``: session, kvc or unset, or a one-line error."""
+    if text is None:
+        return None
+    if text == "session":
+        return "session"
+    if text == "kvc":
+        return "kvc"
+    raise ValueError(f"--protocol must be one of session, kvc, got {text!r}")
 
 
 def _integers(option: str, text: str) -> list[int]:
@@ -204,11 +223,13 @@ def operating_point(
         help="Add an arm, target-fmr-<t>-persistent: the FMR target at a persistent threshold of this momentum.",
     ),
     band: Optional[float] = typer.Option(
-        None, "--band", help="Add an arm, target-fmr-band-<t>-<b>: the FNMR averaged over FMRs from --fmr up to this one.",
+        None, "--band",
+        help="Add an arm, target-fmr-band-<t>-<b>: the FNMR averaged over FMRs from --fmr up to this one.",
     ),
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
-    """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold, or an FMR band): FNMR there and EER for each.
+    """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold, or an FMR band):
+    FNMR there and EER for each.
 
     Validation and test score every impostor pair (``eval.impostors_per_session=all``, unless an
     override says otherwise): at FMR 0.1 % a sample of ten per session leaves a few dozen

@@ -163,7 +163,8 @@ class LossSection:
         terms = self.name.split("+")
         if term not in terms:
             return None
-        key, options = ("loss.options", self.options) if len(terms) == 1 else (f"loss.options.{term}", self.options.get(term))
+        key, options = (("loss.options", self.options) if len(terms) == 1
+                        else (f"loss.options.{term}", self.options.get(term)))
         return key, options if isinstance(options, dict) else {}
 
     @property
@@ -204,7 +205,9 @@ class TrainSection:
 @dataclass
 class EvalSection:
     protocol: Literal["session", "kvc"] = "session"  # session pairs, or KVC's enrolment sets (evaluation/protocol.py)
-    impostors_per_session: int | Literal["all"] = 10  # impostor comparisons per (verification) session: other sessions or enrolment sets; "all": every one (FMR 0.1 % needs thousands)
+    # impostor comparisons per (verification) session: other sessions or enrolment sets;
+    # "all": every one (FMR 0.1 % needs thousands)
+    impostors_per_session: int | Literal["all"] = 10
     enrolment_sessions: int = 5  # kvc: enrolment sessions per subject; the rest are verified
     distance: Literal["cosine", "euclidean"] = "cosine"  # scores are −distance (EERLoss and PML losses normalise)
 
@@ -218,8 +221,11 @@ class EvalSection:
 class WandbSection:
     enabled: bool = True
     project: str = "eerpipe"
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online when W&B has a login (WANDB_API_KEY or `wandb login`), else offline (sync later)
-    dir: str = ""  # default: the run's folder; W&B's files go to {dir}/wandb, copied there at each checkpoint when it is remote (s3://)
+    # auto: online when W&B has a login (WANDB_API_KEY or `wandb login`), else offline (sync later)
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # default: the run's folder; W&B's files go to {dir}/wandb, copied there at each checkpoint when it is
+    # remote (s3://)
+    dir: str = ""
 
 
 @dataclass
@@ -370,7 +376,8 @@ class _NoAliasLoader(yaml.SafeLoader):
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                              self.peek_event().start_mark)
         return super().compose_node(parent, index)
 
 
@@ -415,7 +422,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def _coerce(value: Any, spec: dataclasses.Field, hint: Any, key: str) -> Any:
     """Check ``value`` against the field's type; ints may be given for floats."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. ``int | Literal["all"]``: the first arm that takes it
+    # e.g. ``int | Literal["all"]``: the first arm that takes it
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         for arm in typing.get_args(hint):
             try:
                 return _coerce(value, spec, arm, key)
@@ -427,7 +435,7 @@ def _coerce(value: Any, spec: dataclasses.Field, hint: Any, key: str) -> Any:
         if value in choices and type(value) in {type(c) for c in choices}:
             return value
         raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc, operator]
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

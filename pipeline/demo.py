@@ -41,7 +41,8 @@ def main() -> None:
         workers=2,
         progress=True,
     )
-    print("[3/4] training: Ray Train, 2 DeepSpeed workers (CPU, gloo), EERLoss on the gathered global batch", flush=True)
+    print("[3/4] training: Ray Train, 2 DeepSpeed workers (CPU, gloo), EERLoss on the gathered global batch",
+          flush=True)
     # A worker that dies (a native heap-corruption abort in a gloo worker: 2 in some 50 runs here,
     # cause not found: docs/archive/results-notebook.md) restarts from the last checkpoint; resuming is exact.
     config = TrainConfig.load(CONFIG, [

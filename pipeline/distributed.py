@@ -91,6 +91,7 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> GatheredBatc
     if world_size() == 1:
         return GatheredBatch(embeddings, labels, range(len(labels)))
     group = dist.group.WORLD
+    assert group is not None  # initialised: world_size() > 1
     local = torch.tensor([embeddings.shape[0]], device=embeddings.device)
     sizes = funcol.all_gather_single(local, 0, group).tolist()
     longest = max(sizes)

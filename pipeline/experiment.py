@@ -40,7 +40,8 @@ ABLATION_ARMS: dict[str, list[str]] = {
         "loss.name=eer", "loss.options.normalize=false", "loss.options.floor=hard", "eval.distance=euclidean"
     ],
     "eer-direct": ["loss.name=eer", "loss.options.variant=direct"],
-    "eer+multisimilarity": [  # EERLoss with a dense MultiSimilarity term beside it (docs/archive/results-notebook.md §3)
+    # EERLoss with a dense MultiSimilarity term beside it (docs/archive/results-notebook.md §3)
+    "eer+multisimilarity": [
         "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
     ],
     "eer+subject-eer": ["loss.name=eer+subject_eer"],  # each subject's own EER beside the global one
@@ -88,7 +89,8 @@ def operating_point_arms(
     few hardest impostor pairs, so it is noisy); with a ``band``, also for the FMR band
     ``[fmr, band]`` (``target-fmr-band-0.001-0.004``, :mod:`pipeline.losses.fmr_band`)."""
     if threshold_momentum is not None and not 0 < threshold_momentum < 1:
-        raise ValueError(f"--threshold-momentum must lie in (0, 1), got {threshold_momentum:g} (0 is the plain FMR arm)")
+        raise ValueError(f"--threshold-momentum must lie in (0, 1), got {threshold_momentum:g} "
+                         "(0 is the plain FMR arm)")
     if band is not None and not fmr < band < 1:
         raise ValueError(f"--band must lie above --fmr ({fmr:g}) and below 1, got {band:g}")
     fmr_arm = ["loss.name=eer", f"loss.options.target.fmr={fmr}"]
@@ -96,7 +98,8 @@ def operating_point_arms(
     if threshold_momentum is not None:
         arms[f"target-fmr-{fmr:g}-persistent"] = [*fmr_arm, f"loss.options.threshold_momentum={threshold_momentum}"]
     if band is not None:
-        arms[f"target-fmr-band-{fmr:g}-{band:g}"] = ["loss.name=fmr_band", f"loss.options.low={fmr}", f"loss.options.high={band}"]
+        arms[f"target-fmr-band-{fmr:g}-{band:g}"] = ["loss.name=fmr_band", f"loss.options.low={fmr}",
+                                                     f"loss.options.high={band}"]
     return arms
 
 
@@ -235,7 +238,8 @@ def _write(out: Path, arms: list[Arm]) -> None:
                 "val_curve": arm.curve,
             }
         )
-    (out / "results.json").write_text(json.dumps({"best_baseline": best_baseline and best_baseline.name, "arms": rows}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"best_baseline": best_baseline and best_baseline.name, "arms": rows}, indent=2))
     (out / "results.md").write_text(_markdown(rows, best_baseline.name if best_baseline else None))
     plot_det({arm.name: (arm.truth, arm.scores) for arm in arms}, out / "det.png")
 

@@ -22,7 +22,8 @@ class UnsafeFileError(ValueError):
     """A file that a weights-only load refuses (or cannot parse); the message names the file."""
 
 
-def load_weights_only(source: str | PathLike[str] | bytes, name: str, allowed: Sequence[Any] = (), **kwargs: Any) -> Any:
+def load_weights_only(source: str | PathLike[str] | bytes, name: str, allowed: Sequence[Any] = (),
+                      **kwargs: Any) -> Any:
     """``torch.load(source, weights_only=True)`` with ``allowed`` classes; ``name`` is the file
     as the user knows it (a URL, a checkpoint path) for the error message."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source

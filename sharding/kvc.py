@@ -45,7 +45,8 @@ def _allowed() -> dict[tuple[str, str], Any]:
     for package in ("numpy._core", "numpy.core"):
         allowed[(f"{package}.multiarray", "_reconstruct")] = _multiarray._reconstruct
         allowed[(f"{package}.multiarray", "scalar")] = _multiarray.scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer
+        # a private numpy function, absent from its stubs
+        allowed[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer  # type: ignore[attr-defined]
     for name in ("set", "frozenset", "bytearray", "complex"):
         allowed[("builtins", name)] = getattr(builtins, name)
     return allowed

@@ -25,7 +25,7 @@ from array import array
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import numpy as np
 
@@ -449,7 +449,7 @@ def _table(stream: TextIO, path: Path, documented: tuple[str, ...], needed: tupl
     """
     first = stream.readline()
     delimiter = "\t" if "\t" in first else ","
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     head = next(csv.reader([first], delimiter=delimiter, quoting=quoting), [])
     names = [field.strip().strip('"').upper() for field in head]
     rows = csv.reader(stream, delimiter=delimiter, quoting=quoting)

@@ -208,7 +208,7 @@ def describe_failure(error: BaseException) -> str:
     """A store's failure in words: ``No space left on device (ENOSPC)`` and the file, if the
     error names one, or the store's own message (which names the endpoint), with what to do
     about a timeout."""
-    if isinstance(error, OSError) and error.errno in errno.errorcode:
+    if isinstance(error, OSError) and error.errno is not None and error.errno in errno.errorcode:
         text = f"{error.strerror or os.strerror(error.errno)} ({errno.errorcode[error.errno]})"
         return f"{text}: {error.filename}" if error.filename is not None else text
     text = f"{type(error).__name__}: {error}"
@@ -402,7 +402,9 @@ def _remove_stale(fs: fsspec.AbstractFileSystem, path: str, url: str, holder: di
     if running is False:
         why = "its process is no longer running"
     elif running is None and _lease_expired(holder):
-        why = f"its lease ran out at {_lease_end(holder).isoformat(timespec='seconds')}"
+        end = _lease_end(holder)
+        assert end is not None  # an expired lease has an end
+        why = f"its lease ran out at {end.isoformat(timespec='seconds')}"
     elif break_lock and running is None:
         why = "--break-lock"
     elif break_lock:

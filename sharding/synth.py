@@ -324,9 +324,9 @@ def evaluation_set(corpus: SynthCorpus, indices: range, enrol_sessions: int = EN
         enrolled = np.flatnonzero(mine & enrol_arr)
         own = np.flatnonzero(mine & ~enrol_arr)
         others = np.flatnonzero(~mine & ~enrol_arr)
-        genuine = [(name_of[a], name_of[b]) for a in enrolled for b in own]
+        genuine = [(name_of[int(a)], name_of[int(b)]) for a in enrolled for b in own]
         probes = rng.choice(others, size=len(genuine), replace=len(others) < len(genuine))
-        impostor = [(name_of[enrolled[k % len(enrolled)]], name_of[int(b)])
+        impostor = [(name_of[int(enrolled[k % len(enrolled)])], name_of[int(b)])
                     for k, b in enumerate(probes)]
         pairs = genuine + impostor
         marks = [1] * len(genuine) + [0] * len(impostor)
@@ -351,10 +351,11 @@ def write_kvc(root: str | Path, *, scenario: str = "desktop", subjects: int, tes
     corpus = SynthCorpus(scenario, seed, difficulty)
     paths = kvc_paths(root, scenario)
     paths.dev_set.parent.mkdir(parents=True, exist_ok=True)
-    np.save(paths.dev_set, corpus.dev_set(range(subjects)), allow_pickle=True)
+    # numpy's stubs do not know that np.save pickles a dict (allow_pickle)
+    np.save(paths.dev_set, corpus.dev_set(range(subjects)), allow_pickle=True)  # type: ignore[arg-type]
     sessions, comparisons, labels, subject_of = evaluation_set(
         corpus, range(subjects, subjects + test_subjects), enrol_sessions)
-    np.save(paths.test_sessions, sessions, allow_pickle=True)
+    np.save(paths.test_sessions, sessions, allow_pickle=True)  # type: ignore[arg-type]  # a pickled dict
     paths.comparisons.write_text(str(comparisons) + "\n")
     paths.ground_truth.write_text(json.dumps({
         "scenario": scenario, "seed": seed, "difficulty": difficulty,

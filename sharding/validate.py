@@ -76,12 +76,14 @@ def clean_subject(sessions: Any) -> tuple[dict[str, np.ndarray], Counter]:
     if not isinstance(sessions, Mapping):
         raise Rejected("subject:not_a_session_dict", type(sessions).__name__)
     dropped: Counter = Counter()
-    ids, tables = [], []
+    ids: list[str] = []
+    tables: list[np.ndarray] = []
     for session_id, session in sessions.items():
         reason, table = _as_table(session)
         if reason is None and str(session_id) in ids:
             reason = "session:duplicate_id"
         if reason is None:
+            assert table is not None  # _as_table gives a table or a reason
             ids.append(str(session_id))
             tables.append(table)
         else:

@@ -54,18 +54,22 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task,
-                           TextColumn, TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 from webdataset import TarWriter
 
 from common.atomic import is_temporary, write_atomic
 from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject, manifest_location
-from sharding.plan import (FORMER_MAX_SUBJECTS_PER_SHARD, MAX_SUBJECTS_PER_SHARD, PlannedShard, ShardingError,
-                           check_options, plan_shards)
+from sharding.plan import (
+    FORMER_MAX_SUBJECTS_PER_SHARD,
+    MAX_SUBJECTS_PER_SHARD,
+    PlannedShard,
+    ShardingError,
+    check_options,
+    plan_shards,
+)
 from sharding.sources import Source, parse_source, source_arguments
-from sharding.storage import (OutputLock, check_writable, failures_named, location, open_fs,
-                              output_lock)
+from sharding.storage import OutputLock, check_writable, failures_named, location, open_fs, output_lock
 from sharding.validate import MIN_SESSIONS, Rejected, clean_subject
 
 PENDING = "_pending"

@@ -10,7 +10,8 @@ import pytest
 from bench.eer_loss import child
 
 
-@pytest.mark.parametrize("kind, world", [("gram", 1), ("contrastive", 1), ("eer", 1), ("eer", 2), ("fmr", 1), ("band", 2)])
+@pytest.mark.parametrize("kind, world",
+                         [("gram", 1), ("contrastive", 1), ("eer", 1), ("eer", 2), ("fmr", 1), ("band", 2)])
 def test_each_measurement_reports_seconds_and_peak_memory(kind, world, capsys):
     child(kind, 64, 1, world)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -20,10 +20,25 @@ import pytest
 import torch
 
 from bench.gpu import (
-    STEP_PHASES, Budget, affordable_rows, first_batch, gpu_config, loader_rates, loss_cost, step_engine, step_row,
+    STEP_PHASES,
+    Budget,
+    affordable_rows,
+    first_batch,
+    gpu_config,
+    loader_rates,
+    loss_cost,
+    step_engine,
+    step_row,
 )
 from bench.smoke_gpu import (
-    CONFIG, STOP_STEP, TOTAL_STEPS, SmokeFailure, check_launch, smoke, train_overrides, write_corpus,
+    CONFIG,
+    STOP_STEP,
+    TOTAL_STEPS,
+    SmokeFailure,
+    check_launch,
+    smoke,
+    train_overrides,
+    write_corpus,
 )
 from pipeline.config import TrainConfig
 from pipeline.training import prepare

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrainConfig
 from pipeline.cluster import wandb_run_id
+from pipeline.config import TrainConfig
 from pipeline.training.engine import deepspeed_config
 from pipeline.training.schedule import lr_factor
 
@@ -30,7 +30,8 @@ def test_the_shipped_configs_load(name):
 def test_the_real_data_recipe_and_its_control_share_the_first_stage_and_see_the_same_sessions_after_it():
     """docs/archive/results-notebook.md R17: EERLoss at 8× the batch against MultiSimilarity for 8× the steps; an
     epoch sees every training participant at either batch, so equal epochs are equal sessions."""
-    recipe, control = (TrainConfig.load(CONFIGS / f"{name}.yaml") for name in ("aalto-desktop", "aalto-desktop-control"))
+    recipe, control = (TrainConfig.load(CONFIGS / f"{name}.yaml")
+                       for name in ("aalto-desktop", "aalto-desktop-control"))
     def first_stage(config: TrainConfig) -> dict:  # all but the run's name
         return {section: settings for section, settings in config.stage(0).to_dict().items() if section != "run"}
 

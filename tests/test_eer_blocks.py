@@ -127,7 +127,8 @@ def reference_loss_of_pairs(loss: EERLoss, genuine: torch.Tensor, impostor: torc
     if o["threshold_grad"] == "implicit":
         at0 = at.detach().requires_grad_()
         with torch.enable_grad():
-            frr0, far0 = reference_rate(genuine.detach(), at0, o["k"], 1), reference_rate(impostor.detach(), at0, o["k"], -1)
+            frr0 = reference_rate(genuine.detach(), at0, o["k"], 1)
+            far0 = reference_rate(impostor.detach(), at0, o["k"], -1)
             frr_slope, far_slope = torch.autograd.grad(frr0, at0)[0], torch.autograd.grad(far0, at0)[0]
         slope = reference_equation(o["kind"], 0.0, frr_slope, far_slope)  # dF/dd: the target is a constant
         equation = reference_equation(o["kind"], o["rate"], frr, far)
@@ -205,7 +206,9 @@ def test_blocked_loss_equals_the_all_pairs_reference(options: dict, k: float) ->
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("n_subjects, per_subject", [(9, 7), (8, 8)])  # N odd and even
 @pytest.mark.parametrize(
-    "options", [{}, {"variant": "direct", "target": {"fmr": 0.05}}, {"threshold_grad": "unrolled", "search_steps": 4}], ids=str
+    "options",
+    [{}, {"variant": "direct", "target": {"fmr": 0.05}}, {"threshold_grad": "unrolled", "search_steps": 4}],
+    ids=str,
 )
 def test_many_small_blocks_with_or_without_kept_distances_change_nothing(
     monkeypatch: pytest.MonkeyPatch, options: dict, n_subjects: int, per_subject: int, cache: bool

@@ -102,7 +102,8 @@ def test_operating_point_targets_land_at_the_requested_rate(target):
     )
     genuine, impostor = pair_distances(embeddings.detach(), labels)
     soft = stats.soft_far if kind == "fmr" else stats.soft_frr
-    hard = (impostor <= stats.threshold).double().mean() if kind == "fmr" else (genuine > stats.threshold).double().mean()
+    hard = ((impostor <= stats.threshold).double().mean() if kind == "fmr"
+            else (genuine > stats.threshold).double().mean())
     assert soft == pytest.approx(rate, abs=2e-3)
     assert hard.item() == pytest.approx(rate, abs=2e-3)
 
@@ -251,7 +252,8 @@ def test_hard_floor_starves_a_separable_batch_and_the_softplus_floor_does_not():
     # With the hard floor only the pair d* lands on (the hardest genuine one) keeps a trace of gradient.
     embeddings, labels = separable_batch()
     (hard,) = torch.autograd.grad(EERLoss(normalize=False, floor="hard")(embeddings, labels), embeddings)
-    (smooth,) = torch.autograd.grad(EERLoss(normalize=False, floor="softplus", tau=0.05)(embeddings, labels), embeddings)
+    (smooth,) = torch.autograd.grad(EERLoss(normalize=False, floor="softplus", tau=0.05)(embeddings, labels),
+                                    embeddings)
     assert torch.isfinite(smooth).all()
     assert smooth.abs().max() > 1000 * hard.abs().max()
 
@@ -259,7 +261,8 @@ def test_hard_floor_starves_a_separable_batch_and_the_softplus_floor_does_not():
 def test_softplus_floor_approaches_the_hard_floor_as_tau_shrinks():
     embeddings, labels = clustered_batch(seed=13, spread=1.0)
     hard = EERLoss(alpha=0.1, normalize=False, floor="hard")(embeddings, labels).item()
-    gaps = [abs(EERLoss(alpha=0.1, normalize=False, floor="softplus", tau=tau)(embeddings, labels).item() - hard) for tau in (0.1, 0.01, 0.001)]
+    gaps = [abs(EERLoss(alpha=0.1, normalize=False, floor="softplus", tau=tau)(embeddings, labels).item() - hard)
+            for tau in (0.1, 0.01, 0.001)]
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01 * hard
 
 
@@ -294,5 +297,6 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 @pytest.mark.slow
 def test_a_batch_of_8192_runs_forward_and_backward_in_under_half_a_gb():
-    peak_mb = float(subprocess.run([sys.executable, "-c", MEMORY_PROBE], check=True, capture_output=True, text=True).stdout)
+    peak_mb = float(subprocess.run([sys.executable, "-c", MEMORY_PROBE], check=True, capture_output=True,
+                                   text=True).stdout)
     assert peak_mb < 500

@@ -38,7 +38,8 @@ CONFIGS = [
 
 
 MEMORY_CONFIGS = [{}, {"target": {"fmr": 0.1}}]  # the EER target and an FMR target
-PERSISTENT_CONFIGS = [{"target": {"fmr": 0.1}, "threshold_momentum": 0.5}, {"variant": "direct", "threshold_momentum": 0.9}]
+PERSISTENT_CONFIGS = [{"target": {"fmr": 0.1}, "threshold_momentum": 0.5},
+                      {"variant": "direct", "threshold_momentum": 0.9}]
 BATCHES = (0, 1, 2)  # seeds of the consecutive global batches a persistent threshold follows
 torch.serialization.add_safe_globals([EERStats])  # the ranks' results are loaded weights-only
 

@@ -99,7 +99,8 @@ def test_evaluate_writes_the_official_report_of_the_split(corpus: Corpus, tmp_pa
     assert "| Global |" in result.stdout and "| Mean per subject |" in result.stdout
 
 
-def test_evaluate_with_the_kvc_protocol_verifies_sessions_against_enrolment_sets(corpus: Corpus, tmp_path: Path) -> None:
+def test_evaluate_with_the_kvc_protocol_verifies_sessions_against_enrolment_sets(
+        corpus: Corpus, tmp_path: Path) -> None:
     result = evaluate("--checkpoint", str(corpus.run), "--shards", str(corpus.shards), "--protocol", "kvc",
                       "--out", str(tmp_path))
     assert result.exit_code == 0, result.output

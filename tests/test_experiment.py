@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -23,19 +22,22 @@ def test_steps_to_reach_is_the_first_validated_step_at_or_below_the_target():
 
 
 def test_the_ablation_compares_eer_loss_with_every_kind_of_baseline():
-    losses = {override.split("=")[1] for arm in ABLATION_ARMS.values() for override in arm if override.startswith("loss.name=")}
+    losses = {override.split("=")[1] for arm in ABLATION_ARMS.values() for override in arm
+              if override.startswith("loss.name=")}
     assert {"eer", "set2set", "triplet_all", "triplet", "contrastive", "arcface", "multisimilarity"} <= losses
 
 
 def test_an_option_given_to_every_arm_survives_the_arms_that_set_options_of_their_own():
-    for arm, own in (("eer-direct", {"variant": "direct"}), ("eer-area-authors", {"normalize": False, "floor": "hard"})):
+    for arm, own in (("eer-direct", {"variant": "direct"}),
+                     ("eer-area-authors", {"normalize": False, "floor": "hard"})):
         config = TrainConfig.load(CONFIG, ["loss.options.beta=0.9", *ABLATION_ARMS[arm]])
         assert config.loss.options == {"beta": 0.9, **own}
 
 
 def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
     result = CliRunner().invoke(
-        app, ["experiment", "ablation", "--shards", str(tmp_path), "--out", str(tmp_path / "out"), "--arms", "eer-area,hinge"]
+        app, ["experiment", "ablation", "--shards", str(tmp_path), "--out", str(tmp_path / "out"),
+              "--arms", "eer-area,hinge"]
     )
     assert result.exit_code == 1
     assert "unknown arm(s) ['hinge']" in result.output
@@ -50,7 +52,8 @@ def test_the_memory_experiment_gives_each_loss_every_memory_and_keeps_the_plain_
     ]
     assert arms["eer-area"] == ABLATION_ARMS["eer-area"]  # size 0 is the ablation's own run
     config = TrainConfig.load(CONFIG, arms["multisimilarity-mem4096-current"])
-    assert (config.loss.name, config.loss.memory.size, config.loss.memory.encoder) == ("multisimilarity", 4096, "current")
+    assert ((config.loss.name, config.loss.memory.size, config.loss.memory.encoder)
+            == ("multisimilarity", 4096, "current"))
 
 
 def test_an_unknown_memory_encoder_is_refused_before_anything_runs(tmp_path):
@@ -94,7 +97,8 @@ def test_a_threshold_momentum_outside_0_to_1_is_refused_before_the_first_arm_tra
 
     write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
     result = CliRunner().invoke(app, ["experiment", "operating-point", "--shards", str(tmp_path / "shards"),
-                                      "-c", str(CONFIG), "--out", str(tmp_path / "out"), "--threshold-momentum", momentum,
+                                      "-c", str(CONFIG), "--out", str(tmp_path / "out"),
+                                      "--threshold-momentum", momentum,
                                       "run.storage=" + str(tmp_path)])
     assert result.exit_code == 1
     assert f"--threshold-momentum must lie in (0, 1), got {momentum}" in result.output
@@ -117,7 +121,8 @@ def test_a_bad_setting_of_any_arm_is_refused_before_the_first_arm_trains(tmp_pat
 
     write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
     result = CliRunner().invoke(app, ["experiment", "memory", "--shards", str(tmp_path / "shards"), "-c", str(CONFIG),
-                                      "--out", str(tmp_path / "out"), "--sizes", "0,-5", "run.storage=" + str(tmp_path)])
+                                      "--out", str(tmp_path / "out"), "--sizes", "0,-5",
+                                      "run.storage=" + str(tmp_path)])
     assert result.exit_code == 1
     assert "loss.memory.size must be ≥ 0, got -5" in result.output
     assert not (tmp_path / "out").exists()

@@ -59,7 +59,8 @@ class Cluster:
         env.update(RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0", **extra)
         return env
 
-    def eerpipe(self, *args: str, env: dict[str, str] | None = None, address: bool = True) -> subprocess.CompletedProcess:
+    def eerpipe(self, *args: str, env: dict[str, str] | None = None,
+                address: bool = True) -> subprocess.CompletedProcess:
         command = [str(BIN / "eerpipe"), "job", *args] + (["--address", self.address] if address else [])
         return subprocess.run(command, env=env or self.env(), capture_output=True, text=True, timeout=300)
 

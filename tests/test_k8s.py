@@ -77,7 +77,8 @@ def strict(schema: Any) -> Any:
 
 @cache
 def validator(kind: str) -> jsonschema.Draft7Validator:
-    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(),
+                    Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = strict(version["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = strict(OBJECT_META)
@@ -86,7 +87,8 @@ def validator(kind: str) -> jsonschema.Draft7Validator:
 
 
 def errors(manifest: dict[str, Any]) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(manifest["kind"]).iter_errors(manifest)]
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator(manifest["kind"]).iter_errors(manifest)]
 
 
 @cache
@@ -132,8 +134,10 @@ def pod_templates(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 def dockerfile_instructions() -> list[str]:
     """The Dockerfile's instructions, each on one line (continuations joined), without comments."""
-    text = "\n".join(line for line in (K8S / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#"))
-    return [" ".join(instruction.split()) for instruction in text.replace("\\\n", " ").splitlines() if instruction.strip()]
+    text = "\n".join(line for line in (K8S / "Dockerfile").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    return [" ".join(instruction.split()) for instruction in text.replace("\\\n", " ").splitlines()
+            if instruction.strip()]
 
 
 def image_workdir() -> Path:
@@ -147,7 +151,8 @@ def worker_container(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_map(kustomization: str, name: str) -> dict[str, str]:
-    (data,) = [doc["data"] for doc in rendered(kustomization) if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == name]
+    (data,) = [doc["data"] for doc in rendered(kustomization)
+               if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == name]
     return data
 
 
@@ -235,7 +240,8 @@ def test_the_entrypoint_trains_with_one_worker_per_gpu(kustomization: str) -> No
         assert group["minReplicas"] == group["replicas"] == group["maxReplicas"]
 
     def total(resource: str) -> int:
-        return sum(group["replicas"] * int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get(resource, 0))
+        return sum(group["replicas"]
+                   * int(group["template"]["spec"]["containers"][0]["resources"]["limits"].get(resource, 0))
                    for group in groups)
 
     if config.train.use_gpu:
@@ -301,7 +307,8 @@ def test_the_nccl_component_sets_sockets_and_the_rdma_one_infiniband(rdma_overla
 
 
 def test_the_nccl_component_refuses_a_worker_without_a_memory_shm(tmp_path: Path) -> None:
-    disk_shm = {"op": "remove", "path": "/spec/rayClusterSpec/workerGroupSpecs/0/template/spec/volumes/0/emptyDir/medium"}
+    disk_shm = {"op": "remove",
+                "path": "/spec/rayClusterSpec/workerGroupSpecs/0/template/spec/volumes/0/emptyDir/medium"}
     without_shm = user_overlay(tmp_path / "without-shm", [K8S / "base"],
                                patches=[{"target": {"kind": "RayJob"}, "patch": yaml.safe_dump([disk_shm])}])
     overlay = user_overlay(tmp_path / "overlay", [Path(without_shm)], [K8S / "components/nccl-multinode"])
@@ -328,7 +335,8 @@ def test_the_dashboard_and_job_api_stay_inside_the_cluster_behind_a_token(kustom
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_credentials_come_only_from_the_secret_templates_which_hold_no_values(kustomization: str) -> None:
-    templates = {doc["metadata"]["name"]: doc for doc in (yaml.safe_load(p.read_text()) for p in (K8S / "secrets").glob("*.yaml"))}
+    templates = {doc["metadata"]["name"]: doc
+                 for doc in (yaml.safe_load(p.read_text()) for p in (K8S / "secrets").glob("*.yaml"))}
     for template in templates.values():
         assert template["kind"] == "Secret" and set(template["stringData"].values()) == {""}
     for manifest in rendered(kustomization):

@@ -128,7 +128,8 @@ def test_all_impostor_sets_meets_every_other_subject_s_set() -> None:
 def test_the_config_names_the_protocol_and_the_session_protocol_is_the_default() -> None:
     assert protocol_from({"impostors_per_session": 4}) == SessionPairs(4)
     assert protocol_from({"impostors_per_session": "all", "protocol": "kvc"}) == EnrolmentSets(5, "all")
-    assert protocol_from({"impostors_per_session": 4, "protocol": "kvc", "enrolment_sessions": 3}) == EnrolmentSets(3, 4)
+    assert (protocol_from({"impostors_per_session": 4, "protocol": "kvc", "enrolment_sessions": 3})
+            == EnrolmentSets(3, 4))
     assert protocol_from({"impostors_per_session": 4, "protocol": "kvc"}, "session") == SessionPairs(4)
     with pytest.raises(ValueError, match="protocol must be 'session' or 'kvc'"):
         protocol_from({"impostors_per_session": 4}, "enrolment")

@@ -38,8 +38,7 @@ from common.atomic import remove_if
 from pipeline.cli import app
 from sharding.format import MANIFEST_NAME, load_manifest
 from sharding.sources import MAX_PARTICIPANT_FILE_BYTES, SynthSource
-from sharding.storage import (LOCK_NAME, READ_TIMEOUT_ENV, OutputLock, OutputLocked, StorageError,
-                              open_fs, output_lock)
+from sharding.storage import LOCK_NAME, READ_TIMEOUT_ENV, OutputLock, OutputLocked, StorageError, open_fs, output_lock
 from sharding.verify import read_shard, verify_shards
 from sharding.writer import PENDING, REJECTS_NAME, write_shards
 
@@ -174,6 +173,7 @@ def test_the_lock_of_a_job_on_another_host_is_refused_until_broken(tmp_path: Pat
     assert verify_shards(str(out)).ok and not (out / LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # starts the shard command and signals it mid-job: ~4 s each
 @pytest.mark.parametrize(("sig", "lock_left"), [(signal.SIGINT, False), (signal.SIGTERM, False),
                                                 (signal.SIGKILL, True)])
 def test_a_stopped_job_releases_its_lock_and_a_killed_ones_is_taken_over(
@@ -351,6 +351,7 @@ def an_endpoint_that_never_answers(lifetime_s: float = 90.0) -> Iterator[str]:
         thread.join()
 
 
+@pytest.mark.slow  # waits out the S3 client's timeouts: 10 s per command
 @pytest.mark.timeout(120)  # a regression hangs: fail it rather than wait for the suite's limit
 @pytest.mark.parametrize("command", [["shard", "--source", "synth:10", "--no-progress", "--out"],
                                      ["shards", "verify"]])

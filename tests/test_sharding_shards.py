@@ -18,8 +18,8 @@ from s3fs import S3FileSystem
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from sharding.kvc import read_dev_set
 from sharding.format import MANIFEST_NAME, SPLITS, load_manifest
+from sharding.kvc import read_dev_set
 from sharding.plan import FORMER_MAX_SUBJECTS_PER_SHARD, ShardingError, plan_shards
 from sharding.storage import StorageError
 from sharding.synth import SynthCorpus, write_kvc
@@ -373,6 +373,7 @@ def test_a_repair_that_would_publish_different_bytes_is_refused(tmp_path: Path) 
 
 # --- workers die with the job ----------------------------------------------------------------
 
+@pytest.mark.slow  # starts the shard command and signals it mid-job: ~3 s each
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_shard_command_ends_its_worker_processes(tmp_path: Path, sig: int) -> None:
     import psutil

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import numpy.lib.format as npy_format
 import pytest
-
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -20,8 +19,14 @@ from pipeline.cli import app
 from sharding.format import load_manifest
 from sharding.kvc import KVCFileError, load_npy, read_comparisons, read_dev_set, read_test_sessions
 from sharding.plan import ShardingError, plan_shards, split_subjects
-from sharding.sources import (AaltoDesktopSource, SourceError, parse_source, read_desktop_file,
-                              read_participant_lists, read_participants)
+from sharding.sources import (
+    AaltoDesktopSource,
+    SourceError,
+    parse_source,
+    read_desktop_file,
+    read_participant_lists,
+    read_participants,
+)
 from sharding.validate import clean_subject
 from sharding.verify import read_shard
 from sharding.writer import MAX_LISTED_REJECTS, REJECTS_NAME, rerun_command, write_shards

@@ -26,9 +26,9 @@ STAGES = [
      "train.lr": 6e-3},
 ]
 
-def staged(shards: str, storage: Path, *overrides: str, stages: list[dict] = STAGES) -> TrainConfig:
+def staged(shard_dir: str, storage: Path, *overrides: str, stages: list[dict] = STAGES) -> TrainConfig:
     """cpu-local's settings with these stages, as the run ``staged`` in ``storage``."""
-    config = TrainConfig.load(CONFIG, [f"data.shards={shards}", f"run.storage={storage}", "run.name=staged",
+    config = TrainConfig.load(CONFIG, [f"data.shards={shard_dir}", f"run.storage={storage}", "run.name=staged",
                                        "train.log_every=1", *overrides])
     config.train.stages = stages
     return TrainConfig.from_dict(config.to_dict())

@@ -18,8 +18,8 @@ import psutil
 import pytest
 import torch
 
-from pipeline.config import TrainConfig
 from pipeline.cluster import init_ray
+from pipeline.config import TrainConfig
 from pipeline.exports import load_model
 from pipeline.training import train
 from sharding.writer import write_shards
@@ -173,7 +173,8 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
     killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(tmp_path / "faulty", killed))
     killer.start()
     result = train(
-        config(shards, str(tmp_path), "faulty", "train.checkpoint_every=2", "train.max_failures=1", "wandb.enabled=false"),
+        config(shards, str(tmp_path), "faulty", "train.checkpoint_every=2", "train.max_failures=1",
+               "wandb.enabled=false"),
         show_progress=False,
     )
     killer.join()
@@ -185,9 +186,12 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
 def test_a_relaunch_with_a_different_batch_shape_or_model_is_refused_before_training(shards, straight_run):
     storage = str(Path(straight_run.run_dir).parent)
     with pytest.raises(ValueError, match="subjects_per_batch changed since the state was saved"):
-        train(config(shards, storage, "straight", "data.subjects_per_batch=12", "wandb.enabled=false"), show_progress=False)
-    with pytest.raises(ValueError, match="saved for model .*'embedding_size': 64.*this run trains .*'embedding_size': 32"):
-        train(config(shards, storage, "straight", "model.embedding_size=32", "wandb.enabled=false"), show_progress=False)
+        train(config(shards, storage, "straight", "data.subjects_per_batch=12", "wandb.enabled=false"),
+              show_progress=False)
+    with pytest.raises(ValueError,
+                       match="saved for model .*'embedding_size': 64.*this run trains .*'embedding_size': 32"):
+        train(config(shards, storage, "straight", "model.embedding_size=32", "wandb.enabled=false"),
+              show_progress=False)
 
 
 def test_a_relaunch_whose_latest_checkpoint_was_tampered_with_is_refused_without_running_it(

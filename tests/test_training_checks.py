@@ -68,7 +68,8 @@ def assert_refused_in_one_line(result: object, *fragments: str) -> None:
         (["train.epochs=-1"], "train.epochs must be ≥ 1, got -1"),
         (["train.epochs=0"], "train.epochs must be ≥ 1, got 0"),
         (["model.name=unknown"], "unknown model 'unknown'"),
-        (["data.subjects_per_batch=40"], "data.subjects_per_batch=40 on train.num_workers=2 ranks needs 80 training subjects"),
+        (["data.subjects_per_batch=40"],
+         "data.subjects_per_batch=40 on train.num_workers=2 ranks needs 80 training subjects"),
         (["data.loader_workers=4"], "4 shards cannot feed 8 readers"),
         (["data.subjects_per_batch=34"], "cannot fill one batch of 34 subjects"),
         (["loss.name=set2set", "loss.memory.size=64"],
@@ -313,8 +314,10 @@ def test_a_checkpoint_resumes_only_with_the_memory_it_was_saved_with(shards, tmp
 @pytest.mark.parametrize(
     ("saved_parts", "overrides", "message"),
     [
-        ({}, ["loss.options.threshold_momentum=0.9"], "saved without a persistent threshold (threshold_momentum > 0), this run has one"),
-        ({"threshold": {"value": torch.tensor(0.5)}}, [], "saved with a persistent threshold (threshold_momentum > 0), this run has none"),
+        ({}, ["loss.options.threshold_momentum=0.9"],
+         "saved without a persistent threshold (threshold_momentum > 0), this run has one"),
+        ({"threshold": {"value": torch.tensor(0.5)}}, [],
+         "saved with a persistent threshold (threshold_momentum > 0), this run has none"),
     ],
 )
 def test_a_checkpoint_resumes_only_with_the_persistent_threshold_it_was_saved_with(

@@ -61,7 +61,8 @@ def test_selecting_at_a_low_fmr_on_a_few_drawn_impostors_is_called_noise_before_
     reason = sparse_selection(config_of("loss.name=eer", "loss.options.target.fmr=0.001"), VAL_SESSIONS)
     assert reason == (
         "checkpoints are selected at FMR 0.1 %, where the val split's 2250 sessions × eval.impostors_per_session=10 "
-        "leave ~22 impostor comparisons past the threshold: the choice is mostly noise; set eval.impostors_per_session=all"
+        "leave ~22 impostor comparisons past the threshold: the choice is mostly noise; "
+        "set eval.impostors_per_session=all"
     )
     assert "FMR 0.1 %" in sparse_selection(config_of("loss.name=fmr_band"), VAL_SESSIONS)
 

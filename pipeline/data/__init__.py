@@ -6,8 +6,8 @@ Both read shards only through the manifest and compute features in the loader (:
 """
 
 from pipeline.data.batch import Batch
-from pipeline.data.sessions import SessionLoader
 from pipeline.data.features import DEFAULT_FEATURES, FEATURES, featurize
+from pipeline.data.sessions import SessionLoader
 from pipeline.data.shards import ShardIntegrityError, ShardSet
 from pipeline.data.stream import SamplerConfig, SubjectBatchLoader
 

@@ -134,8 +134,8 @@ def predict(
         model, export = load_model(checkpoint, _device())
     sessions, pairs = read_test_set(kvc_dir, scenario)
     embeddings, ids = embed_sessions(
-        model, sessions, export["data"]["features"], export["data"]["max_len"], batch_size=batch_size, progress=progress,
-        precision=validated_precision(export),
+        model, sessions, export["data"]["features"], export["data"]["max_len"], batch_size=batch_size,
+        progress=progress, precision=validated_precision(export),
     )
     row = {session: i for i, session in enumerate(ids)}
     first = np.fromiter((row[a] for a, _ in pairs), dtype=np.int64, count=len(pairs))

@@ -38,7 +38,8 @@ def embed(
             with autocast(device, precision):
                 output = model(batch.features, batch.mask).float()
         else:
-            output = torch.zeros(0, model.embedding_size, device=device)  # a rank's trailing empty batch
+            # a rank's trailing empty batch; nn.Module's __getattr__ types the int attribute as Tensor | Module
+            output = torch.zeros(0, model.embedding_size, device=device)  # type: ignore[call-overload]
         batch_labels = batch.labels
         if gather:
             output, batch_labels = gather_embeddings(output, batch_labels)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Final, Literal, Protocol
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from pipeline.metrics.verification import Roc, validate
 
 _PAIR_CHUNK = 1 << 16
 ProtocolName = Literal["session", "kvc"]
-ALL = "all"  # as ``impostors_per_session``: every impostor comparison the split has
+ALL: Final = "all"  # as ``impostors_per_session``: every impostor comparison the split has
 Impostors = int | Literal["all"]
 
 
@@ -85,12 +85,12 @@ def comparisons(
         return first, second, genuine
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    first, second = [], []
+    first_parts, second_parts = [], []
     for members in np.split(order, bounds):
         a, b = np.triu_indices(len(members), 1)
-        first.append(members[a])
-        second.append(members[b])
-    genuine_first, genuine_second = np.concatenate(first), np.concatenate(second)
+        first_parts.append(members[a])
+        second_parts.append(members[b])
+    genuine_first, genuine_second = np.concatenate(first_parts), np.concatenate(second_parts)
 
     rng = np.random.default_rng(seed)
     anchor = np.repeat(np.arange(len(labels)), impostors_per_session)
@@ -180,7 +180,8 @@ class EnrolmentSets:
         )
         others += others >= own[:, None]  # a draw among the S − 1 other sets, shifted past its own
         truth = np.r_[np.ones(len(probe), bool), np.zeros(others.size, bool)]
-        return np.stack(sets), np.asarray(set_labels), np.r_[probe, np.repeat(probe, count)], np.r_[own, others.ravel()], truth
+        return (np.stack(sets), np.asarray(set_labels), np.r_[probe, np.repeat(probe, count)],
+                np.r_[own, others.ravel()], truth)
 
 
 def _distinct_draws(rng: np.random.Generator, rows: int, population: int, count: int) -> np.ndarray:

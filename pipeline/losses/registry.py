@@ -195,7 +195,8 @@ _CLASS_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "cosface": _classifier(losses.CosFaceLoss),
 }
 LOSSES: tuple[str, ...] = tuple(sorted(_PAIR_LOSSES | _CLASS_LOSSES))
-MEMORY_LOSSES: tuple[str, ...] = ("contrastive", "eer", "fmr_band", "multisimilarity", "supcon", "triplet", "triplet_all")
+MEMORY_LOSSES: tuple[str, ...] = (
+    "contrastive", "eer", "fmr_band", "multisimilarity", "supcon", "triplet", "triplet_all")
 
 
 class WeightedSum(nn.Module):
@@ -213,7 +214,7 @@ class WeightedSum(nn.Module):
         self, embeddings: torch.Tensor, labels: torch.Tensor, return_stats: bool = False,
         shard: PairShard | None = None, memory: Memory | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Stats]:
-        total, stats = torch.zeros((), device=embeddings.device), {}
+        total, stats = torch.zeros((), device=embeddings.device), dict[str, Any]()
         for name, term in self.terms.items():
             if return_stats:
                 value, term_stats = term(embeddings, labels, return_stats=True, shard=shard, memory=memory)

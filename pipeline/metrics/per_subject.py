@@ -67,7 +67,8 @@ def per_subject_metrics(
     genuine = sweep.label == 1
     ranked_first = sweep.impostors_at_or_above()[genuine] == 0
     rank1 = np.bincount(sweep.subject[genuine], weights=ranked_first, minlength=len(n_pos)) / n_pos
-    return PerSubject(ids[ok], eer, eer_threshold, auc, accuracy, rank1, skipped=ids[~ok])
+    # numpy's stubs type bincount as integer even with float weights
+    return PerSubject(ids[ok], eer, eer_threshold, auc, accuracy, rank1, skipped=ids[~ok])  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

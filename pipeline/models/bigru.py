@@ -32,7 +32,8 @@ class BiGRU(nn.Module):
     """
 
     def __init__(
-        self, features: Sequence[str] = DEFAULT_FEATURES, embedding_size: int = 64, hidden: int = 64, keycode_dim: int = 8
+        self, features: Sequence[str] = DEFAULT_FEATURES, embedding_size: int = 64, hidden: int = 64,
+        keycode_dim: int = 8
     ) -> None:
         super().__init__()
         self.embedding_size = embedding_size

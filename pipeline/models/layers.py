@@ -3,7 +3,8 @@
 Every model takes ``features [B, L, F]`` and a prefix ``mask [B, L]`` (real keys first, as the
 loader yields them). Padded positions are zeroed on entry and after every layer that could
 write to them, batch statistics are taken over real keys only, recurrent layers run on packed
-sequences (or, in ``bigru``, unpacked on the real keys in order and reversed in place), and pooling averages real keys only — so an embedding does not depend on how much
+sequences (or, in ``bigru``, unpacked on the real keys in order and reversed in place), and
+pooling averages real keys only — so an embedding does not depend on how much
 padding follows a session or on what the padded positions contain.
 """
 
@@ -48,9 +49,9 @@ class KeystrokeInput(nn.Module):
         self.out_features = len(features) + (keycode_dim - 1 if self.embedding is not None else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.embedding is None:
-            return x
         k = self.keycode_index
+        if self.embedding is None or k is None:  # both are set together, or neither
+            return x
         codes = torch.round(x[..., k] * 255).clamp(0, 255).long()
         return torch.cat([self.embedding(codes), x[..., :k], x[..., k + 1 :]], dim=-1)
 

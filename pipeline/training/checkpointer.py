@@ -95,7 +95,8 @@ class Checkpointer:
 
         with tempfile.TemporaryDirectory() as directory:
             client_state = {name: part.state_dict() for name, part in self.parts.items()}
-            self.engine.save_checkpoint(directory, tag=tag, client_state={**client_state, "config": self.config.to_dict()})
+            self.engine.save_checkpoint(directory, tag=tag,
+                                        client_state={**client_state, "config": self.config.to_dict()})
             save_rng(directory, self.rank, torch.device(self.engine.device))
             yield ray.train.Checkpoint.from_directory(directory)
 

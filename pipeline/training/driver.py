@@ -84,7 +84,8 @@ def launch(config: TrainConfig, resume_from: str | None = None, show_progress: b
                 name=config.run.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                 checkpoint_config=CheckpointConfig(num_to_keep=config.train.num_to_keep),
                 failure_config=FailureConfig(max_failures=config.train.max_failures),
-                callbacks=[forward_reports],
+                # Ray Train v2 takes its UserCallback here; the annotation names Tune's Callback
+                callbacks=[forward_reports],  # type: ignore[list-item]
             ),
         )
         return run_result(config, _fit(trainer, config.run_dir))
@@ -148,10 +149,9 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     use, a foreign warm start, an unwritable storage, a missing or unsafe checkpoint, W&B online
     without a login. Ray's snapshot of the run is repaired here when a checkpoint it names was
     deleted, so that the run goes on from the previous one."""
+    from pipeline.training.wandb_run import check_wandb
     from sharding.format import load_manifest
     from sharding.storage import check_writable
-
-    from pipeline.training.wandb_run import check_wandb
 
     config = config.with_absolute_paths()
     wandb_notice = check_wandb(config)  # refuses wandb.mode=online without a login

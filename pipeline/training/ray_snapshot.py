@@ -54,6 +54,7 @@ def resumption(run_dir: str) -> Resumption | None:
     if gone:
         state = _repaired(state, gone, run_dir)
         write_atomic(fs, path, state.model_dump_json().encode())
+        assert state.latest_checkpoint_result is not None  # _repaired keeps at least one checkpoint
         warnings.warn(f"{run_dir}: Ray's snapshot no longer lists the deleted {', '.join(gone)}; the run goes on "
                       f"from {run_dir}/{state.latest_checkpoint_result.checkpoint_dir_name}", stacklevel=3)
     return _resumption_of(state, run_dir) if state.latest_checkpoint_result else None
@@ -66,7 +67,7 @@ def _parsed(data: bytes, url: str) -> _CheckpointManagerState:
     try:
         return _CheckpointManagerState.model_validate_json(data)
     except ValueError as error:  # pydantic's ValidationError: not JSON, or a field missing
-        first = error.errors(include_url=False)[0]
+        first = error.errors(include_url=False)[0]  # type: ignore[attr-defined]  # pydantic's ValidationError
         detail = ": ".join(filter(None, [".".join(map(str, first["loc"])), first["msg"]]))
         raise ValueError(f"{url}: not a snapshot Ray Train reads ({detail})") from None
 
@@ -98,6 +99,7 @@ def _resumption_of(state: _CheckpointManagerState, run_dir: str) -> Resumption:
     """The snapshot's latest checkpoint and the one reported just before it, as URLs."""
     by_report = [result.checkpoint_dir_name for _, result in
                  sorted(zip(state.checkpoint_report_indices, state.checkpoint_results), key=lambda pair: pair[0])]
+    assert state.latest_checkpoint_result is not None  # the caller resumes only a snapshot with one
     latest = state.latest_checkpoint_result.checkpoint_dir_name
     earlier = by_report[:by_report.index(latest)]
     return Resumption(f"{run_dir}/{latest}", f"{run_dir}/{earlier[-1]}" if earlier else None)

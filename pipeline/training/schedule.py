@@ -32,7 +32,8 @@ def schedule_of(config: TrainConfig, manifest: Manifest) -> Schedule:
     data, train = config.data, config.train
     try:
         plan = Plan.make(
-            manifest.shards_of("train"), train.num_workers, data.loader_workers, data.subjects_per_batch, config.run.seed
+            manifest.shards_of("train"), train.num_workers, data.loader_workers, data.subjects_per_batch,
+            config.run.seed
         )
     except ValueError as error:
         raise ValueError(

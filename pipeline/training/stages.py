@@ -88,11 +88,10 @@ def _checked_step_offsets(config: TrainConfig, stages: list[TrainConfig]) -> lis
     """The driver's checks of every stage, before any starts, a refusal naming the stage; returns
     each stage's first step in the staged run. A later stage's warm start is checked without its
     file, which the stage before writes: every stage trains the same model on the same features."""
-    from sharding.format import load_manifest
-    from sharding.storage import StorageError
-
     from pipeline.training.driver import prepare
     from pipeline.training.schedule import end_step, schedule_of
+    from sharding.format import load_manifest
+    from sharding.storage import StorageError
 
     offsets, steps = [], 0
     for index, stage in enumerate(stages):
@@ -110,9 +109,8 @@ def _checked_step_offsets(config: TrainConfig, stages: list[TrainConfig]) -> lis
 
 def _finished(stage: TrainConfig) -> bool:
     """Whether the stage has trained to its end: its final export is written there, atomically."""
-    from sharding.storage import open_fs
-
     from pipeline.exports import export_path
+    from sharding.storage import open_fs
 
     fs, path = open_fs(export_path(stage.run_dir, "final"))
     fs.invalidate_cache()  # a listing cached before the stage ran
@@ -134,9 +132,8 @@ def _publish_exports(last_stage_dir: str, run_dir: str) -> None:
     """The last stage's exports become the staged run's, each file whole; ``final`` last, so
     that it marks a finished run as it marks a finished stage."""
     from common.atomic import write_atomic
-    from sharding.storage import open_fs
-
     from pipeline.exports import export_path
+    from sharding.storage import open_fs
 
     for which in ("best", "final"):
         source_fs, source = open_fs(export_path(last_stage_dir, which))

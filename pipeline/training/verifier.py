@@ -47,11 +47,11 @@ class Verifier(nn.Module):
         batch = gather_batch(embeddings.float(), labels)
         shard = PairShard(batch.rows) if self.shard_pairs and world_size() > 1 else None
         remembering = self.memory is not None and self.memory.active(step)
-        memory = self.memory.rows(batch.embeddings.device) if remembering else None
+        memory = self.memory.rows(batch.embeddings.device) if self.memory is not None and remembering else None
         result = self.criterion(batch.embeddings, batch.labels, return_stats=return_stats, shard=shard, memory=memory)
         loss, stats = result if return_stats else (result, {})
         end = clock(wait_for)
-        if remembering:
+        if self.memory is not None and remembering:
             self.memory.enqueue(features, mask, labels, batch, wait_for)
         self.timings = {"forward": middle - start, "gather_loss": end - middle, "enqueue": clock(wait_for) - end}
         return loss, stats

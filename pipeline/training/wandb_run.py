@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import TrainConfig
 
@@ -91,7 +91,7 @@ def wandb_server() -> str:
     return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
 
 
-def wandb_mode(config: TrainConfig) -> str:
+def wandb_mode(config: TrainConfig) -> Literal["online", "offline", "disabled"]:
     """``wandb.mode`` with ``auto`` decided: online when W&B has a login, else offline."""
     if config.wandb.mode != "auto":
         return config.wandb.mode
@@ -154,7 +154,7 @@ class WandbRun:
             _teardown_wandb()  # W&B's service holds the failed run's id until it stops
             return self._init(config, "offline")
 
-    def _init(self, config: TrainConfig, mode: str) -> Run:
+    def _init(self, config: TrainConfig, mode: Literal["online", "offline", "disabled"]) -> Run:
         """``wandb.init`` of the run (of the staged run, for a stage), waiting :func:`init_timeout`
         for the server."""
         import wandb

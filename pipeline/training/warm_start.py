@@ -13,7 +13,8 @@ def warm_start_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
     model and features: fine-tuning changes the loss or the data, never the architecture."""
     model, export = load_model(config.train.init_from)
     wanted = {
-        "model": {"name": config.model.name, "embedding_size": config.model.embedding_size, "options": config.model.options},
+        "model": {"name": config.model.name, "embedding_size": config.model.embedding_size,
+                  "options": config.model.options},
         "features": list(config.data.features),
     }
     found = {"model": {"options": {}, **export["model"]}, "features": export["data"]["features"]}

@@ -104,11 +104,13 @@ def _side_sums(terms: _SoftTerms, summands: _Summands, side: int, x: torch.Tenso
         step, along_x = terms.step(x, d, side, derivative=summands.slopes)
         sums[_RATE] = step.sum()
         if summands.slopes:
+            assert along_x is not None  # asked for with derivative=True
             sums[_SLOPE + _RATE] = -along_x.sum()  # ∂/∂d = −∂/∂x
     if summands.area[side]:
         term, along_x = terms.area(x, d, side, derivative=summands.slopes)
         sums[_AREA] = term.sum()
         if summands.slopes:
+            assert along_x is not None  # asked for with derivative=True
             sums[_SLOPE + _AREA] = torch.dot(x, along_x) / -d  # ∂/∂d = −(x/d)·∂/∂x
     if summands.distances:
         sums[_DISTANCE] = x.sum()
@@ -122,11 +124,13 @@ def _side_weights(
     parts, along_d = [], x.new_zeros(())
     if summands.rates:
         _, along_x = terms.step(x, d, side, derivative=True)
+        assert along_x is not None  # asked for with derivative=True
         parts.append(along_x.mul_(grad[_RATE]))
         if need_d:
             along_d -= along_x.sum()  # ∂/∂d = −∂/∂x
     if summands.area[side]:
         _, along_x = terms.area(x, d, side, derivative=True)
+        assert along_x is not None  # asked for with derivative=True
         parts.append(along_x.mul_(grad[_AREA]))
         if need_d:
             along_d -= torch.dot(x, along_x) / d  # ∂/∂d = −(x/d)·∂/∂x

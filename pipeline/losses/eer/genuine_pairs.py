@@ -11,6 +11,8 @@ for the device once per block (the package doc's "Host waits").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from pipeline.losses.eer.slabs import _Block
@@ -30,7 +32,7 @@ def _same_label(labels: torch.Tensor, pool: tuple[torch.Tensor, torch.Tensor]) -
 
 
 def _by_block(
-    blocks: list[_Block], rows: torch.Tensor, columns: torch.Tensor, stride: int, owned: torch.Tensor | None = None
+    blocks: Sequence[_Block], rows: torch.Tensor, columns: torch.Tensor, stride: int, owned: torch.Tensor | None = None
 ) -> list[Where]:
     """The pairs (row ``blocks[0].a + rows``, ``columns``), those ``owned`` (default: all), as each
     block's (rows, columns) in its band, in row-major order.

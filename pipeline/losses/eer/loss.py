@@ -44,7 +44,7 @@ distances rounded to ``1/(64k)`` (only pairs within half a bin of the EER thresh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal, Mapping, cast
 
 import numpy as np
 import torch
@@ -243,7 +243,8 @@ class EERLoss(torch.nn.Module):
             # d* = d + (0 in value) carrying −(∂F/∂θ)/(∂F/∂d); the means follow to first order.
             rates, rate_slopes = means[..., _RATE], mean_slopes[..., _RATE]
             targets = _filled(self.target_rates, rates)
-            shift = _implicit_shift(self.search.equation(*rates, targets), self.search.equation(*rate_slopes, 0.0))
+            shift = _implicit_shift(self.search.equation(rates[0], rates[1], targets),
+                                    self.search.equation(rate_slopes[0], rate_slopes[1], 0.0))
             at = at + shift
             means = means[..., : _AREA + 1] + mean_slopes * shift[:, None]
         frr, far = means[_GENUINE, :, _RATE], means[_IMPOSTOR, :, _RATE]
@@ -273,7 +274,7 @@ class EERLoss(torch.nn.Module):
     def _area(self, means: torch.Tensor) -> torch.Tensor:
         """100 · the power means ``(mean floor(u)^β)^(1/β)`` of the sides the target keeps."""
         kept = [means[side].pow(1 / self.beta) for side, keep in enumerate(self._area_sides()) if keep]
-        return 100 * sum(kept)
+        return 100 * cast(torch.Tensor, sum(kept))  # at least one side is kept
 
     def _stats(
         self, points: Points, pairs: _PairSet, d: torch.Tensor, batch_d: torch.Tensor, frr: torch.Tensor,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from pipeline.losses.eer.collective import _Collective
 from pipeline.losses.eer.genuine_pairs import Where, _by_block, _same_label, _without
-from pipeline.losses.eer.slabs import _Block, _band, _coefficient_slab, _GramSlabs, _MemoryBlock, _RowBlock
+from pipeline.losses.eer.slabs import _band, _Block, _coefficient_slab, _GramSlabs, _MemoryBlock, _RowBlock
 
 _BLOCK_ELEMENTS = 1 << 21  # pairs per row block: bounds every per-pair temporary (8–16 MB each)
 _CACHE_BYTES = 256 << 20  # a rank's owned distances are kept between passes when they fit
@@ -111,8 +111,8 @@ class _PairSet:
             smallest, largest = torch.aminmax(band)
             low, high = torch.minimum(low, smallest), torch.maximum(high, largest)
         reduce = self.collective.reduce
-        counts = self.collective.total(counts, low.device)
-        return reduce(low, dist.ReduceOp.MIN), reduce(high, dist.ReduceOp.MAX), counts
+        totals = self.collective.total(counts, low.device)
+        return reduce(low, dist.ReduceOp.MIN), reduce(high, dist.ReduceOp.MAX), totals
 
     def _genuine_pairs(self, rows: range) -> list[Where]:
         """Each block's genuine pairs, (rows, columns) in its band in row-major order."""

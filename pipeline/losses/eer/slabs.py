@@ -107,6 +107,7 @@ class _GramSlabs:
             if columns.norms is None:
                 part.fill_(1).addmm_(rows, columns.vectors.T, alpha=-1)
             else:
+                assert self.norms is not None  # Euclidean: the rows carry norms as the columns do
                 part.copy_(self.norms[a:b, None]).add_(columns.norms).addmm_(rows, columns.vectors.T, alpha=-2)
         return slab if self.norms is None else slab.clamp_min_(_EPS_SQUARED_DISTANCE).sqrt_()
 
@@ -134,6 +135,7 @@ class _GramSlabs:
                 continue
             grad[columns.rows].addmm_(part.T, rows, alpha=-1)
             if euclidean:
+                assert column_sums is not None  # summed above when Euclidean
                 grad[columns.rows].addcmul_(column_sums[columns.span, None], columns.vectors)
         if euclidean:
             grad[a:b].addcmul_(slab.sum(1, keepdim=True), rows)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pipeline.losses.eer.autograd import _RATE, _DISTANCE, _PairSums, _Summands
+from pipeline.losses.eer.autograd import _DISTANCE, _RATE, _PairSums, _Summands
 from pipeline.losses.eer.pairs import _GENUINE, _IMPOSTOR, _PairSet
 from pipeline.losses.eer.soft_terms import _SoftTerms
 
