@@ -3,9 +3,8 @@ works anywhere.
 
 No GPU here: the bench's measuring functions run on the CPU at toy sizes, the DeepSpeed training
 step included (gloo instead of NCCL, bf16 autocast on the CPU); the smoke test's plan is checked
-for several GPUs by the driver's own checks, its verdicts on bad runs are checked on their output,
-and its whole flow (shards, train, stop, relaunch, resume, evaluate) runs on the CPU with a small
-model. On a GPU machine only the device and the sizes differ.
+for several GPUs by the driver's own checks, and its verdicts on bad runs are checked on their
+output (its commands are the ones tests/test_train.py and tests/test_evaluate.py run on the CPU).
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from bench.smoke_gpu import (
     TOTAL_STEPS,
     SmokeFailure,
     check_launch,
-    smoke,
     train_overrides,
     write_corpus,
 )
@@ -149,14 +147,3 @@ def test_a_launch_that_restarted_stopped_early_diverged_or_printed_nothing_fails
 def test_a_resumed_launch_s_last_progress_line_is_what_the_verdict_reports():
     last = check_launch(progress_lines(30, 32, total=32), STOP_STEP, TOTAL_STEPS)
     assert (last.step, last.total, last.loss, last.val_eer, last.sessions_per_s) == (32, 32, 0.5, 0.3125, 2290.0)
-
-
-@pytest.mark.slow
-def test_the_smoke_flow_runs_on_the_cpu_with_a_small_model_and_passes(tmp_path):
-    """The GPU run's every command and check, on one CPU rank: only the model, precision and device differ."""
-    cpu = ["train.use_gpu=false", "train.precision=fp32", "model.name=bigru", "model.options={hidden: 16}"]
-    outcome = smoke(tmp_path, gpus=1, overrides=cpu)
-    assert outcome.steps == TOTAL_STEPS and outcome.sessions_per_s > 0
-    assert 0 < outcome.val_eer < 0.5 and 0 < outcome.test_eer < 0.5
-    assert re.fullmatch(r"smoke-gpu: PASS 32 steps on 1 GPU \(stopped at 20, resumed\), [\d,]+ sessions/s, "
-                        r"val EER [\d.]+ %, test EER [\d.]+ %, \d+ s", outcome.verdict())
