@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from common.cli import clean_errors
-from jobs.client import JobError, connect
+from jobs.client import connect
+from jobs.errors import JobError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient

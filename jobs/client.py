@@ -17,29 +17,24 @@ The Ray behaviours worked around here, all read in ray 2.60's source:
   is retried; every other error is not.
 * The client's HTTP calls have no time limit: a head that takes the connection and never
   answers would hang a command for good. Every call is bounded by ``$EERPIPE_HEAD_TIMEOUT_S``
-  seconds (default 30) to connect and to each read (:mod:`jobs.head`).
+  seconds (default 30) to connect and to each read (:mod:`jobs.head`, which reads that setting).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from jobs.errors import JobError
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 RAY_CLIENT_RETRIES = 3
-TIMEOUT_VARIABLE = "EERPIPE_HEAD_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 30.0
-
-
-class JobError(Exception):
-    """A job operation that cannot go on; the message says why and what to do."""
 
 
 def cluster_address(address: str | None = None) -> str:
@@ -52,23 +47,12 @@ def cluster_address(address: str | None = None) -> str:
     )
 
 
-def head_timeout() -> float:
-    """Seconds a call to the head may wait to connect, and for each read:
-    ``$EERPIPE_HEAD_TIMEOUT_S``, else 30."""
-    text = os.environ.get(TIMEOUT_VARIABLE) or str(DEFAULT_TIMEOUT_S)
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
-        raise JobError(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of seconds")
-    return seconds
-
-
 def connect(address: str | None = None) -> "JobSubmissionClient":
     """A job client for the cluster at ``address`` (see :func:`cluster_address`), token included,
-    whose every call to the head is bounded by :func:`head_timeout`."""
+    whose every call to the head is bounded by :func:`jobs.head.head_timeout`."""
     from ray.exceptions import AuthenticationError
+
+    from jobs.head import head_timeout
 
     target = cluster_address(address)
     timeout_s = head_timeout()

@@ -1,4 +1,4 @@
-"""Ray's job client, with a time limit on every HTTP call to the head.
+"""Ray's job client, with a time limit on every HTTP call to the head, and that limit.
 
 ``JobSubmissionClient`` sends each request with ``requests.request`` and no timeout (ray 2.60,
 ``ray/dashboard/modules/dashboard_sdk.py``, ``SubmissionClient._do_request``), so a head that
@@ -15,12 +15,30 @@ A ``ray://`` address is first resolved through Ray Client, which gives up by its
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import requests
 from ray.job_submission import JobSubmissionClient
 
-from jobs.client import TIMEOUT_VARIABLE, JobError
+from jobs.errors import JobError
+
+TIMEOUT_VARIABLE = "EERPIPE_HEAD_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def head_timeout() -> float:
+    """Seconds a call to the head may wait to connect, and for each read:
+    ``$EERPIPE_HEAD_TIMEOUT_S``, else 30."""
+    text = os.environ.get(TIMEOUT_VARIABLE) or str(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise JobError(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of seconds")
+    return seconds
 
 
 class BoundedJobClient(JobSubmissionClient):

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
-from jobs.client import JobError
+from jobs.errors import JobError
 from pipeline.cluster import slug, worker_env
 from pipeline.config import PATH_KEYS, TrainConfig
 

@@ -1,6 +1,7 @@
 """Distributed training: Ray Train (V2) launches DeepSpeed workers; the loss sees the global batch.
 
-``driver`` (checks, launch, result) · ``stages`` (staged training) · ``worker`` (the loop each
+``entry`` (``train``: a run or a staged run) · ``driver`` (checks, lock, launch, result) ·
+``stages`` (staged training) · ``worker`` (the loop each
 rank runs) · ``verifier`` (model, gather, loss) · ``memory`` (the cross-batch queue and its
 momentum encoder) · ``engine`` (DeepSpeed settings) · ``schedule`` (step counts, learning rate) ·
 ``state`` (the run's progress) · ``checkpointer`` (save, restore, safe loading) ·
@@ -9,6 +10,7 @@ momentum encoder) · ``engine`` (DeepSpeed settings) · ``schedule`` (step count
 (driver display) · ``warm_start`` (fine-tuning from an export).
 """
 
-from pipeline.training.driver import TrainResult, prepare, train
+from pipeline.training.driver import TrainResult, prepare
+from pipeline.training.entry import train
 
 __all__ = ["TrainResult", "prepare", "train"]

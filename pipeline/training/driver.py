@@ -19,7 +19,7 @@ from pipeline.exports import export_path
 from pipeline.training.checkpointer import check_checkpoint
 from pipeline.training.ray_snapshot import Resumption, resumption
 from pipeline.training.schedule import schedule_of, sessions_per_step
-from pipeline.training.stages import StageContext
+from pipeline.training.state import StageContext
 
 
 @dataclass
@@ -33,18 +33,6 @@ class TrainResult:
     best_model: str
     curve: list[tuple[int, float]]  # (step, val EER) of every kept checkpoint
     sessions: int  # training sessions seen: steps × P × K × ranks, summed over a staged run's stages
-
-
-def train(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True) -> TrainResult:
-    """Run (or resume) ``config.run.name`` to the end of its schedule, or of its last stage for a
-    staged run (:mod:`~pipeline.training.stages`); returns where things are."""
-    if config.train.stages:
-        from pipeline.training.stages import train_stages
-
-        return train_stages(config, resume_from, show_progress)
-    config, resume_from = prepare(config, resume_from)
-    with run_lock(config.run_dir):
-        return launch(config, resume_from, show_progress)
 
 
 @contextmanager

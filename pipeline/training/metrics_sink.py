@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.training.clock import clock
-from pipeline.training.stages import StageContext
+from pipeline.training.state import StageContext
 from pipeline.training.wandb_run import WandbRun
 
 STEP_PHASES = ("data", "model", "backward", "optimizer")  # a step's time; validation etc. excluded

@@ -15,26 +15,11 @@ across stages, beside a ``stage`` metric.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
 from pipeline.config import TrainConfig
-
-if TYPE_CHECKING:
-    from pipeline.training.driver import TrainResult
+from pipeline.training.driver import TrainResult, launch, prepare, run_lock, run_result
+from pipeline.training.state import StageContext
 
 STAGES_FOLDER = "stages"
-
-
-@dataclass(frozen=True)
-class StageContext:
-    """What a stage's workers know of the staged run: where its W&B run is, and where they are in it."""
-
-    index: int
-    step_offset: int  # the steps of the stages before this one
-    run_name: str  # the staged run's name and storage, which give its W&B run id
-    run_storage: str
-    config: dict[str, Any]  # the staged run's config, W&B's record of the run
 
 
 def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bool) -> TrainResult:
@@ -42,8 +27,6 @@ def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bo
     first starts and the staged run's folder held across them (one lock for the whole run: each
     stage is a run of its own, in that folder); returns the staged run's result (a stage stopped
     early ends it there, as a preempted run: the next launch goes on from it)."""
-    from pipeline.training.driver import launch, prepare, run_lock
-
     if resume_from:
         raise ValueError("--resume-from does not apply to a staged run (train.stages): relaunch it, and each stage "
                          "goes on from its own checkpoints")
@@ -88,7 +71,6 @@ def _checked_step_offsets(config: TrainConfig, stages: list[TrainConfig]) -> lis
     """The driver's checks of every stage, before any starts, a refusal naming the stage; returns
     each stage's first step in the staged run. A later stage's warm start is checked without its
     file, which the stage before writes: every stage trains the same model on the same features."""
-    from pipeline.training.driver import prepare
     from pipeline.training.schedule import end_step, schedule_of
     from sharding.format import load_manifest
     from sharding.storage import StorageError
@@ -122,8 +104,6 @@ def _finished_result(stage: TrainConfig) -> TrainResult:
     from ray.train import Result
 
     from pipeline.cluster import ray_storage
-    from pipeline.training.driver import run_result
-
     path, filesystem = ray_storage(stage.run_dir)
     return run_result(stage, Result.from_path(path, storage_filesystem=filesystem))
 
@@ -146,8 +126,6 @@ def _staged_result(run_dir: str, results: list[TrainResult], offsets: list[int])
     """The staged run's result: its last stage's metrics at the staged run's steps, the stages'
     validation curves end to end, training time and sessions summed over the stages."""
     from pipeline.exports import export_path
-    from pipeline.training.driver import TrainResult
-
     last, offset = results[-1], offsets[len(results) - 1]
     metrics = last.metrics | {
         "step": offset + last.metrics["step"], "total_steps": offset + last.metrics["total_steps"],

@@ -1,4 +1,5 @@
-"""What a run has done so far, beyond DeepSpeed's own states; saved in every checkpoint."""
+"""What a run has done so far, beyond DeepSpeed's own states (saved in every checkpoint), and
+where a stage of a staged run stands in it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ class RunState:
         state = {_RENAMED.get(key, key): value for key, value in state.items()}
         for field in fields(self):
             setattr(self, field.name, type(getattr(self, field.name))(state[field.name]))
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage's workers know of the staged run: where its W&B run is, and where they are in it."""
+
+    index: int
+    step_offset: int  # the steps of the stages before this one
+    run_name: str  # the staged run's name and storage, which give its W&B run id
+    run_storage: str
+    config: dict[str, Any]  # the staged run's config, W&B's record of the run
 
 
 # Keys that checkpoints written before a rename still hold: their runs must resume (and an

@@ -34,7 +34,7 @@ from pipeline.config import TrainConfig
 if TYPE_CHECKING:
     from wandb import Run
 
-    from pipeline.training.stages import StageContext
+    from pipeline.training.state import StageContext
 
 INIT_TIMEOUT_VARIABLE = "WANDB_INIT_TIMEOUT"  # wandb's own variable for its ``init_timeout`` setting
 # W&B's default is 90 s. A healthy server starts a run in a few seconds; during an outage every

@@ -22,8 +22,7 @@ from pipeline.training.memory import CrossBatchMemory, memory_of
 from pipeline.training.metrics_sink import MetricsSink, StepTimer, parameter_grad_norm, step_metrics
 from pipeline.training.neighbours import HardBatches
 from pipeline.training.schedule import end_step, schedule_of, sessions_per_step
-from pipeline.training.stages import StageContext
-from pipeline.training.state import RunState
+from pipeline.training.state import RunState, StageContext
 from pipeline.training.validator import Validator
 
 

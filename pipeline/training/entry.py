@@ -1,0 +1,17 @@
+"""Training's one entry point: a run, or a staged run (``train.stages``) stage by stage."""
+
+from __future__ import annotations
+
+from pipeline.config import TrainConfig
+from pipeline.training.driver import TrainResult, launch, prepare, run_lock
+from pipeline.training.stages import train_stages
+
+
+def train(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True) -> TrainResult:
+    """Run (or resume) ``config.run.name`` to the end of its schedule, or of its last stage for a
+    staged run (:mod:`~pipeline.training.stages`); returns where things are."""
+    if config.train.stages:
+        return train_stages(config, resume_from, show_progress)
+    config, resume_from = prepare(config, resume_from)
+    with run_lock(config.run_dir):
+        return launch(config, resume_from, show_progress)
