@@ -57,7 +57,7 @@ def train(
     result = run_training(TrainConfig.load(config, overrides or []), resume_from=resume_from, show_progress=not quiet)
     typer.echo(f"run folder:   {result.run_dir}")
     typer.echo(f"checkpoint:   {result.checkpoint}")
-    typer.echo(f"final model:  {result.final_model}")
+    typer.echo(f"final model:  {_written_or_none(result.final_model)}")
     typer.echo(f"best model:   {result.best_model}")
 
 
@@ -83,10 +83,11 @@ def evaluate(
 ) -> None:
     """Official KVC metrics of an exported model on a split of a shard set."""
     from pipeline.evaluation.commands import evaluate as run_evaluation
+    from pipeline.evaluation.protocol import protocol_name
     from pipeline.metrics import report_to_markdown
 
     report, folder = run_evaluation(
-        checkpoint, shards, split=split, protocol=_protocol(protocol),
+        checkpoint, shards, split=split, protocol=protocol_name(protocol),
         impostors=None if impostors is None else _impostors(impostors), out_dir=out,
         batch_size=batch_size, progress=not quiet,
     )
@@ -143,15 +144,13 @@ def _impostors(text: str) -> int | Literal["all"]:
     raise ValueError(f"--impostors takes a positive whole number or 'all', got {text!r}")
 
 
-def _protocol(text: str | None) -> Literal["session", "kvc"] | None:
-    """``--protocol``: session, kvc or unset, or a one-line error."""
-    if text is None:
-        return None
-    if text == "session":
-        return "session"
-    if text == "kvc":
-        return "kvc"
-    raise ValueError(f"--protocol must be one of session, kvc, got {text!r}")
+def _written_or_none(url: str) -> str:
+    """A final export's path, or why there is none: a run stopped before its end step (as if
+    preempted) exports no final model."""
+    from sharding.storage import open_fs
+
+    fs, path = open_fs(url)
+    return url if fs.exists(path) else "none (stopped before the end; relaunch to finish)"
 
 
 def _integers(option: str, text: str) -> list[int]:

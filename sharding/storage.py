@@ -30,6 +30,7 @@ import math
 import os
 import socket
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -281,17 +282,37 @@ class OutputLock:
         remove_if(self.fs, self.path, _holding(self.record["token"]))
 
     def _renew_until_released(self) -> None:
-        """Renew until released; stop for good once the lock is no longer ours."""
-        while not self._stopped.wait(self.record["lease_s"] / 3):
+        """Renew until released; stop for good, saying so at once, once the lock is no longer
+        ours. A renewal that fails is tried again at the next interval (the store may answer
+        again before the lease runs out), with one warning once renewals have failed for half
+        the lease."""
+        lease, last_renewed, warned = self.record["lease_s"], time.monotonic(), False
+        while not self._stopped.wait(lease / 3):
             try:
-                renewed = {**self.record, "renewed": _renewal_time()}
-                if not replace_if(self.fs, self.path, json.dumps(renewed).encode(),
-                                  _holding(self.record["token"])):
+                if not self._renew():
                     self.lost = True
+                    warnings.warn(f"{self.path}: the lock was taken over or removed while this job ran",
+                                  stacklevel=2)
                     return
-                self.record = renewed
-            except STORAGE_FAILURES:  # the store may answer again before the lease runs out
-                continue
+                last_renewed, warned = time.monotonic(), False
+            except Exception as error:  # noqa: BLE001 - any failure: the next interval tries again
+                if not warned and time.monotonic() - last_renewed > lease / 2:
+                    warnings.warn(f"{self.path}: the lock's renewals have failed for "
+                                  f"{time.monotonic() - last_renewed:.0f} s of its {lease:g} s lease: "
+                                  f"{describe_failure(error)}", stacklevel=2)
+                    warned = True
+
+    def _renew(self) -> bool:
+        """Rewrite the record with a new renewal time, if the lock is still ours. A write that
+        went through can answer "changed" (its reply lost, the retried conditional write finds
+        our own new version), so the lock is read back before it is given up."""
+        renewed = {**self.record, "renewed": _renewal_time()}
+        token = self.record["token"]
+        if replace_if(self.fs, self.path, json.dumps(renewed).encode(), _holding(token)):
+            self.record = renewed
+            return True
+        holder = _read_holder(self.fs, self.path)
+        return holder is not None and holder.get("token") == token
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""One launch at a time trains a run (issue 35): the leased lock of the run's folder, locally and
+"""One launch at a time trains a run: the leased lock of the run's folder, locally and
 on S3 (a moto server), without Ray.
 
 A lock's lease is judged only where its holder's process cannot be seen (another host or
@@ -105,6 +105,24 @@ def test_a_live_holder_renews_its_lease_so_that_it_is_never_taken_over(
         renewed = the_lock(run_dir)
         assert renewed["token"] == first["token"] == lock.record["token"]
         assert renewed["renewed"] > first["renewed"]
+    assert the_lock(run_dir) is None
+
+
+def test_a_renewal_that_went_through_but_answered_changed_keeps_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a conditional write whose reply was lost answers when retried: the lock is read back."""
+    import sharding.storage
+
+    def written_but_answered_changed(fs: Any, path: str, data: bytes, wanted: Any) -> bool:
+        fs.pipe_file(path, data)
+        return False
+
+    monkeypatch.setattr(sharding.storage, "replace_if", written_but_answered_changed)
+    run_dir = str(tmp_path / "run")
+    fs, root = open_fs(run_dir)
+    with output_lock(fs, root, run_dir, job="training run", lease=0.3) as lock:
+        time.sleep(1)  # three renewals
+        assert not lock.lost
     assert the_lock(run_dir) is None
 
 

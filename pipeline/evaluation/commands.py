@@ -13,7 +13,6 @@ bucket is gone (mistyped, or deleted mid-run) names the URL and the bucket.
 from __future__ import annotations
 
 import json
-import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.evaluation.embedding import embed, embed_sessions, progress_bar
-from pipeline.evaluation.protocol import Impostors, ProtocolName, pair_scores, protocol_from, verify
+from pipeline.evaluation.protocol import Impostors, ProtocolName, pair_scores, protocol_from, protocol_name, verify
 from pipeline.evaluation.submission import read_test_set, write_predictions
 from pipeline.exports import load_model
 from sharding.format import ShardIntegrityError
@@ -102,8 +101,7 @@ def evaluate(
     progress: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
-    if protocol not in (None, *typing.get_args(ProtocolName)):  # refused before the embedding, not after
-        raise ValueError(f"--protocol must be one of {', '.join(typing.get_args(ProtocolName))}, got {protocol!r}")
+    protocol = protocol_name(protocol)  # refused before the embedding, not after
     check_out_folder(out_dir)
     with naming_a_missing_bucket(checkpoint, shards):
         scored = score_split(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Literal, Protocol
+from typing import Any, ClassVar, Final, Literal, Protocol, cast, get_args
 
 import numpy as np
 import torch
@@ -41,6 +41,14 @@ from pipeline.metrics.verification import Roc, validate
 
 _PAIR_CHUNK = 1 << 16
 ProtocolName = Literal["session", "kvc"]
+
+
+def protocol_name(text: str | None) -> ProtocolName | None:
+    """``--protocol`` as given (``None``: the model's validation protocol), or one line naming the choices."""
+    names = get_args(ProtocolName)
+    if text is None or text in names:
+        return cast("ProtocolName | None", text)
+    raise ValueError(f"--protocol must be one of {', '.join(names)}, got {text!r}")
 ALL: Final = "all"  # as ``impostors_per_session``: every impostor comparison the split has
 Impostors = int | Literal["all"]
 

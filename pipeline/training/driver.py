@@ -139,7 +139,6 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     deleted, so that the run goes on from the previous one."""
     from pipeline.training.wandb_run import check_wandb
     from sharding.format import load_manifest
-    from sharding.storage import check_writable
 
     config = config.with_absolute_paths()
     wandb_notice = check_wandb(config)  # refuses wandb.mode=online without a login
@@ -153,8 +152,7 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     schedule_of(config, manifest)  # refuses fewer shards than readers, or a batch a reader cannot fill
     _check_model_and_loss(config, subjects)
     _warn_sparse_selection(config, sum(shard.sessions for shard in manifest.shards_of("val")))
-    check_writable(config.run.storage)
-    _check_run_folder(config.run_dir)
+    check_run_storage(config)
     start = None
     if resume_from:
         resume_from = absolute(resume_from)
@@ -165,6 +163,15 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     if start:
         _check_resumable(config, *start)
     return config, resume_from
+
+
+def check_run_storage(config: TrainConfig) -> None:
+    """``run.storage`` is writable and the run's folder is a folder (or not there yet): checked
+    before the run's lock is taken, so that a bad storage reads as itself, not as a lock error."""
+    from sharding.storage import check_writable
+
+    check_writable(config.run.storage)
+    _check_run_folder(config.run_dir)
 
 
 def _check_run_folder(run_dir: str) -> None:

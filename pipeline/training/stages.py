@@ -16,7 +16,7 @@ across stages, beside a ``stage`` metric.
 from __future__ import annotations
 
 from pipeline.config import TrainConfig
-from pipeline.training.driver import TrainResult, launch, prepare, run_lock, run_result
+from pipeline.training.driver import TrainResult, check_run_storage, launch, prepare, run_lock, run_result
 from pipeline.training.state import StageContext
 
 STAGES_FOLDER = "stages"
@@ -32,9 +32,10 @@ def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bo
                          "goes on from its own checkpoints")
     config = config.with_absolute_paths()
     stages = [stage_config(config, index) for index in range(len(config.train.stages))]
-    offsets = _checked_step_offsets(config, stages)
+    check_run_storage(config)
     results = []
     with run_lock(config.run_dir):
+        offsets = _checked_step_offsets(config, stages)
         for index, (stage, offset) in enumerate(zip(stages, offsets)):
             if _finished(stage):
                 results.append(_finished_result(stage))
