@@ -41,6 +41,7 @@ from sharding.sources import MAX_PARTICIPANT_FILE_BYTES, SynthSource
 from sharding.storage import LOCK_NAME, READ_TIMEOUT_ENV, OutputLock, OutputLocked, StorageError, open_fs, output_lock
 from sharding.verify import read_shard, verify_shards
 from sharding.writer import PENDING, REJECTS_NAME, write_shards
+from tests.loopback import server_that_never_answers
 
 runner = CliRunner()
 
@@ -323,34 +324,6 @@ def test_a_job_that_succeeds_fails_if_its_lock_cannot_be_released(tmp_path: Path
 
 # --- bounded waits on S3 -----------------------------------------------------------------------
 
-@contextmanager
-def an_endpoint_that_never_answers(lifetime_s: float = 90.0) -> Iterator[str]:
-    """``http://127.0.0.1:PORT``: accepts connections and never answers; it stops by itself
-    after ``lifetime_s`` even if the test hangs, and when the block ends."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def hold_connections() -> None:
-        held, deadline = [], time.monotonic() + lifetime_s
-        with server:
-            while not stop.is_set() and time.monotonic() < deadline:
-                try:
-                    held.append(server.accept()[0])
-                except TimeoutError:
-                    continue
-            for connection in held:
-                connection.close()
-
-    thread = threading.Thread(target=hold_connections, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join()
-
-
 @pytest.mark.slow  # waits out the S3 client's timeouts: 10 s per command
 @pytest.mark.timeout(120)  # a regression hangs: fail it rather than wait for the suite's limit
 @pytest.mark.parametrize("command", [["shard", "--source", "synth:10", "--no-progress", "--out"],
@@ -361,7 +334,7 @@ def test_an_s3_endpoint_that_never_answers_fails_in_seconds_naming_it(
                         ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
         monkeypatch.setenv(name, value)
     url = "s3://silent-bucket/set"
-    with an_endpoint_that_never_answers() as endpoint:
+    with server_that_never_answers(lifetime_s=90) as endpoint:
         started = time.monotonic()
         result = runner.invoke(app, [*command, url, "--endpoint-url", endpoint])
         elapsed = time.monotonic() - started
