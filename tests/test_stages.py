@@ -113,6 +113,18 @@ def test_a_relaunch_of_a_finished_staged_run_trains_nothing_and_reports_the_same
         straight_staged_run.metrics, straight_staged_run.curve, straight_staged_run.sessions)
 
 
+def test_a_finished_stage_whose_settings_now_end_elsewhere_is_refused_naming_it(
+    shards, straight_staged_run, tmp_path  # noqa: F811 - fixtures
+):
+    shutil.copytree(straight_staged_run.run_dir, tmp_path / "staged")
+    longer = [{**STAGES[0], "train": {"epochs": 2, "lr": 2e-2}}, STAGES[1]]
+    checkpoints = sorted(tmp_path.glob("staged/stages/*/checkpoint_*"))
+    with pytest.raises(ValueError, match=r"train.stages\[0\] \(ms\): finished at step 3, but its settings now end at "
+                                         r"step 6; delete .*0-ms and the stages after it to train them again"):
+        train(staged(shards, tmp_path, stages=longer), show_progress=False)
+    assert sorted(tmp_path.glob("staged/stages/*/checkpoint_*")) == checkpoints
+
+
 @pytest.mark.slow
 def test_the_stages_log_into_one_w_and_b_run_whose_steps_continue_across_stages_with_each_stage_s_own_rate(
     straight_staged_run,

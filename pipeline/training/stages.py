@@ -38,7 +38,7 @@ def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bo
         offsets = _checked_step_offsets(config, stages)
         for index, (stage, offset) in enumerate(zip(stages, offsets)):
             if _finished(stage):
-                results.append(_finished_result(stage))
+                results.append(_finished_result(config, index, stage))
                 continue
             context = StageContext(index, offset, config.run.name, config.run.storage, config.to_dict())
             results.append(launch(*prepare(stage), show_progress=show_progress, stage=context))
@@ -100,13 +100,26 @@ def _finished(stage: TrainConfig) -> bool:
     return fs.isfile(path)
 
 
-def _finished_result(stage: TrainConfig) -> TrainResult:
-    """A finished stage's result, read from Ray's record of its checkpoints instead of launching it again."""
+def _finished_result(config: TrainConfig, index: int, stage: TrainConfig) -> TrainResult:
+    """A finished stage's result, read from Ray's record of its checkpoints instead of launching
+    it again; refused, naming the stage, when the stage's settings now end at another step (its
+    model would be kept as trained, and the later stages would log at shifted steps)."""
     from ray.train import Result
 
     from pipeline.cluster import ray_storage
+    from pipeline.training.schedule import end_step, schedule_of
+    from sharding.format import load_manifest
+
     path, filesystem = ray_storage(stage.run_dir)
-    return run_result(stage, Result.from_path(path, storage_filesystem=filesystem))
+    result = run_result(stage, Result.from_path(path, storage_filesystem=filesystem))
+    wanted = end_step(stage, schedule_of(stage, load_manifest(stage.data.shards)))
+    if result.metrics["step"] != wanted:
+        raise ValueError(
+            f"train.stages[{index}] ({config.train.stages[index]['name']}): finished at step "
+            f"{result.metrics['step']}, but its settings now end at step {wanted}; delete {stage.run_dir} and the "
+            "stages after it to train them again"
+        )
+    return result
 
 
 def _publish_exports(last_stage_dir: str, run_dir: str) -> None:
