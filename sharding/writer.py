@@ -17,7 +17,7 @@ a re-run checks every shard against it and rebuilds exactly the missing or corru
 same bytes, since the job is deterministic), so re-running the command repairs a set.
 
 One job at a time writes an output: the job holds ``_lock.json`` there from before it reads
-its source until it ends (:func:`sharding.storage.output_lock`), and releases it on success,
+its source until it ends (:func:`sharding.lock.output_lock`), and releases it on success,
 on an error, on ``KeyboardInterrupt`` and on SIGTERM. A second job is refused, naming the
 holder; the lock of a job that died on this machine is taken over, so re-running a killed job
 resumes it.
@@ -60,6 +60,7 @@ from webdataset import TarWriter
 
 from common.atomic import is_temporary, write_atomic
 from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject, manifest_location
+from sharding.lock import OutputLock, output_lock
 from sharding.plan import (
     FORMER_MAX_SUBJECTS_PER_SHARD,
     MAX_SUBJECTS_PER_SHARD,
@@ -69,7 +70,7 @@ from sharding.plan import (
     plan_shards,
 )
 from sharding.sources import Source, parse_source, source_arguments
-from sharding.storage import OutputLock, check_writable, failures_named, location, open_fs, output_lock
+from sharding.storage import check_writable, failures_named, location, open_fs
 from sharding.validate import MIN_SESSIONS, Rejected, clean_subject
 
 PENDING = "_pending"
@@ -129,8 +130,8 @@ def write_shards(source: Source | str, url: str, *, seed: int = 0,
 
     Idempotent, resumable and self-repairing (see the module docstring). Fails before
     creating anything if an option is impossible or ``url`` is not writable, and with
-    :class:`~sharding.storage.OutputLocked` if another job writes there (``break_lock``
-    removes the lock of a job that is gone, see :func:`~sharding.storage.output_lock`).
+    :class:`~sharding.lock.OutputLocked` if another job writes there (``break_lock``
+    removes the lock of a job that is gone, see :func:`~sharding.lock.output_lock`).
     ``subjects_per_shard=None`` sizes shards automatically (:mod:`sharding.plan`);
     ``val_subjects``/``test_subjects`` default to :func:`~sharding.plan.default_holdout`;
     ``split`` puts every subject in that one split. ``log`` hears what a re-run of a

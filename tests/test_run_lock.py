@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-import sharding.storage
+import sharding.lock
 from common.atomic import replace_if
 from pipeline.training.driver import run_lock
-from sharding.storage import LOCK_NAME, OutputLocked, open_fs, output_lock
+from sharding.lock import LOCK_NAME, OutputLocked, output_lock
+from sharding.storage import StorageError, open_fs
 from tests.test_stages import staged
 from tests.test_train import shards  # noqa: F401 - the fixture
 
@@ -59,7 +60,7 @@ def the_lock(run_dir: str) -> dict[str, Any] | None:
 def seen_from_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every holder's process is out of sight, as a holder on another node is: only its lease
     tells whether it is gone."""
-    monkeypatch.setattr(sharding.storage, "_still_running", lambda holder: None)
+    monkeypatch.setattr(sharding.lock, "_still_running", lambda holder: None)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -111,13 +112,13 @@ def test_a_live_holder_renews_its_lease_so_that_it_is_never_taken_over(
 def test_a_renewal_that_went_through_but_answered_changed_keeps_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """As a conditional write whose reply was lost answers when retried: the lock is read back."""
-    import sharding.storage
+    import sharding.lock
 
     def written_but_answered_changed(fs: Any, path: str, data: bytes, wanted: Any) -> bool:
         fs.pipe_file(path, data)
         return False
 
-    monkeypatch.setattr(sharding.storage, "replace_if", written_but_answered_changed)
+    monkeypatch.setattr(sharding.lock, "replace_if", written_but_answered_changed)
     run_dir = str(tmp_path / "run")
     fs, root = open_fs(run_dir)
     with output_lock(fs, root, run_dir, job="training run", lease=0.3) as lock:
@@ -198,7 +199,7 @@ def test_a_staged_run_is_refused_while_another_launch_holds_its_folder_before_an
 def test_a_bad_lease_setting_is_refused_by_name_before_anything_is_created(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EERPIPE_LOCK_LEASE", "soon")
-    with pytest.raises(sharding.storage.StorageError, match="EERPIPE_LOCK_LEASE='soon': expected a positive"):
+    with pytest.raises(StorageError, match="EERPIPE_LOCK_LEASE='soon': expected a positive"):
         with run_lock(str(tmp_path / "run")):
             pass
     assert not (tmp_path / "run").exists()

@@ -33,12 +33,13 @@ import pytest
 from s3fs import S3FileSystem
 from typer.testing import CliRunner, Result
 
-import sharding.storage
+import sharding.lock
 from common.atomic import remove_if
 from pipeline.cli import app
 from sharding.format import MANIFEST_NAME, load_manifest
+from sharding.lock import LOCK_NAME, OutputLock, OutputLocked, output_lock
 from sharding.sources import MAX_PARTICIPANT_FILE_BYTES, SynthSource
-from sharding.storage import LOCK_NAME, READ_TIMEOUT_ENV, OutputLock, OutputLocked, StorageError, open_fs, output_lock
+from sharding.storage import READ_TIMEOUT_ENV, StorageError, open_fs
 from sharding.verify import read_shard, verify_shards
 from sharding.writer import PENDING, REJECTS_NAME, write_shards
 from tests.loopback import server_that_never_answers
@@ -238,7 +239,7 @@ def test_of_two_jobs_taking_over_the_same_dead_lock_at_once_exactly_one_gets_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     out = an_output(where, tmp_path, request)
     dead = a_dead_jobs_lock(out)
-    both_judged, still_running = threading.Barrier(2, timeout=30), sharding.storage._still_running
+    both_judged, still_running = threading.Barrier(2, timeout=30), sharding.lock._still_running
 
     def judge_at_once(holder: dict[str, Any]) -> bool | None:
         """Both jobs find the dead job's lock; the second acts once the first has taken over."""
@@ -246,7 +247,7 @@ def test_of_two_jobs_taking_over_the_same_dead_lock_at_once_exactly_one_gets_it(
             wait_for(lambda: token_of_the_lock(out) not in (None, dead), "a takeover")
         return still_running(holder)
 
-    monkeypatch.setattr(sharding.storage, "_still_running", judge_at_once)
+    monkeypatch.setattr(sharding.lock, "_still_running", judge_at_once)
 
     def take_the_lock(held: ExitStack) -> OutputLock | OutputLocked:
         fs, root = open_fs(out)

@@ -40,9 +40,10 @@ def run_lock(run_dir: str) -> Iterator[None]:
     """Hold ``{run_dir}/_lock.json`` while the block trains the run: a second launch of the run
     name, which would mix its checkpoints, W&B run and exports with this one's, is refused in one
     line naming the holder, before Ray starts. The lock is leased
-    (:func:`~sharding.storage.lock_lease`): a run preempted with its pod is taken over by its
+    (:func:`~sharding.lock.lock_lease`): a run preempted with its pod is taken over by its
     resubmission once the lease runs out, while a live run on another node is still refused."""
-    from sharding.storage import lock_lease, open_fs, output_lock
+    from sharding.lock import lock_lease, output_lock
+    from sharding.storage import open_fs
 
     fs, path = open_fs(run_dir)
     with output_lock(fs, path, run_dir, job="training run", lease=lock_lease(), log=warnings.warn):
