@@ -44,7 +44,7 @@ def main() -> None:
     print("[3/4] training: Ray Train, 2 DeepSpeed workers (CPU, gloo), EERLoss on the gathered global batch",
           flush=True)
     # A worker that dies (a native heap-corruption abort in a gloo worker: 2 in some 50 runs here,
-    # cause not found: docs/archive/results-notebook.md) restarts from the last checkpoint; resuming is exact.
+    # cause not found) restarts from the last checkpoint; resuming is exact.
     config = TrainConfig.load(CONFIG, [
         f"data.shards={out / 'shards'}", f"run.storage={out / 'runs'}", "run.name=demo", "train.epochs=6",
         "train.max_failures=2",

@@ -40,7 +40,7 @@ ABLATION_ARMS: dict[str, list[str]] = {
         "loss.name=eer", "loss.options.normalize=false", "loss.options.floor=hard", "eval.distance=euclidean"
     ],
     "eer-direct": ["loss.name=eer", "loss.options.variant=direct"],
-    # EERLoss with a dense MultiSimilarity term beside it (docs/archive/results-notebook.md §3)
+    # EERLoss with a dense MultiSimilarity term beside it (docs/results.md, "Tried, did not help")
     "eer+multisimilarity": [
         "loss.name=eer+multisimilarity", "loss.options.weights.multisimilarity=200"
     ],

@@ -5,13 +5,16 @@ holding the global batch; this is the one place that spawns those ranks. Two thi
 trustworthy under load: every rank waits at a barrier before the process group is torn down
 (a rank must not close its connections while a peer is still finishing a collective), and a
 rank that dies natively (SIGABRT, SIGSEGV) leaves its Python stack in a file that the test
-failure prints, instead of only "terminated with signal".
+failure prints, instead of only "terminated with signal". A rank that has delivered its results
+leaves with ``os._exit(0)``: gloo's native teardown at interpreter exit has aborted a rank on a
+loaded two-core machine after every result was written, failing a test whose work had passed.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +41,9 @@ def _rank_main(rank: int, world: int, port: int, out: Path, body: Callable, args
                 dist.destroy_process_group()
         finally:
             faulthandler.disable()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(body: Callable[..., Any], world: int, out: Path, *args: Any) -> list:

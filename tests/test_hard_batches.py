@@ -13,8 +13,8 @@ import torch
 
 from pipeline.config import HardBatchesSection, TrainConfig
 from pipeline.data import SubjectBatchLoader
-from pipeline.data.hard_batches import NeighbourTable, neighbour_share, neighbours_at
-from pipeline.training.neighbours import HardBatches, nearest_subjects
+from pipeline.data.neighbour_table import NeighbourTable, neighbour_share, neighbours_at
+from pipeline.training.hard_batches import HardBatches, nearest_subjects
 from tests.shards_fixture import write_shard_set
 from tests.test_data import UNEVEN, K, P, config, epoch, same
 

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.config import HardBatchesSection
 from pipeline.data import SessionLoader, SubjectBatchLoader
-from pipeline.data.hard_batches import NeighbourTable
+from pipeline.data.neighbour_table import NeighbourTable
 from tests.shards_fixture import write_shard_set
 from tests.test_data import UNEVEN, P, config, epoch, same
 from tests.test_hard_batches import HARD, ring_table

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.data.hard_batches import NeighbourTable
+from pipeline.data.neighbour_table import NeighbourTable
 
 
 @dataclass(frozen=True)

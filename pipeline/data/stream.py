@@ -56,7 +56,7 @@ from pipeline.data.batch import (
     round_robin,
 )
 from pipeline.data.features import DEFAULT_FEATURES, check_features
-from pipeline.data.hard_batches import NeighbourTable, active_neighbours, neighbours_at, pick_hard
+from pipeline.data.neighbour_table import NeighbourTable, active_neighbours, neighbours_at, pick_hard
 from pipeline.data.position import Position, SharedPosition
 from pipeline.data.shards import ShardSet, assign_shards
 from sharding.format import ShardInfo, decode_subject

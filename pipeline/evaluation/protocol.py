@@ -21,9 +21,9 @@ Published keystroke numbers use enrolment sets, so this is the protocol to compa
 Why ``"all"``: the FNMR at FMR 0.1 % is read at the threshold that a thousandth of the impostor
 comparisons pass. Ten impostors per session on a split of 300 subjects put that threshold on ~45
 comparisons, so two models' numbers there differ by sampling as much as by training
-(docs/archive/results-notebook.md R22). Every impostor pair costs ``n²/2`` comparisons for ``n``
-sessions — millions for a split of a few hundred subjects, affordable at each validation — and
-leaves no draw to depend on.
+(docs/results.md, "Where the results disagree"). Every impostor pair costs ``n²/2``
+comparisons for ``n`` sessions — millions for a split of a few hundred subjects, affordable at
+each validation — and leaves no draw to depend on.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """FMRBandLoss: EERLoss's FNMR averaged over FMR targets spread across a band ``[low, high]``.
 
 Why: training for one low operating point (``target={"fmr": 0.001}``) did not win at that
-point on real keystrokes (docs/archive/results-notebook.md R8–R11). At FMR 0.1 % the batch's threshold is set by
-the few dozen impostor pairs above it, so the threshold, and the genuine pairs its gradient
-acts on, change from batch to batch. Averaging the FNMR at several FMRs from ``low`` up to a
+point on real keystrokes (docs/results.md, "Tried, did not help"). At FMR 0.1 % the batch's
+threshold is set by the few dozen impostor pairs above it, so the threshold, and the genuine
+pairs its gradient acts on, change from batch to batch. Averaging the FNMR at several FMRs from ``low`` up to a
 few times ``low`` — a Riemann sum of the partial area under the DET curve on ``[low, high]``,
 the partial-AUC objective of the literature restricted to the low-FMR band a deployment cares
 about — sets most of the thresholds with many more impostor pairs while still weighting the

@@ -2,9 +2,9 @@
 
 Why: EERLoss shapes one global threshold, and on real keystrokes it shows — EERLoss models have
 the lowest global EER but a worse *mean per-subject* EER than MultiSimilarity's (the block KVC
-reports beside the global one; docs/archive/results-notebook.md R5). A subject whose genuine sessions spread wide,
-or whose impostors crowd in, costs the global surrogate little as long as other subjects make
-up for it at the shared threshold. Here every subject gets its own threshold and its own loss:
+reports beside the global one; docs/results.md, "Findings"). A subject whose genuine sessions
+spread wide, or whose impostors crowd in, costs the global surrogate little as long as other
+subjects make up for it at the shared threshold. Here every subject gets its own threshold and its own loss:
 its rows' pairs with each other (genuine) and with every other row of the batch (impostor) —
 the comparisons KVC's per-subject EER counts for it — searched and scored by an
 :class:`~pipeline.losses.eer.EERLoss` with the same options.
@@ -17,10 +17,10 @@ impostor pairs outnumber its histogram's bins): about the batch's pairs once mor
 calls. It is replicated across ranks (each computes every subject), like the other non-EERLoss
 terms of a sum.
 
-Measured (docs/archive/results-notebook.md R9): beside EERLoss on real keystrokes it made training unstable
-(validation EER swinging between 8 and 14 %, test EER 13.9 vs 8.5 % without it, one seed), and
-with each subject's threshold held constant (``threshold_grad="detached"``) the embeddings
-collapsed. A subject's ~28 genuine pairs leave few pairs near its threshold, so the implicit
+Measured (docs/results.md, "Tried, did not help"): beside EERLoss on real keystrokes it made
+training unstable (validation EER swinging between 8 and 14 %, test EER 13.9 vs 8.5 % without
+it, one seed), and with each subject's threshold held constant (``threshold_grad="detached"``)
+the embeddings collapsed. A subject's ~28 genuine pairs leave few pairs near its threshold, so the implicit
 gradient's slope ``∂F/∂d`` is small and noisy. A tool for experiments, not a recipe.
 """
 

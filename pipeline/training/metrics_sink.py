@@ -1,4 +1,4 @@
-"""Where a step's numbers go: step timings, W&B (rank 0), Ray reports (every rank), DET plots."""
+"""Where a step's numbers go: W&B (rank 0), Ray reports (every rank), DET plots."""
 
 from __future__ import annotations
 
@@ -12,33 +12,9 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.training.clock import clock
+from pipeline.training.clock import STEP_PHASES, StepTimer
 from pipeline.training.state import StageContext
 from pipeline.training.wandb_run import WandbRun
-
-STEP_PHASES = ("data", "model", "backward", "optimizer")  # a step's time; validation etc. excluded
-
-
-class StepTimer:
-    """Wall time of a step's phases on this rank's clock; ``lap(phase)`` ends ``phase``.
-
-    While ``measuring`` (set for the steps that are logged, from the lap that starts them), every
-    lap first waits for ``device`` (``pipeline/training/clock.py``), so a GPU phase's time is its own.
-    """
-
-    def __init__(self, device: torch.device | None = None) -> None:
-        self.device, self.measuring = device, False
-        self.last = clock()
-        self.phases: dict[str, float] = {}
-
-    @property
-    def wait_for(self) -> torch.device | None:
-        """The device the phases of this step wait for, if it is measured."""
-        return self.device if self.measuring else None
-
-    def lap(self, phase: str) -> None:
-        now = clock(self.wait_for)
-        self.phases[phase], self.last = now - self.last, now
 
 
 def step_metrics(engine: Any, loss: torch.Tensor, stats: dict[str, float], parameter_norm: float | None,

@@ -24,7 +24,7 @@ class Selection:
     for its EER — the EER-best checkpoint of such a run is the wrong model to ship; a model
     trained for an FMR band is kept for the band's average FNMR. At such points the value rests
     on a thousandth of the impostor comparisons: ``eval.impostors_per_session: all`` makes it a
-    reading of the model rather than of the draw (docs/archive/results-notebook.md R22)."""
+    reading of the model rather than of the draw (docs/results.md, "Where the results disagree")."""
 
     key: str  # the metric's name in the validation report, without ``val/``
     measure: Callable[[Roc], float]

@@ -17,10 +17,11 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.exports import export_path, save_model
 from pipeline.training.checkpointer import Checkpointer
+from pipeline.training.clock import StepTimer
 from pipeline.training.engine import build_engine, pins_memory
+from pipeline.training.hard_batches import HardBatches
 from pipeline.training.memory import CrossBatchMemory, memory_of
-from pipeline.training.metrics_sink import MetricsSink, StepTimer, parameter_grad_norm, step_metrics
-from pipeline.training.neighbours import HardBatches
+from pipeline.training.metrics_sink import MetricsSink, parameter_grad_norm, step_metrics
 from pipeline.training.schedule import end_step, schedule_of, sessions_per_step
 from pipeline.training.state import RunState, StageContext
 from pipeline.training.validator import Validator

@@ -91,7 +91,7 @@ class EERLoss(torch.nn.Module):
             docs/archive/research-notes.md).
         floor, tau: the area variant's floor, ``"hard"`` ``max(ε, x)`` or ``"softplus"`` ``τ·softplus(x/τ)``.
         both_sides: with an FMR or FNMR target, keep both area terms instead of only the one the
-            target does not fix (the authors' form; docs/archive/results-notebook.md §5 measures both).
+            target does not fix (the authors' form; docs/results.md, "Tried, did not help", measures both).
         threshold_momentum: ``m`` of a persistent threshold ``d̄ ← m·d̄ + (1−m)·d*`` across
             training calls, where the loss is then evaluated, with the implicit gradient taken at
             ``d̄``; 0, the default, searches every batch afresh. Only calls that train (module in

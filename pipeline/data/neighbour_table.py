@@ -3,7 +3,7 @@ when it is built around seed subjects and their nearest subjects by embedding ce
 
 The *neighbour table* maps each subject to the subjects of its own reader (the same shards, so
 batches stay subject-disjoint across ranks), nearest centroid first. It is computed with the model
-(:mod:`pipeline.training.neighbours`), handed to the loader at an epoch's start and saved with the
+(:mod:`pipeline.training.hard_batches`), handed to the loader at an epoch's start and saved with the
 loader's state, because a batch depends on (seed, epoch, table): a resume replays the same draws.
 """
 

@@ -25,7 +25,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.data import Batch, SubjectBatchLoader
 from pipeline.data.batch import Row, batch_of_rows
-from pipeline.data.hard_batches import NeighbourTable, active_neighbours, neighbour_share, neighbours_at
+from pipeline.data.neighbour_table import NeighbourTable, active_neighbours, neighbour_share, neighbours_at
 from pipeline.distributed import use_rank0_buffers
 from pipeline.evaluation.embedding import embed
 from pipeline.training.clock import clock
