@@ -21,7 +21,8 @@ from common.cli import clean_errors, print_error
 from sharding.format import SPLITS
 from sharding.kvc import KVCFileError
 from sharding.plan import MAX_SUBJECTS_PER_SHARD, MIN_SHARDS, ShardingError
-from sharding.sources import SPEC_HELP, SourceError
+from sharding.source_spec import SPEC_HELP
+from sharding.sources import SourceError
 from sharding.storage import StorageError
 from sharding.synth import ENROL_SESSIONS, SCENARIOS, write_kvc
 
@@ -101,8 +102,9 @@ def shard(
     Resumable; re-run on a finished set, it rewrites exactly its missing or corrupt shards.
     One job at a time writes an output: a second one is refused, naming the first.
     """
-    from sharding.sources import parse_source
-    from sharding.writer import read_rejects, write_shards
+    from sharding.output import read_rejects
+    from sharding.source_spec import parse_source
+    from sharding.writer import write_shards
 
     options = _storage_options(endpoint_url, region)
     manifest = write_shards(parse_source(source, participants or None), out, seed=seed,
@@ -120,7 +122,7 @@ def shard(
 
 def _show_rejects(out: str, rejects: Optional[dict[str, Any]]) -> None:
     """The first few rejected subjects and where the rest are listed."""
-    from sharding.writer import MAX_LISTED_REJECTS, REJECTS_NAME, format_reject
+    from sharding.output import MAX_LISTED_REJECTS, REJECTS_NAME, format_reject
 
     if not rejects or not rejects.get("rejected_subjects"):
         return

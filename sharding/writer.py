@@ -52,14 +52,13 @@ from multiprocessing import get_context
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 from webdataset import TarWriter
 
-from common.atomic import is_temporary, write_atomic
-from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject, manifest_location
+from sharding import output
+from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject
 from sharding.lock import OutputLock, output_lock
 from sharding.plan import (
     FORMER_MAX_SUBJECTS_PER_SHARD,
@@ -69,13 +68,11 @@ from sharding.plan import (
     check_options,
     plan_shards,
 )
-from sharding.sources import Source, parse_source, source_arguments
-from sharding.storage import check_writable, failures_named, location, open_fs
+from sharding.source_spec import parse_source, source_arguments
+from sharding.sources import Source
+from sharding.storage import check_writable, failures_named, open_fs
 from sharding.validate import MIN_SESSIONS, Rejected, clean_subject
 
-PENDING = "_pending"
-REJECTS_NAME = "rejects.json"
-MAX_LISTED_REJECTS = 100
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -158,7 +155,7 @@ def _write_or_repair(job: _Job, requested: dict[str, Any], seed: int, workers: i
     """Write the set, or check and repair the one already at the URL (under its lock)."""
     url = job.url
     fs, root = open_fs(url, **job.storage_options)
-    manifest = _existing_manifest(fs, root, url)
+    manifest = output.existing_manifest(fs, root, url)
     if manifest is None:
         return _write_new(job, requested, seed, workers, progress)
     if manifest.seed != seed or _adopt(manifest.source, requested) is None:
@@ -170,7 +167,7 @@ def _write_or_repair(job: _Job, requested: dict[str, Any], seed: int, workers: i
         log(f"{url}: rewrote {_count(rewritten, 'missing or corrupt shard')} "
             f"({', '.join(rewritten)})" if rewritten
             else f"{url}: all {len(manifest.shards)} shards match the manifest")
-    _remove_pending(fs, root)
+    output.remove_pending(fs, root)
     return manifest
 
 
@@ -209,25 +206,25 @@ def _write_new(job: _Job, requested: dict[str, Any], seed: int, workers: int,
                progress: bool) -> Manifest:
     """Plan, write (or resume writing) every shard, then commit the manifest."""
     fs, root = open_fs(job.url, **job.storage_options)
-    previous = _read_json(fs, f"{root}/{PENDING}/plan.json")
+    previous = output.read_json(fs, f"{root}/{output.PENDING}/plan.json")
     identity = (previous and _adopt(previous.get("source", {}), requested)) or requested
     with _reading_source(job.source):
         subject_ids, rejected = job.source.open()
     plan = _plan(subject_ids, identity, seed)
-    _commit_plan(fs, root, job.url, previous, {"source": identity, "seed": seed,
+    output.commit_plan(fs, root, job.url, previous, {"source": identity, "seed": seed,
                                                "shards": [asdict(s) for s in plan]})
-    _remove_temporaries(fs, root)
+    output.remove_temporaries(fs, root)
     records = _run(plan, job, workers, progress, _ensure_shard)
     manifest = _manifest(records, rejected, identity, seed)
     rejects = [entry for record in records for entry in record["rejects"]]
     if not manifest.subjects:
-        _discard(fs, root, plan)
+        output.discard(fs, root, plan)
         raise ShardingError(_no_subjects_message(job, manifest.rejected, rejects))
-    _publish(fs, f"{root}/{REJECTS_NAME}", json.dumps({
-        "rejected_subjects": len(rejects), "listed": rejects[:MAX_LISTED_REJECTS],
+    output.publish(fs, f"{root}/{output.REJECTS_NAME}", json.dumps({
+        "rejected_subjects": len(rejects), "listed": rejects[:output.MAX_LISTED_REJECTS],
         "counts": manifest.rejected}, indent=1).encode())
-    _publish(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode())
-    _remove_pending(fs, root)
+    output.publish(fs, f"{root}/{MANIFEST_NAME}", manifest.to_json().encode())
+    output.remove_pending(fs, root)
     return manifest
 
 
@@ -250,7 +247,7 @@ def _repair(manifest: Manifest, job: _Job, workers: int, progress: bool) -> list
     fs, root = open_fs(job.url, **job.storage_options)
     expected = {info.name: info for info in manifest.shards}
     with ThreadPoolExecutor(max(workers, 1)) as pool:  # reading and hashing release the GIL
-        good = list(pool.map(lambda info: _matches(fs, f"{root}/{info.name}", asdict(info)),
+        good = list(pool.map(lambda info: output.matches(fs, f"{root}/{info.name}", asdict(info)),
                              manifest.shards))
     bad = [info.name for info, ok in zip(manifest.shards, good) if not ok]
     if not bad:
@@ -263,7 +260,7 @@ def _repair(manifest: Manifest, job: _Job, workers: int, progress: bool) -> list
         raise ShardingError(f"cannot repair {job.url}: {lost[0]} is not in the plan of the "
                             "source as it is now (its subjects changed since sharding); "
                             "re-shard to another location")
-    _remove_temporaries(fs, root)
+    output.remove_temporaries(fs, root)
     _run([planned[name] for name in bad], job, workers, progress,
          partial(_repair_shard, expected))
     return bad
@@ -354,13 +351,13 @@ def _worker_fs() -> tuple[_Job, fsspec.AbstractFileSystem, str]:
 def _ensure_shard(shard: PlannedShard) -> dict:
     """Keep a finished shard whose checksum matches its record, else (re)write it."""
     job, fs, root = _worker_fs()
-    path, record_path = f"{root}/{shard.name}", f"{root}/{PENDING}/{shard.name}.json"
-    record = _read_json(fs, record_path)
-    if record is not None and "rejects" in record and _matches(fs, path, record["shard"]):
+    path, record_path = f"{root}/{shard.name}", f"{root}/{output.PENDING}/{shard.name}.json"
+    record = output.read_json(fs, record_path)
+    if record is not None and "rejects" in record and output.matches(fs, path, record["shard"]):
         return record
     data, record = _build(shard, job.source)
-    _publish(fs, path, data)
-    _publish(fs, record_path, json.dumps(record).encode())
+    output.publish(fs, path, data)
+    output.publish(fs, record_path, json.dumps(record).encode())
     return record
 
 
@@ -372,7 +369,7 @@ def _repair_shard(expected: dict[str, ShardInfo], shard: PlannedShard) -> dict:
         raise ShardingError(f"cannot repair {job.url}/{shard.name}: rebuilt from the source it "
                             "differs from the manifest (the source changed since sharding); "
                             "re-shard to another location")
-    _publish(fs, f"{root}/{shard.name}", data)
+    output.publish(fs, f"{root}/{shard.name}", data)
     return record
 
 
@@ -423,7 +420,7 @@ def _load_clean(source: Source, subject_id: str,
 def _no_subjects_message(job: _Job, rejected: dict[str, int],
                          rejects: list[dict[str, str]]) -> str:
     counts = ", ".join(f"{reason} {n}" for reason, n in rejected.items())
-    example = f"; e.g. {format_reject(rejects[0])}" if rejects else ""
+    example = f"; e.g. {output.format_reject(rejects[0])}" if rejects else ""
     return (f"no valid subject in the source {_source_name(job.source)} (rejected: "
             f"{counts or 'none'}){example}; nothing was written to {job.url}")
 
@@ -440,18 +437,6 @@ def _reading_source(source: Source) -> contextlib.AbstractContextManager[None]:
     return failures_named(f"cannot read the source {_source_name(source)}")
 
 
-def format_reject(entry: dict[str, str]) -> str:
-    """One rejected subject as a line: id, reason, and where in which file."""
-    detail = f": {entry['detail']}" if entry.get("detail") else ""
-    return f"{entry['subject']} ({entry['reason']}){detail}"
-
-
-def read_rejects(url: str, **storage_options: Any) -> dict[str, Any] | None:
-    """The ``rejects.json`` of a shard set (``None`` for sets written before it existed)."""
-    fs, root = open_fs(url, **storage_options)
-    return _read_json(fs, f"{root}/{REJECTS_NAME}")
-
-
 def rerun_command(manifest: Manifest, url: str) -> str | None:
     """The ``eerpipe shard`` command that re-checks the set at ``url`` and rewrites its bad
     shards; ``None`` if the manifest's source cannot be named by a spec."""
@@ -465,90 +450,3 @@ def rerun_command(manifest: Manifest, url: str) -> str | None:
         if sharding.get(key) is not None:
             arguments += [option, str(sharding[key])]
     return shlex.join(["eerpipe", "shard", *arguments, "--out", url, "--seed", str(manifest.seed)])
-
-
-def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Publish one file whole; a full disk or a failing store is one line naming the file."""
-    with failures_named(f"cannot write {location(fs, path)}",
-                        "nothing partial was left; re-run the same command to resume"):
-        write_atomic(fs, path, data)
-
-
-def _reading(fs: fsspec.AbstractFileSystem, path: str) -> contextlib.AbstractContextManager[None]:
-    """A failure to read a file of the output (a missing one is an answer) as one line naming it."""
-    return failures_named(f"cannot read {location(fs, path)}")
-
-
-def _cleaning(fs: fsspec.AbstractFileSystem, root: str) -> contextlib.AbstractContextManager[None]:
-    """A failure to remove what a job no longer needs as one line naming the output."""
-    return failures_named(f"cannot clean up {location(fs, root)}")
-
-
-def _matches(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
-    try:
-        with _reading(fs, path):
-            data = fs.cat_file(path)
-    except FileNotFoundError:
-        return False
-    return len(data) == info["bytes"] and hashlib.sha256(data).hexdigest() == info["sha256"]
-
-
-def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    try:
-        with _reading(fs, path):
-            data = fs.cat_file(path)
-        return json.loads(data)
-    except FileNotFoundError:
-        return None
-    except ValueError as error:  # a file we write atomically: only a person can have broken it
-        raise ShardingError(f"{path}: not valid JSON ({error}); delete it to start over") from error
-
-
-def _existing_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Manifest | None:
-    path = f"{root}/{MANIFEST_NAME}"
-    try:
-        with _reading(fs, path):
-            data = fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    return Manifest.from_json(data, manifest_location(url))
-
-
-def _commit_plan(fs: fsspec.AbstractFileSystem, root: str, url: str, previous: Any,
-                 plan: dict) -> None:
-    """Write the plan, or check that an unfinished job left the same one."""
-    plan = json.loads(json.dumps(plan))  # compare as stored: tuples become lists
-    if previous is None:
-        _publish(fs, f"{root}/{PENDING}/plan.json", json.dumps(plan).encode())
-    elif previous != plan:
-        raise ShardingError(f"{url} holds an unfinished job with another plan (source "
-                            f"{previous.get('source')}, seed {previous.get('seed')}; if those "
-                            "match this job, the source's subjects changed since); re-run it "
-                            f"unchanged, or delete {url}/{PENDING} and its shards")
-
-
-def _remove_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Delete temporaries left by a killed run (only local disks have any)."""
-    if not isinstance(fs, LocalFileSystem):
-        return
-    with _cleaning(fs, root):
-        for folder in (root, f"{root}/{PENDING}"):
-            if fs.isdir(folder):
-                for path in fs.ls(folder, detail=False):
-                    if is_temporary(path.rsplit("/", 1)[-1]):
-                        fs.rm_file(path)
-
-
-def _discard(fs: fsspec.AbstractFileSystem, root: str, plan: list[PlannedShard]) -> None:
-    """Remove what a failed job wrote (its folder goes with the lock, if the job created it)."""
-    with _cleaning(fs, root):
-        for shard in plan:
-            if fs.exists(f"{root}/{shard.name}"):
-                fs.rm_file(f"{root}/{shard.name}")
-    _remove_pending(fs, root)
-
-
-def _remove_pending(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    with _cleaning(fs, root):
-        if fs.exists(f"{root}/{PENDING}"):
-            fs.rm(f"{root}/{PENDING}", recursive=True)

@@ -9,6 +9,8 @@ persistent threshold, carried from batch to batch, stays bit-identical on every 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,6 +19,7 @@ from pipeline.distributed import gather_embeddings
 from pipeline.losses.eer import EERLoss, EERStats
 from pipeline.losses.fmr_band import FMRBandLoss
 from tests.gloo_ranks import run_on_ranks
+from tests.loopback import free_port
 from tests.test_eer_blocks import reference_memory_loss
 
 FEATURES, EMBEDDING = 5, 4
@@ -120,9 +123,25 @@ def rank_main(rank: int, world: int) -> dict[str, list]:
 @pytest.fixture(scope="module", params=sorted(SPLITS))
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, list]]:
     """Every rank's results (loss, parameter gradients, stats) per scenario, on 1, 2 and 3 ranks:
-    one spawn of the ranks per world size serves every specification (a spawn costs seconds)."""
+    one spawn of the ranks per world size serves every specification (a spawn costs seconds),
+    and the one rank of a world of 1 runs in this process."""
     world = request.param
+    if world == 1:
+        return [in_this_process(rank_main)]
     return run_on_ranks(rank_main, world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+def in_this_process(body: Callable[[int, int], dict[str, list]]) -> dict[str, list]:
+    """``body(0, 1)`` as the only rank of a gloo process group in this process: spawning a rank
+    would cost seconds (a fresh interpreter importing torch, sklearn and torch._dynamo)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MASTER_ADDR", "127.0.0.1")
+        env.setenv("MASTER_PORT", str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            return body(0, 1)
+        finally:
+            dist.destroy_process_group()
 
 
 def assert_same_gradients(rank_grads: list[torch.Tensor], grads: list[torch.Tensor], context: tuple) -> None:

@@ -36,12 +36,14 @@ from typer.testing import CliRunner, Result
 import sharding.lock
 from common.atomic import remove_if
 from pipeline.cli import app
+from sharding.aalto import MAX_PARTICIPANT_FILE_BYTES
 from sharding.format import MANIFEST_NAME, load_manifest
 from sharding.lock import LOCK_NAME, OutputLock, OutputLocked, output_lock
-from sharding.sources import MAX_PARTICIPANT_FILE_BYTES, SynthSource
-from sharding.storage import READ_TIMEOUT_ENV, StorageError, open_fs
+from sharding.output import PENDING, REJECTS_NAME
+from sharding.sources import SynthSource
+from sharding.storage import PROBE_READ_TIMEOUT_S, READ_TIMEOUT_ENV, StorageError, _probing_fs, open_fs
 from sharding.verify import read_shard, verify_shards
-from sharding.writer import PENDING, REJECTS_NAME, write_shards
+from sharding.writer import write_shards
 from tests.loopback import server_that_never_answers
 
 runner = CliRunner()
@@ -69,9 +71,9 @@ def shard_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "shard", *arguments, "--no-progress"]
 
 
-def synthetic_job(out: Path, subjects_per_shard: int = 10) -> list[str]:
-    """A shard process on 3,000 synthetic subjects: a few seconds' work."""
-    return shard_command("--source", "synth:3000:3", "--out", str(out), "--subjects-per-shard",
+def synthetic_job(out: Path, source: str, subjects_per_shard: int = 10) -> list[str]:
+    """A shard process on ``source``, a ``synth:`` corpus, with two workers."""
+    return shard_command("--source", source, "--out", str(out), "--subjects-per-shard",
                          str(subjects_per_shard), "--workers", "2")
 
 
@@ -175,13 +177,17 @@ def test_the_lock_of_a_job_on_another_host_is_refused_until_broken(tmp_path: Pat
     assert verify_shards(str(out)).ok and not (out / LOCK_NAME).exists()
 
 
-@pytest.mark.slow  # starts the shard command and signals it mid-job: ~4 s each
+# 150 shards: the job still has a second's work when its first shard is published
+SIGNALLED_CORPUS = "synth:1500:3"
+
+
+@pytest.mark.slow  # starts the shard command and signals it mid-job: ~3 s each
 @pytest.mark.parametrize(("sig", "lock_left"), [(signal.SIGINT, False), (signal.SIGTERM, False),
                                                 (signal.SIGKILL, True)])
 def test_a_stopped_job_releases_its_lock_and_a_killed_ones_is_taken_over(
         tmp_path: Path, sig: int, lock_left: bool) -> None:
     out = tmp_path / "out"
-    job = subprocess.Popen(synthetic_job(out), start_new_session=True, stderr=subprocess.PIPE)
+    job = subprocess.Popen(synthetic_job(out, SIGNALLED_CORPUS), start_new_session=True, stderr=subprocess.PIPE)
     try:
         wait_until_mid_run(job, out)
         os.kill(job.pid, sig)  # the sharding process only, as Ctrl-C, `kill` or the OOM killer
@@ -195,7 +201,7 @@ def test_a_stopped_job_releases_its_lock_and_a_killed_ones_is_taken_over(
     assert not (out / MANIFEST_NAME).exists()
 
     heard: list[str] = []
-    write_shards("synth:3000:3", str(out), subjects_per_shard=10, workers=2, log=heard.append)
+    write_shards(SIGNALLED_CORPUS, str(out), subjects_per_shard=10, workers=2, log=heard.append)
 
     taken_over = [line for line in heard if "removed the lock" in line]
     assert bool(taken_over) == lock_left, heard
@@ -325,14 +331,23 @@ def test_a_job_that_succeeds_fails_if_its_lock_cannot_be_released(tmp_path: Path
 
 # --- bounded waits on S3 -----------------------------------------------------------------------
 
-@pytest.mark.slow  # waits out the S3 client's timeouts: 10 s per command
+def test_a_commands_first_s3_call_is_one_attempt_of_at_most_10_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call that names a wrong endpoint before any work starts, with the default settings."""
+    monkeypatch.delenv(READ_TIMEOUT_ENV, raising=False)
+    probe = _probing_fs("s3://any-bucket/set", {})
+    assert probe.config_kwargs["read_timeout"] == PROBE_READ_TIMEOUT_S == 10
+    assert probe.config_kwargs["retries"]["total_max_attempts"] == 1 and probe.retries == 1
+
+
+@pytest.mark.slow  # waits out the S3 client's read timeout, set to 1 s here
 @pytest.mark.timeout(120)  # a regression hangs: fail it rather than wait for the suite's limit
 @pytest.mark.parametrize("command", [["shard", "--source", "synth:10", "--no-progress", "--out"],
                                      ["shards", "verify"]])
 def test_an_s3_endpoint_that_never_answers_fails_in_seconds_naming_it(
         command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true"),
+                        (READ_TIMEOUT_ENV, "1")):
         monkeypatch.setenv(name, value)
     url = "s3://silent-bucket/set"
     with server_that_never_answers(lifetime_s=90) as endpoint:
@@ -341,7 +356,7 @@ def test_an_s3_endpoint_that_never_answers_fails_in_seconds_naming_it(
         elapsed = time.monotonic() - started
     assert_one_line_error(result.exit_code, result.stderr, url, endpoint.removeprefix("http://"),
                           "timeout")
-    assert elapsed < 30
+    assert elapsed < 5  # one wait of 1 s, where the 3 × 2 attempts of a call mid-job would take 6 s
 
 
 def test_a_bad_s3_timeout_setting_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -442,7 +457,7 @@ def test_a_source_that_cannot_be_read_is_named_with_its_file_not_taken_for_the_o
     unreadable = tmp_path / "subjects.npy"
     unreadable.mkdir()
     source = ReadsAFolder(unreadable)
-    monkeypatch.setattr("sharding.sources.parse_source", lambda spec, participants=None: source)
+    monkeypatch.setattr("sharding.source_spec.parse_source", lambda spec, participants=None: source)
     result = shard("--source", "synth:30:1", "--out", str(tmp_path / "out"))
     assert_one_line_error(result.exit_code, result.stderr, "cannot read the source synth:30:1",
                           f"Is a directory (EISDIR): {unreadable}")
@@ -462,13 +477,13 @@ def assert_nothing_corrupt(out: Path) -> None:
 
 def test_a_file_size_limit_mid_job_is_one_line_and_a_rerun_finishes(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    # 150 kB hold the lock and the plan, not a shard of 20 subjects: its write fails (EFBIG)
-    job = run_limited(synthetic_job(out, subjects_per_shard=20), resource.RLIMIT_FSIZE, 150_000)
+    # 150 kB per file hold the lock and the plan, not a shard of 20 subjects: its write fails (EFBIG)
+    job = run_limited(synthetic_job(out, "synth:300:3", subjects_per_shard=20), resource.RLIMIT_FSIZE, 150_000)
     assert_one_line_error(job.returncode, job.stderr, str(out), "File too large (EFBIG)",
                           "re-run the same command to resume")
     assert_nothing_corrupt(out)
 
-    write_shards("synth:3000:3", str(out), subjects_per_shard=20, workers=2)
+    write_shards("synth:300:3", str(out), subjects_per_shard=20, workers=2)
     assert verify_shards(str(out)).ok
 
 

@@ -20,11 +20,12 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from sharding.format import MANIFEST_NAME, SPLITS, load_manifest
 from sharding.kvc import read_dev_set
+from sharding.output import PENDING, REJECTS_NAME
 from sharding.plan import FORMER_MAX_SUBJECTS_PER_SHARD, ShardingError, plan_shards
 from sharding.storage import StorageError
 from sharding.synth import SynthCorpus, write_kvc
 from sharding.verify import read_shard, shard_stats, verify_shards
-from sharding.writer import PENDING, REJECTS_NAME, write_shards
+from sharding.writer import write_shards
 
 runner = CliRunner()
 

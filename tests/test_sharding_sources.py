@@ -16,20 +16,17 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from sharding.aalto import AaltoDesktopSource, read_desktop_file
 from sharding.format import load_manifest
 from sharding.kvc import KVCFileError, load_npy, read_comparisons, read_dev_set, read_test_sessions
+from sharding.output import MAX_LISTED_REJECTS, REJECTS_NAME
+from sharding.participants import read_participant_lists, read_participants
 from sharding.plan import ShardingError, plan_shards, split_subjects
-from sharding.sources import (
-    AaltoDesktopSource,
-    SourceError,
-    parse_source,
-    read_desktop_file,
-    read_participant_lists,
-    read_participants,
-)
+from sharding.source_spec import parse_source
+from sharding.sources import SourceError
 from sharding.validate import clean_subject
 from sharding.verify import read_shard
-from sharding.writer import MAX_LISTED_REJECTS, REJECTS_NAME, rerun_command, write_shards
+from sharding.writer import rerun_command, write_shards
 
 runner = CliRunner()
 

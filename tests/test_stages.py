@@ -142,34 +142,36 @@ def test_the_stages_log_into_one_w_and_b_run_whose_steps_continue_across_stages_
 
 
 @pytest.mark.slow
-def test_a_staged_run_killed_between_the_first_stage_s_last_checkpoint_and_its_export_ends_as_the_straight_run(
+def test_a_staged_run_killed_before_its_first_stage_s_export_then_inside_its_second_stage_ends_as_the_straight_run(
     shards, ray_cluster, straight_staged_run, tmp_path  # noqa: F811
 ):
-    """The first stage is not finished without its export: Ray resumes it at its last step, where
-    it only exports; then the second stage runs from that export."""
+    """Both kills of a staged run in one sequence of launches (a launch costs far more than its
+    steps), each relaunch checked as it goes.
+
+    Killed between the first stage's last checkpoint and its export: the first stage is not
+    finished without its export, so the relaunch has Ray resume it at its last step, where it only
+    exports (it writes no checkpoint). From there, as from a kill exactly at the boundary (the
+    first stage exported, the second not begun), the second stage starts from that export; it is
+    stopped after its first epoch (a checkpoint, no export: as if preempted inside it). The next
+    relaunch skips the finished first stage and resumes the second from its own checkpoint, not
+    from the first stage's export: it writes only its last step's checkpoint."""
+    staged_dir = tmp_path / "staged" / "stages"
     interrupted_copy(straight_staged_run, tmp_path, "stages/1-large-batch", "stages/0-ms/export/final")
-    resumed = train(staged(shards, tmp_path, "wandb.enabled=false"), show_progress=False)
-    assert resumed.metrics["step"] == straight_staged_run.metrics["step"]
-    assert_same_parameters(resumed.final_model, straight_staged_run.final_model)
-    assert_same_parameters(resumed.best_model, straight_staged_run.best_model)
-
-
-@pytest.mark.slow
-def test_a_staged_run_killed_inside_its_second_stage_resumes_it_exactly(
-    shards, ray_cluster, straight_staged_run, tmp_path  # noqa: F811
-):
-    """From a kill exactly at the boundary (the first stage exported, the second not begun), the
-    relaunch skips the first stage and starts the second, which stops after its first epoch (a
-    checkpoint, no export: as if preempted); the next relaunch resumes it from its own checkpoint,
-    not from the first stage's export."""
-    interrupted_copy(straight_staged_run, tmp_path, "stages/1-large-batch")
+    first_stage = sorted(staged_dir.glob("0-ms/checkpoint_*"))
     stopped = [STAGES[0], {**STAGES[1], "train.stop_after_epochs": 1}]
     first = train(staged(shards, tmp_path, "wandb.enabled=false", stages=stopped), show_progress=False)
+    assert sorted(staged_dir.glob("0-ms/checkpoint_*")) == first_stage  # the first stage only exported
+    export = staged_dir / "0-ms" / "export" / "final" / "model.pt"
+    assert_same_parameters(str(export), str(Path(straight_staged_run.run_dir, "stages", "0-ms", "export", "final")))
     assert (first.metrics["step"], first.metrics["stage"]) == (3 + 2, 1)
     assert not Path(first.final_model).exists()
-    checkpoints = set(tmp_path.glob("staged/stages/1-large-batch/checkpoint_*"))
+
+    checkpoints = set(staged_dir.glob("1-large-batch/checkpoint_*"))
+    exported_at = export.stat().st_mtime_ns
     resumed = train(staged(shards, tmp_path, "wandb.enabled=false"), show_progress=False)
+    assert export.stat().st_mtime_ns == exported_at  # the finished first stage was skipped
     assert resumed.metrics["step"] == straight_staged_run.metrics["step"]
-    written = set(tmp_path.glob("staged/stages/1-large-batch/checkpoint_*")) - checkpoints
+    written = set(staged_dir.glob("1-large-batch/checkpoint_*")) - checkpoints
     assert [tag.name for folder in written for tag in folder.glob("step*")] == ["step00000004"]  # its last step only
     assert_same_parameters(resumed.final_model, straight_staged_run.final_model)
+    assert_same_parameters(resumed.best_model, straight_staged_run.best_model)

@@ -1,17 +1,25 @@
 """Distributed training on a real local Ray cluster: 2 DeepSpeed workers on the CPU with gloo.
 
-One straight run is shared by several specifications; each other run is compared with it.
+A launch costs Ray's and DeepSpeed's start (about 15 s on 2 cores, whatever it trains), so the
+specifications share launches: one straight run, carrying every piece of state a resume must
+restore, is the reference of every exact-resume specification; its checkpoints, put on S3, are
+forked, found corrupt and relaunched through a killed worker, each checked by its own
+specification; one arm of the ablation is the warm-started run. Stopping a run as if preempted
+(``train.stop_after_epochs``) and relaunching it is the staged runs' specification
+(tests/test_stages.py): a stage is a run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import threading
-import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -20,8 +28,9 @@ import torch
 
 from pipeline.cluster import init_ray
 from pipeline.config import TrainConfig
-from pipeline.exports import load_model
-from pipeline.training import train
+from pipeline.exports import export_path, load_model
+from pipeline.training import TrainResult, train
+from sharding.storage import open_fs
 from sharding.writer import write_shards
 from tests.test_training_checks import Payload
 from tests.wandb_offline import history, run_config
@@ -29,7 +38,7 @@ from tests.wandb_offline import history, run_config
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).parents[1] / "configs" / "cpu-local.yaml"
 # A cross-batch memory of 1.5 global batches (2 ranks × 16 subjects × 8 sessions), from step 2:
-# a run stopped after its first epoch (3 steps) saves a full queue and the momentum encoder.
+# a checkpoint at the end of the first epoch (step 3) holds a full queue and the momentum encoder.
 MEMORY = ("loss.memory.size=384", "loss.memory.start_step=2")
 # Hard batches from the first step; the table of epoch 0 stays in force in epoch 1, so a resume
 # at the epoch boundary matches only if the checkpoint carried it.
@@ -68,16 +77,12 @@ def config(shards: str, storage: str, name: str, *overrides: str) -> TrainConfig
 
 @pytest.fixture(scope="module")
 def straight_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
+    """cpu-local's 2 epochs of 3 steps, uninterrupted, logged to W&B offline; in bf16 with a
+    cross-batch memory, hard batches and a persistent threshold, so that every run compared with
+    it must restore each of them (a run without them takes a subset of these paths; the staged
+    runs' exact resumes are fp32 runs without them)."""
     storage = tmp_path_factory.mktemp("runs")
-    return train(config(shards, str(storage), "straight"), show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def straight_extras_run(shards: str, ray_cluster, tmp_path_factory: pytest.TempPathFactory):
-    """A bf16 run with a cross-batch memory, hard batches and a persistent threshold: each carries
-    state a resume must restore."""
-    storage = tmp_path_factory.mktemp("runs")
-    return train(config(shards, str(storage), "straight-extras", *EXTRAS), show_progress=False)
+    return train(config(shards, str(storage), "straight", *EXTRAS), show_progress=False)
 
 
 def parameters(export: str) -> dict[str, torch.Tensor]:
@@ -118,46 +123,61 @@ def test_w_and_b_offline_run_holds_the_training_and_validation_metrics(straight_
     assert run_config(logs[0])["loss"]["name"] == "eer"
 
 
-def test_hard_batches_log_their_neighbour_share_impostor_distance_and_centroid_time(straight_extras_run):
-    (log,) = Path(straight_extras_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
+def test_hard_batches_log_their_neighbour_share_impostor_distance_and_centroid_time(straight_run):
+    (log,) = Path(straight_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
     logged = [row for row in history(log) if "train/neighbour_share" in row]
     assert logged and logged[0]["train/neighbour_share"] >= 6 / 16  # 2 seeds × 3 neighbours, nothing used yet
     assert all(0 < row["train/impostor_distance"] <= 2 and row["time/centroids_s"] > 0 for row in logged)
 
 
-def test_a_run_with_a_memory_logs_its_fill_its_enqueue_and_its_momentum_encoder_time(straight_extras_run):
-    assert straight_extras_run.metrics["train/memory_rows"] == 384
-    assert straight_extras_run.metrics["time/enqueue"] > 0 and straight_extras_run.metrics["time/momentum_encoder"] > 0
+def test_a_run_with_a_memory_logs_its_fill_its_enqueue_and_its_momentum_encoder_time(straight_run):
+    assert straight_run.metrics["train/memory_rows"] == 384
+    assert straight_run.metrics["time/enqueue"] > 0 and straight_run.metrics["time/momentum_encoder"] > 0
 
 
-def test_a_persistent_threshold_is_logged_beside_the_batch_s_own_threshold(straight_extras_run):
-    (log,) = Path(straight_extras_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
+def test_a_persistent_threshold_is_logged_beside_the_batch_s_own_threshold(straight_run):
+    (log,) = Path(straight_run.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
     logged = [row for row in history(log) if "train/threshold" in row]
     assert len(logged) == 3  # steps 2, 4 and 6 of 6
     assert all(row["train/threshold"] != row["train/batch_threshold"] for row in logged)  # d̄ lags d*
 
 
-def test_stopping_after_an_epoch_and_relaunching_or_resuming_from_it_on_s3_matches_the_straight_run(
-    shards, ray_cluster, s3_url, straight_extras_run
-):
-    """With every piece of state a resume must restore (memory, hard batches, a persistent
-    threshold), in bf16; a plain run's exact resume is the killed-worker specification's."""
-    first = train(config(shards, s3_url, "resumed", "train.stop_after_epochs=1", "wandb.enabled=false", *EXTRAS),
-                  show_progress=False)
-    assert first.metrics["step"] == straight_extras_run.metrics["step"] // 2
-    assert first.checkpoint.startswith("s3://")
-    second = train(config(shards, s3_url, "resumed", "wandb.enabled=false", *EXTRAS), show_progress=False)
-    assert second.metrics["step"] == straight_extras_run.metrics["step"]
-    assert_same_parameters(second.final_model, straight_extras_run.final_model)
-    fork = train(config(shards, s3_url, "forked", "wandb.enabled=false", *EXTRAS), resume_from=first.checkpoint,
-                 show_progress=False)
-    assert_same_parameters(fork.final_model, straight_extras_run.final_model)
+@dataclass
+class RunOnS3:
+    """What :func:`run_on_s3` went through, for each specification to check its part."""
+
+    forked: TrainResult  # a new run resumed from the run's epoch-1 checkpoint
+    refusal: str  # the relaunch's error, the run's latest checkpoint being corrupt
+    latest: str  # that checkpoint, deleted as the refusal says
+    previous: str  # the epoch-1 checkpoint before it, which the relaunch goes on from
+    warned: list[str]  # the relaunch's warnings
+    first_written: str  # the step tag of the relaunch's first checkpoint
+    killed: list[int]  # the training worker killed once that checkpoint appeared
+    relaunched: TrainResult  # the relaunch, through the killed worker, to the end
 
 
-def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(run_dir.glob("checkpoint_2*")):
-        time.sleep(0.05)
+def new_checkpoint_steps(run_url: str) -> Callable[[], list[str]]:
+    """A probe of the step tags (``step00000003``) of checkpoints that appear in ``run_url`` (a
+    local folder or an ``s3://`` URL) after this call."""
+    fs, root = open_fs(run_url)
+
+    def steps() -> set[str]:
+        fs.invalidate_cache()
+        return {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.glob(f"{root}/checkpoint_*/step*")}
+
+    before = steps()
+    return lambda: sorted(steps() - before)
+
+
+def kill_a_worker_after_a_new_checkpoint(
+    new_steps: Callable[[], list[str]], seen: list[str], killed: list[int], ended: threading.Event
+) -> None:
+    """Once ``new_steps()`` names a checkpoint, note it in ``seen`` and SIGKILL one training worker
+    (none if the run ``ended`` first)."""
+    while not seen:
+        if ended.wait(0.05):
+            return
+        seen.extend(new_steps())
     for process in psutil.Process().children(recursive=True):  # this test's cluster only
         try:
             title = " ".join([process.name(), *process.cmdline()])
@@ -169,31 +189,99 @@ def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> No
             return
 
 
-def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
-    shards, ray_cluster, straight_run, tmp_path
-):
+@pytest.fixture(scope="module")
+def run_on_s3(shards, ray_cluster, s3_endpoint, straight_run) -> RunOnS3:
+    """The straight run's checkpoints (epoch ends, steps 3 and 6) and Ray's record of them put on
+    S3, as a run trained there leaves them when killed during its last checkpoint's upload; then
+    one launch per specification, each compared with the straight run:
+
+    1. a new run resumes from the epoch-1 checkpoint (``resume_from``: a fork);
+    2. the latest checkpoint being cut short, the relaunch is refused before Ray starts; the
+       checkpoint is deleted, as the refusal says;
+    3. the relaunch goes on from the epoch-1 checkpoint, checkpointing every 2 steps, with a retry
+       (``train.max_failures=1``): one of its workers is killed once it has written a checkpoint."""
+    import boto3
+
+    bucket = f"train-runs-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    storage, settings = f"s3://{bucket}/runs", (*EXTRAS, "wandb.enabled=false")
+    run_url = f"{storage}/interrupted"
+    fs, run = open_fs(run_url)
+    local = Path(straight_run.run_dir)
+    checkpoints = sorted(folder.name for folder in local.glob("checkpoint_*") if folder.is_dir())
+    for name in checkpoints:
+        fs.put(str(local / name), f"{run}/{name}", recursive=True)
+    fs.put_file(str(local / "checkpoint_manager_snapshot.json"), f"{run}/checkpoint_manager_snapshot.json")
+    previous, latest = (f"{run_url}/{name}" for name in checkpoints)
+
+    forked = train(config(shards, storage, "forked", *settings), resume_from=previous, show_progress=False)
+
+    (states,) = fs.glob(f"{run}/{checkpoints[-1]}/step*/mp_rank_00_model_states.pt")
+    fs.pipe_file(states, fs.cat_file(states)[:100])  # an interrupted upload
+    relaunch = config(shards, storage, "interrupted", "train.checkpoint_every=2", "train.max_failures=1", *settings)
+    with pytest.raises(ValueError) as refused:
+        train(relaunch, show_progress=False)
+    fs.rm(f"{run}/{checkpoints[-1]}", recursive=True)
+
+    seen: list[str] = []
     killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(tmp_path / "faulty", killed))
-    killer.start()
-    result = train(
-        config(shards, str(tmp_path), "faulty", "train.checkpoint_every=2", "train.max_failures=1",
-               "wandb.enabled=false"),
-        show_progress=False,
-    )
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    assert result.metrics["step"] == straight_run.metrics["step"]
-    assert_same_parameters(result.final_model, straight_run.final_model)
+    ended = threading.Event()
+    killer = threading.Thread(target=kill_a_worker_after_a_new_checkpoint,
+                              args=(new_checkpoint_steps(run_url), seen, killed, ended))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        killer.start()
+        try:
+            relaunched = train(relaunch, show_progress=False)
+        finally:
+            ended.set()
+            killer.join()
+    return RunOnS3(forked, str(refused.value), latest, previous, [str(w.message) for w in warned],
+                   seen[0] if seen else "", killed, relaunched)
+
+
+def test_resuming_from_a_checkpoint_on_s3_as_a_new_run_matches_the_straight_run(run_on_s3, straight_run):
+    """From the end of an epoch, with a full memory queue and the epoch's hard-batch table."""
+    assert run_on_s3.forked.metrics["step"] == straight_run.metrics["step"]
+    assert run_on_s3.forked.checkpoint.startswith(run_on_s3.forked.run_dir + "/checkpoint_")  # a URL, s3:// kept
+    assert_same_parameters(run_on_s3.forked.final_model, straight_run.final_model)
+
+
+def test_a_relaunch_whose_latest_checkpoint_is_corrupt_is_refused_naming_the_way_out(run_on_s3):
+    """The driver loads every file of the checkpoint Ray would resume, weights-only, before Ray
+    starts; the refusal names the one way out that loses only that checkpoint."""
+    assert run_on_s3.refusal.startswith(f"{run_on_s3.latest}/step00000006/mp_rank_00_model_states.pt: ")
+    assert run_on_s3.refusal.endswith(
+        f"; delete {run_on_s3.latest} to go on from the previous checkpoint ({run_on_s3.previous})")
+
+
+def test_deleting_a_corrupt_latest_checkpoint_goes_on_from_the_previous_one_and_finishes(run_on_s3, straight_run):
+    """The relaunch repairs Ray's snapshot, which still names the deleted checkpoint (Ray alone
+    would refuse the whole run), and resumes from the epoch-1 checkpoint on S3: its first
+    checkpoint is step 4's (a run trained afresh would write step 2's first), and it ends with the
+    straight run's parameters."""
+    assert any(message.endswith(f"the run goes on from {run_on_s3.previous}") for message in run_on_s3.warned)
+    assert run_on_s3.first_written == "step00000004"
+    assert run_on_s3.relaunched.metrics["step"] == straight_run.metrics["step"]
+    assert_same_parameters(run_on_s3.relaunched.final_model, straight_run.final_model)
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(run_on_s3, straight_run):
+    """Ray starts a new worker group (``train.max_failures``), which resumes from the latest
+    checkpoint Ray recorded before the kill, each rank downloading its own copy from S3."""
+    assert run_on_s3.killed, "no training worker was found to kill"
+    assert run_on_s3.relaunched.metrics["step"] == straight_run.metrics["step"]
+    assert_same_parameters(run_on_s3.relaunched.final_model, straight_run.final_model)
 
 
 def test_a_relaunch_with_a_different_batch_shape_or_model_is_refused_before_training(shards, straight_run):
     storage = str(Path(straight_run.run_dir).parent)
     with pytest.raises(ValueError, match="subjects_per_batch changed since the state was saved"):
-        train(config(shards, storage, "straight", "data.subjects_per_batch=12", "wandb.enabled=false"),
+        train(config(shards, storage, "straight", *EXTRAS, "data.subjects_per_batch=12", "wandb.enabled=false"),
               show_progress=False)
     with pytest.raises(ValueError,
                        match="saved for model .*'embedding_size': 64.*this run trains .*'embedding_size': 32"):
-        train(config(shards, storage, "straight", "model.embedding_size=32", "wandb.enabled=false"),
+        train(config(shards, storage, "straight", *EXTRAS, "model.embedding_size=32", "wandb.enabled=false"),
               show_progress=False)
 
 
@@ -207,43 +295,8 @@ def test_a_relaunch_whose_latest_checkpoint_was_tampered_with_is_refused_without
     marker = tmp_path / "executed"
     torch.save({"module": Payload(marker)}, states)
     with pytest.raises(ValueError, match=f"{states}: refused to load: it names io.open"):
-        train(config(shards, str(tmp_path), "tampered", "wandb.enabled=false"), show_progress=False)
+        train(config(shards, str(tmp_path), "tampered", *EXTRAS, "wandb.enabled=false"), show_progress=False)
     assert not marker.exists()
-
-
-def test_deleting_a_corrupt_latest_checkpoint_goes_on_from_the_previous_one_and_finishes(
-    shards, ray_cluster, straight_run, tmp_path
-):
-    """The documented way out of a refused checkpoint: delete it. The relaunch repairs Ray's
-    snapshot and resumes from the epoch-1 checkpoint: it writes only the last step's checkpoint
-    and ends with the straight run's parameters (Ray alone would refuse the whole run)."""
-    run = tmp_path / "recovered"
-    shutil.copytree(straight_run.run_dir, run)
-    previous, latest = sorted(folder for folder in run.glob("checkpoint_*") if folder.is_dir())
-    states = next(latest.glob("step*/mp_rank_00_model_states.pt"))
-    states.write_bytes(states.read_bytes()[:100])  # an interrupted upload
-    recovered = config(shards, str(tmp_path), "recovered", "wandb.enabled=false")
-    way_out = f"; delete {latest} to go on from the previous checkpoint ({previous})"
-    with pytest.raises(ValueError, match=re.escape(way_out)):
-        train(recovered, show_progress=False)
-    shutil.rmtree(latest)
-    with pytest.warns(UserWarning, match=f"the run goes on from {re.escape(str(previous))}$"):
-        result = train(recovered, show_progress=False)
-    assert result.metrics["step"] == straight_run.metrics["step"]
-    (written,) = {folder for folder in run.glob("checkpoint_*") if folder.is_dir()} - {previous}
-    assert [tag.name for tag in written.glob("step*")] == [f"step{result.metrics['step']:08d}"]
-    assert_same_parameters(result.final_model, straight_run.final_model)
-
-
-def test_a_warm_started_run_begins_from_the_exported_weights(shards, ray_cluster, straight_run, tmp_path):
-    frozen = train(
-        config(shards, str(tmp_path), "warm", f"train.init_from={straight_run.best_model}", "train.lr=0",
-               "train.max_steps=1", "wandb.enabled=false"),
-        show_progress=False,
-    )
-    (start, _), (end, _) = load_model(straight_run.best_model), load_model(frozen.final_model)
-    weights = dict(end.named_parameters())  # (BatchNorm's running statistics move even at lr 0)
-    assert all(torch.equal(weights[name], value) for name, value in start.named_parameters())
 
 
 def test_a_warm_start_from_another_architecture_is_refused_before_training(shards, straight_run, tmp_path):
@@ -259,36 +312,57 @@ def test_a_loss_that_cannot_be_built_is_refused_before_training(shards, tmp_path
     assert not (tmp_path / "bad-loss").exists()
 
 
-def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_figures(shards, ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def ablation(shards, ray_cluster, straight_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ablation's output folder: a triplet baseline and an EERLoss arm, 4 steps each, validated
+    every 2 steps and at the end of the 3-batch epoch. The EERLoss arm's own overrides warm-start
+    it from the straight run's best export at rate 0, which makes it the warm-start specification's
+    run too (a launch costs more than the arm's steps)."""
     from pipeline.experiment import ABLATION_ARMS, run_experiment
 
-    arms = {name: ABLATION_ARMS[name] for name in ("eer-area", "triplet-all")}
+    out = tmp_path_factory.mktemp("ablation")
+    frozen = [f"train.init_from={straight_run.best_model}", "train.lr=0"]
+    arms = {"eer-area-frozen": [*ABLATION_ARMS["eer-area"], *frozen], "triplet-all": ABLATION_ARMS["triplet-all"]}
     run_experiment(
-        str(CONFIG), shards, tmp_path / "out", arms,
-        overrides=[f"run.storage={tmp_path / 'runs'}", "train.max_steps=4", "wandb.enabled=false"],
+        str(CONFIG), shards, out, arms,
+        overrides=[f"run.storage={out / 'runs'}", "train.max_steps=4", "wandb.enabled=false"],
         validations=2, show_progress=False,
     )
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    return out
+
+
+def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_figures(ablation):
+    results = json.loads((ablation / "results.json").read_text())
     assert results["best_baseline"] == "triplet-all"
     rows = {row["arm"]: row for row in results["arms"]}
-    assert rows.keys() == {"eer-area", "triplet-all"}
+    assert rows.keys() == {"eer-area-frozen", "triplet-all"}
     assert {row["steps"] for row in rows.values()} == {4}
-    assert Path(rows["eer-area"]["run_dir"]).name.startswith("eer-")  # runs are named by loss and config
+    assert Path(rows["eer-area-frozen"]["run_dir"]).name.startswith("eer-")  # runs are named by loss and config
     assert all(row["wall_s"] > 0 for row in rows.values())
     validated = [step for step, _ in rows["triplet-all"]["val_curve"]]
     assert validated == [2, 3, 4]  # every 2 steps, and at the end of the 3-batch epoch
     assert rows["triplet-all"]["steps_to_best_baseline"] in validated  # it reaches its own final EER
     assert all(0 <= row["eer"] <= 1 and 0 <= row["kvc_eer"] <= 1 for row in rows.values())  # both protocols
     for figure in ("det.png", "val_eer.png", "results.md"):
-        assert (tmp_path / "out" / figure).stat().st_size > 0
+        assert (ablation / figure).stat().st_size > 0
+
+
+def test_a_warm_started_run_begins_from_the_exported_weights(ablation, straight_run):
+    """The ablation's EERLoss arm is one, at rate 0: it ends with the export's weights, which it
+    began from (BatchNorm's running statistics move even at rate 0)."""
+    (row,) = [row for row in json.loads((ablation / "results.json").read_text())["arms"]
+              if row["arm"] == "eer-area-frozen"]
+    (start, _), (end, _) = load_model(straight_run.best_model), load_model(export_path(row["run_dir"], "final"))
+    weights = dict(end.named_parameters())
+    assert all(torch.equal(weights[name], value) for name, value in start.named_parameters())
 
 
 def test_a_bf16_run_validates_and_exports_fp32_weights_that_evaluation_embeds_as_validation_did(
-    straight_extras_run,
+    straight_run,
 ):
-    """Its exact resume is the S3 resume specification's (the extras runs are bf16)."""
-    assert 0 <= straight_extras_run.metrics["val/eer"] <= 1
-    for export in (straight_extras_run.final_model, straight_extras_run.best_model):
+    """Its exact resumes are the S3 run's specifications (the straight run is bf16)."""
+    assert 0 <= straight_run.metrics["val/eer"] <= 1
+    for export in (straight_run.final_model, straight_run.best_model):
         assert all(value.dtype in (torch.float32, torch.int64) for value in parameters(export).values())
         assert load_model(export)[1]["precision"] == "bf16"
 
