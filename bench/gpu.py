@@ -141,16 +141,12 @@ def free_port() -> int:
 def step_engine(config: TrainConfig, subjects: int) -> Any:
     """The DeepSpeed engine a training worker builds for ``config`` (``build_engine``), on one rank;
     ``subjects``: the training split's, which sizes class-based losses."""
-    from pipeline.losses.registry import build_loss
-    from pipeline.models import build_model
+    from pipeline.training.components import build_criterion, build_run_model
     from pipeline.training.engine import build_engine
     from pipeline.training.schedule import Schedule
 
     single_rank_group()
-    model = build_model(config.model.name, features=tuple(config.data.features),
-                        embedding_size=config.model.embedding_size, **config.model.options)
-    criterion = build_loss(config.loss.name, config.model.embedding_size, subjects, **config.loss.options)
-    return build_engine(config, 1, Schedule(1, 1, 1), model, criterion)
+    return build_engine(config, 1, Schedule(1, 1, 1), build_run_model(config), build_criterion(config, subjects))
 
 
 def training_step(engine: Any, batch: Batch) -> dict[str, float]:

@@ -180,8 +180,8 @@ def test_the_schedule_counts_exactly_the_batches_every_rank_yields(
 ) -> None:
     """The driver and the experiments size a run from the manifest alone; the loaders agree."""
     from pipeline.config import TrainConfig
+    from pipeline.training.components import sampler_config
     from pipeline.training.schedule import schedule_of
-    from pipeline.training.worker import sampler_config
     from sharding.format import load_manifest
 
     root, _ = shard_set

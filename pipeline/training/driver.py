@@ -225,20 +225,19 @@ def _check_model_and_loss(config: TrainConfig, subjects: int) -> None:
     workers will: a bad name, option or size fails here, in one line naming its setting."""
     import torch
 
-    from pipeline.losses.registry import MEMORY_LOSSES, build_loss
-    from pipeline.models import build_model
+    from pipeline.losses.registry import MEMORY_LOSSES
+    from pipeline.training.components import build_criterion, build_run_model
     from pipeline.training.warm_start import warm_start_weights
 
     model, loss = config.model, config.loss
     with torch.device("meta"):
-        built = _built(f"model {model.name!r} with model.options={model.options}", lambda: build_model(
-            model.name, features=tuple(config.data.features), embedding_size=model.embedding_size, **model.options))
+        built = _built(f"model {model.name!r} with model.options={model.options}", lambda: build_run_model(config))
     weights = sum(parameter.numel() for parameter in built.parameters())
     if weights > MAX_PARAMETERS:
         raise ValueError(f"model {model.name!r} with model.options={model.options} has {weights:,} weights, "
                          f"more than {MAX_PARAMETERS:,}")
-    criterion = _built(f"loss {loss.name!r} with loss.options={loss.options}", lambda: build_loss(
-        loss.name, model.embedding_size, num_classes=subjects, **loss.options))
+    criterion = _built(f"loss {loss.name!r} with loss.options={loss.options}",
+                       lambda: build_criterion(config, num_classes=subjects))
     if config.loss.memory.size and not criterion.takes_memory:
         raise ValueError(
             f"loss.memory.size={config.loss.memory.size} needs a loss that scores pairs against a memory "
@@ -263,12 +262,10 @@ def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> 
     """A checkpoint continues only the model, the stream, the memory and the persistent threshold
     it was saved with: the loader's own resume check (batch shape, ranks, workers, manifest…), the
     model's settings, the memory's size and encoder and whether the loss carries a threshold."""
-    from pipeline.data import SubjectBatchLoader
-    from pipeline.training.worker import sampler_config
+    from pipeline.training.components import train_loader
 
     if "loader" in saved:
-        loader = SubjectBatchLoader(config.data.shards, "train", sampler_config(config), rank=0,
-                                    world_size=config.train.num_workers, num_workers=config.data.loader_workers)
+        loader = train_loader(config, rank=0, world=config.train.num_workers)
         try:
             loader.load_state_dict(saved["loader"])
         except ValueError as error:

@@ -18,6 +18,7 @@ from pipeline.config import TrainConfig
 from pipeline.exports import export_path, save_model
 from pipeline.training.checkpointer import Checkpointer
 from pipeline.training.clock import StepTimer
+from pipeline.training.components import build_criterion, build_run_model, train_loader
 from pipeline.training.engine import build_engine, pins_memory
 from pipeline.training.hard_batches import HardBatches
 from pipeline.training.memory import CrossBatchMemory, memory_of
@@ -34,7 +35,7 @@ def worker_loop(payload: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-    loader = _train_loader(config, rank, world)
+    loader = train_loader(config, rank, world, pin_memory=pins_memory(config))
     schedule = schedule_of(config, loader.shard_set.manifest)
     model, criterion = _model_and_loss(config, loader.num_classes)
     memory = memory_of(config, model)
@@ -118,33 +119,12 @@ def _every(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def _train_loader(config: TrainConfig, rank: int, world: int) -> Any:
-    from pipeline.data import SubjectBatchLoader
-
-    return SubjectBatchLoader(config.data.shards, "train", sampler_config(config), rank=rank, world_size=world,
-                              num_workers=config.data.loader_workers, pin_memory=pins_memory(config))
-
-
-def sampler_config(config: TrainConfig) -> Any:
-    """The subject-aware sampler's settings (a ``SamplerConfig``) of a training config."""
-    from pipeline.data import SamplerConfig
-
-    data = config.data
-    return SamplerConfig(subjects_per_batch=data.subjects_per_batch, sessions_per_subject=data.sessions_per_subject,
-                         max_len=data.max_len, features=tuple(data.features), short_subjects=data.short_subjects,
-                         seed=config.run.seed, hard_batches=data.hard_batches)
-
-
 def _model_and_loss(config: TrainConfig, num_classes: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The model (warm-started from ``train.init_from`` if set; a checkpoint of this run still
     wins in ``restore``) and the loss; the driver built both once already, so these succeed."""
-    from pipeline.losses.registry import build_loss
-    from pipeline.models import build_model
     from pipeline.training.warm_start import warm_start_weights
 
-    model = build_model(config.model.name, features=tuple(config.data.features),
-                        embedding_size=config.model.embedding_size, **config.model.options)
+    model = build_run_model(config)
     if config.train.init_from:
         model.load_state_dict(warm_start_weights(config))
-    criterion = build_loss(config.loss.name, config.model.embedding_size, num_classes, **config.loss.options)
-    return model, criterion
+    return model, build_criterion(config, num_classes)
