@@ -192,6 +192,23 @@ def batch_size(
 
 @experiment.command()
 @_expected
+def subjects(
+    shards: str = _SHARDS,
+    config: Optional[Path] = _CONFIG,
+    out: Path = _OUT,
+    sizes: str = typer.Option("1000,2000,4000,0", "--sizes",
+                              help="Training subjects, comma-separated; 0: the whole training split."),
+    overrides: Optional[list[str]] = _OVERRIDES,
+) -> None:
+    """The same recipe on nested subsets of the training subjects, at the same steps (give the
+    config's stages train.steps: epochs would grow with the subjects); validated and tested on the
+    same held-out subjects."""
+    arms = {f"subjects-{size or 'all'}": [f"data.train_subjects={size}"] for size in _integers("--sizes", sizes)}
+    _run_arms(config, shards, out, arms, overrides)
+
+
+@experiment.command()
+@_expected
 def memory(
     shards: str = _SHARDS,
     config: Optional[Path] = _CONFIG,

@@ -81,6 +81,7 @@ class HardBatchesSection:
 class DataSection:
     shards: str = "shards"  # the shard set's folder or URL (its manifest.json)
     subjects_per_batch: int = 32  # P, per rank: the global batch holds P × num_workers subjects
+    train_subjects: int = 0  # 0: the whole training split; N: its first shards holding ≥ N subjects (nested)
     sessions_per_subject: int = 8  # K
     max_len: int = 100
     features: list[str] = field(default_factory=lambda: ["keycode", "hold", "flight"])
@@ -91,7 +92,7 @@ class DataSection:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "subjects_per_batch", "sessions_per_subject", "max_len", "eval_batch_size")
-        _at_least(self, 0, "loader_workers")
+        _at_least(self, 0, "loader_workers", "train_subjects")
         if self.max_len > MAX_LEN:
             raise ValueError(f"data.max_len must be ≤ {MAX_LEN}, got {self.max_len}")
         self._check_features()
@@ -177,7 +178,8 @@ class TrainSection:
     num_workers: int = 2  # Ray Train workers = data-parallel ranks
     use_gpu: bool = False
     epochs: int = 1  # ≥ 1
-    max_steps: int = 0  # > 0: stop after this many steps (the schedule still spans `epochs`)
+    steps: int = 0  # > 0: the schedule spans this many steps instead of `epochs` (equal steps on any shard set)
+    max_steps: int = 0  # > 0: stop after this many steps (the schedule still spans `epochs` or `steps`)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -196,7 +198,7 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_workers", "epochs", "log_every", "num_to_keep")
-        _at_least(self, 0, "max_steps", "warmup_steps", "val_every", "checkpoint_every", "max_failures",
+        _at_least(self, 0, "steps", "max_steps", "warmup_steps", "val_every", "checkpoint_every", "max_failures",
                   "stop_after_epochs", "lr", "weight_decay", "grad_clip")
 
 

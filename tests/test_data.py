@@ -196,6 +196,34 @@ def test_the_schedule_counts_exactly_the_batches_every_rank_yields(
     assert schedule.total_steps == schedule.stop_step == 3 * schedule.steps_per_epoch
 
 
+def test_a_smaller_training_set_is_the_first_shards_holding_its_subjects(shard_set: tuple[Path, dict]) -> None:
+    """data.train_subjects: nested subsets of one split (a scaling study's sizes), trained at equal
+    steps with train.steps; the loader, the schedule and the label range agree."""
+    from pipeline.config import TrainConfig
+    from pipeline.training.components import sampler_config
+    from pipeline.training.schedule import schedule_of
+    from sharding.format import load_manifest
+
+    root, _ = shard_set
+    manifest = load_manifest(str(root))
+    sizes = [shard.samples for shard in manifest.shards_of("train")]  # 30, 5, 17, … in manifest order
+    held = {}
+    for wanted, expected in [(1, sizes[0]), (sizes[0] + 1, sum(sizes[:2])), (sum(sizes[:2]) + 1, sum(sizes[:3]))]:
+        train = TrainConfig.load(None, [f"data.shards={root}", f"data.subjects_per_batch={P}", "train.num_workers=1",
+                                        f"data.sessions_per_subject={K}", f"data.train_subjects={wanted}",
+                                        "train.steps=50", "train.epochs=3"])
+        loader = SubjectBatchLoader(str(root), config=sampler_config(train), rank=0, world_size=1)
+        assert loader.num_classes == expected
+        schedule = schedule_of(train, manifest)
+        assert len(epoch(loader)) == schedule.steps_per_epoch == expected // P
+        assert schedule.total_steps == schedule.stop_step == 50  # train.steps, whatever the epoch's length
+        held[wanted] = set(loader.subject_ids)
+    smaller, middle, larger = held.values()
+    assert smaller < middle < larger
+    with pytest.raises(ValueError, match=f"data.train_subjects=1000, but the training split holds {sum(sizes)}"):
+        SubjectBatchLoader(str(root), config=config(subjects=1000))
+
+
 def test_short_subjects_are_skipped_or_repeated(shard_set: tuple[Path, dict]) -> None:
     root, corpus = shard_set
     short = {s for s, sessions in corpus.items() if len(sessions) < K}

@@ -43,15 +43,17 @@ class ShardSet:
             self._pid = os.getpid()
         return self._fs
 
-    def shards(self, split: str) -> list[ShardInfo]:
+    def shards(self, split: str, subjects: int = 0) -> list[ShardInfo]:
+        """The split's shards, or its first ones holding ``subjects`` subjects (:func:`first_subjects`)."""
         shards = self.manifest.shards_of(split)
         if not shards:
             raise ValueError(f"the manifest lists no {split!r} shards")
-        return shards
+        return first_subjects(shards, subjects)
 
-    def subjects(self, split: str) -> list[str]:
-        """The split's subject ids, sorted: a subject's index here is its global integer label."""
-        names = {s.name for s in self.shards(split)}
+    def subjects(self, split: str, subjects: int = 0) -> list[str]:
+        """The ids of the subjects in ``shards(split, subjects)``, sorted: a subject's index here is
+        its global integer label."""
+        names = {s.name for s in self.shards(split, subjects)}
         return sorted(subject for subject, shard in self.manifest.subjects.items() if shard in names)
 
     def samples(self, shard: ShardInfo) -> Iterator[dict[str, Any]]:
@@ -102,6 +104,20 @@ class ShardSet:
             f"shard {shard.name!r} does not match the manifest ({problem}): it was modified or "
             "truncated after sharding; re-run the eerpipe shard command that wrote the set (it rewrites the bad shards)"
         )
+
+
+def first_subjects(shards: Sequence[ShardInfo], subjects: int) -> list[ShardInfo]:
+    """The shortest run of ``shards`` from the first that holds at least ``subjects`` subjects
+    (0: all of them). Sharding places subjects at random, so the first shards are a random subset,
+    and a larger count only adds shards: nested training sets for a study of subjects scaling."""
+    if subjects <= 0:
+        return list(shards)
+    total = 0
+    for count, shard in enumerate(shards, start=1):
+        total += shard.samples
+        if total >= subjects:
+            return list(shards[:count])
+    raise ValueError(f"data.train_subjects={subjects}, but the training split holds {total} subjects")
 
 
 def assign_shards(

@@ -3,7 +3,8 @@ every rank, deterministic from (seed, epoch) and resumable mid-epoch.
 
 How a rank's epoch is made (all ranks run the same code on the same manifest):
 
-1. **Placement** (once, from ``seed`` and the manifest alone): the split's shards are dealt to
+1. **Placement** (once, from ``seed`` and the manifest alone): the split's shards (or its first
+   ones holding ``subjects`` subjects, for a smaller training set) are dealt to
    ``world_size × num_workers`` readers by :func:`assign_shards` (balanced subject counts).
    Shards are disjoint across ranks, hence subjects are: within a global step no subject is on
    two ranks, and every cross-rank pair is a true impostor pair.
@@ -76,6 +77,7 @@ class SamplerConfig:
     short_subjects: str = "skip"  # see the module docstring
     shuffle_buffer: int = 1024  # subjects held per reader
     seed: int = 0
+    subjects: int = 0  # 0: every subject of the split; N: its first shards holding ≥ N (ShardSet.shards)
     hard_batches: HardBatchesSection = field(default_factory=HardBatchesSection)
 
     def __post_init__(self) -> None:
@@ -187,10 +189,10 @@ class SubjectBatchDataset(IterableDataset):
     ) -> None:
         self.shard_set, self.split, self.config = shard_set, split, config
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.subject_ids = shard_set.subjects(split)
+        self.subject_ids = shard_set.subjects(split, config.subjects)
         self.labels = {s: i for i, s in enumerate(self.subject_ids)}
         self.plan = Plan.make(
-            shard_set.shards(split), world_size, num_workers, config.subjects_per_batch, config.seed
+            shard_set.shards(split, config.subjects), world_size, num_workers, config.subjects_per_batch, config.seed
         )
         hard = config.hard_batches
         self.position = SharedPosition(len(self.subject_ids), hard.passed_over + hard.cap if hard.enabled else 0)

@@ -35,7 +35,7 @@ def sampler_config(config: TrainConfig) -> SamplerConfig:
     data = config.data
     return SamplerConfig(subjects_per_batch=data.subjects_per_batch, sessions_per_subject=data.sessions_per_subject,
                          max_len=data.max_len, features=tuple(data.features), short_subjects=data.short_subjects,
-                         seed=config.run.seed, hard_batches=data.hard_batches)
+                         seed=config.run.seed, subjects=data.train_subjects, hard_batches=data.hard_batches)
 
 
 def train_loader(config: TrainConfig, rank: int, world: int, pin_memory: bool = False) -> SubjectBatchLoader:

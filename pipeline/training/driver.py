@@ -18,7 +18,7 @@ from pipeline.config import TrainConfig, absolute
 from pipeline.exports import export_path
 from pipeline.training.checkpointer import check_checkpoint
 from pipeline.training.ray_snapshot import Resumption, resumption
-from pipeline.training.schedule import schedule_of, sessions_per_step
+from pipeline.training.schedule import schedule_of, sessions_per_step, training_shards
 from pipeline.training.state import StageContext
 
 
@@ -148,7 +148,7 @@ def prepare(config: TrainConfig, resume_from: str | None = None) -> tuple[TrainC
     manifest = load_manifest(config.data.shards)  # fails fast: no shards, unreachable storage
     if not manifest.shards_of("train") or not manifest.shards_of("val"):
         raise ValueError(f"{config.data.shards}: training needs train and val shards")
-    subjects = sum(shard.samples for shard in manifest.shards_of("train"))
+    subjects = sum(shard.samples for shard in training_shards(config, manifest))
     _check_batch(config, subjects)
     schedule_of(config, manifest)  # refuses fewer shards than readers, or a batch a reader cannot fill
     _check_model_and_loss(config, subjects)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from pipeline.config import TrainConfig
-from sharding.format import Manifest
+from sharding.format import Manifest, ShardInfo
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Schedule:
     """Step counts of a run (every rank takes the same steps)."""
 
     steps_per_epoch: int
-    total_steps: int  # epochs × steps_per_epoch: the span of the learning-rate schedule
+    total_steps: int  # train.steps, or epochs × steps_per_epoch: the span of the learning-rate schedule
     stop_step: int  # where the run stops: the end, or earlier for max_steps / stop_after_epochs
 
 
@@ -32,7 +32,7 @@ def schedule_of(config: TrainConfig, manifest: Manifest) -> Schedule:
     data, train = config.data, config.train
     try:
         plan = Plan.make(
-            manifest.shards_of("train"), train.num_workers, data.loader_workers, data.subjects_per_batch,
+            training_shards(config, manifest), train.num_workers, data.loader_workers, data.subjects_per_batch,
             config.run.seed
         )
     except ValueError as error:
@@ -41,12 +41,21 @@ def schedule_of(config: TrainConfig, manifest: Manifest) -> Schedule:
             f"{train.num_workers}, data.loader_workers={data.loader_workers}: {error}"
         ) from None
     steps = plan.batches_per_epoch
-    stop = steps * train.epochs
+    total = train.steps or steps * train.epochs
+    stop = total
     if train.max_steps > 0:
         stop = min(stop, train.max_steps)
     if train.stop_after_epochs > 0:
         stop = min(stop, train.stop_after_epochs * steps)
-    return Schedule(steps, steps * train.epochs, stop)
+    return Schedule(steps, total, stop)
+
+
+def training_shards(config: TrainConfig, manifest: Manifest) -> list[ShardInfo]:
+    """The shards a run trains on: the training split, or its first shards holding
+    ``data.train_subjects`` subjects."""
+    from pipeline.data.shards import first_subjects
+
+    return first_subjects(manifest.shards_of("train"), config.data.train_subjects)
 
 
 def end_step(config: TrainConfig, schedule: Schedule) -> int:
