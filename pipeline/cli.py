@@ -124,13 +124,14 @@ _OVERRIDES = typer.Argument(None, help="section.key=value overrides applied to e
 
 
 def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]],
-              overrides: Optional[list[str]]) -> None:
+              overrides: Optional[list[str]], arm_configs: Optional[dict[str, str]] = None) -> None:
     from pipeline.cluster import use_local_ray_settings
 
     use_local_ray_settings()
     from pipeline.experiment import run_experiment
 
-    run_experiment(str(config) if config else None, shards, out, arms, overrides=overrides or [])
+    run_experiment(str(config) if config else None, shards, out, arms, overrides=overrides or [],
+                   arm_configs=arm_configs)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
 
@@ -198,13 +199,33 @@ def subjects(
     out: Path = _OUT,
     sizes: str = typer.Option("1000,2000,4000,0", "--sizes",
                               help="Training subjects, comma-separated; 0: the whole training split."),
+    control: Optional[Path] = typer.Option(None, "--control",
+                                           help="A baseline's config, trained at every size too (subjects-N-control)."),
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """The same recipe on nested subsets of the training subjects, at the same steps (give the
     config's stages train.steps: epochs would grow with the subjects); validated and tested on the
-    same held-out subjects."""
-    arms = {f"subjects-{size or 'all'}": [f"data.train_subjects={size}"] for size in _integers("--sizes", sizes)}
-    _run_arms(config, shards, out, arms, overrides)
+    same held-out subjects. `eerpipe experiment summary` gives the recipe's lead against subjects."""
+    from pipeline.experiment import subjects_arms
+
+    arms, arm_configs = subjects_arms(_integers("--sizes", sizes), str(control) if control else None)
+    _run_arms(config, shards, out, arms, overrides, arm_configs)
+
+
+@experiment.command()
+@_expected
+def summary(
+    folders: list[Path] = typer.Argument(..., help="Output folders of one experiment, e.g. one per run.seed."),
+    out: Path = typer.Option(Path("summary"), "--out", help="Folder for summary.md/json and lead.png."),
+    predict_at: Optional[int] = typer.Option(None, "--predict-at", min=1,
+                                             help="Extrapolate the lead's trend to this many training subjects."),
+) -> None:
+    """Each arm's mean ± sd over the folders, and an arm's lead over its -control arm (against the
+    training subjects, when they differ)."""
+    from pipeline.experiment_summary import summarize
+
+    summarize(folders, out, predict_at)
+    typer.echo((out / "summary.md").read_text())
 
 
 @experiment.command()

@@ -22,6 +22,7 @@ curve per arm, session protocol) and ``val_eer.png``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,20 @@ def operating_point_arms(
     return arms
 
 
+def subjects_arms(sizes: list[int], control: str | None = None) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """An arm per training-set size (``subjects-1000``, ``subjects-all`` for 0), and with a
+    ``control`` config, that config's arm at each size beside it (``subjects-1000-control``):
+    the arms and the arms' own config files, for :func:`run_experiment`."""
+    arms, configs = {}, {}
+    for size in sizes:
+        name = f"subjects-{size or 'all'}"
+        arms[name] = [f"data.train_subjects={size}"]
+        if control:
+            arms[f"{name}{CONTROL_SUFFIX}"], configs[f"{name}{CONTROL_SUFFIX}"] = arms[name], control
+    return arms, configs
+
+
+CONTROL_SUFFIX = "-control"  # arm X-control is X's baseline: the summary reports X's lead over it
 OURS = "eer"  # arms whose loss is this, or a sum with it, are "ours"; the others are baselines
 
 
@@ -119,6 +134,7 @@ class Arm:
     seconds: float  # training wall time, summed over the launches of the run
     steps: int  # summed over a staged arm's stages, as are the sessions
     sessions: int  # training sessions seen
+    train_subjects: int  # subjects of the training set (data.train_subjects rounds up to whole shards)
     report: dict[str, Any]  # session protocol
     kvc_report: dict[str, Any]  # KVC enrolment-set protocol
     truth: np.ndarray
@@ -134,14 +150,20 @@ def run_experiment(
     overrides: list[str] | tuple[str, ...] = (),
     validations: int = 10,
     show_progress: bool = True,
+    arm_configs: Mapping[str, str] | None = None,
 ) -> list[Arm]:
-    """Train and score every arm; write the tables and figures; return the arms."""
+    """Train and score every arm; write the tables and figures; return the arms. ``arm_configs``
+    gives an arm its own config file instead of ``config_path`` (a recipe's control)."""
     from pipeline.evaluation.commands import embed_split
     from pipeline.training import train
+    from pipeline.training.schedule import training_shards
+    from sharding.format import load_manifest
 
     # every arm's settings are checked before the first one trains for an hour
-    configs = {name: _arm_config(config_path, shards, [*overrides, *arm_overrides], validations)
+    arm_configs = arm_configs or {}
+    configs = {name: _arm_config(arm_configs.get(name, config_path), shards, [*overrides, *arm_overrides], validations)
                for name, arm_overrides in arms.items()}
+    manifest = load_manifest(shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -150,10 +172,11 @@ def run_experiment(
         result = train(config, show_progress=show_progress)
         embedded = embed_split(result.best_model, shards, split="test")
         sessions, kvc = embedded.score("session"), embedded.score("kvc")
+        subjects = sum(shard.samples for shard in training_shards(config.final_stage, manifest))
         results.append(
             Arm(name, arm_overrides, recipe_loss(config), OURS in config.final_stage.loss.name.split("+"),
                 result.run_dir, result.curve, result.metrics["time/train_s"], result.metrics["step"], result.sessions,
-                sessions.report, kvc.report, sessions.truth, sessions.scores)
+                subjects, sessions.report, kvc.report, sessions.truth, sessions.scores)
         )
     _write(out, results)
     return results
@@ -234,6 +257,7 @@ def _write(out: Path, arms: list[Arm]) -> None:
                 "steps_to_best_baseline": reached,
                 "steps": arm.steps,
                 "sessions": arm.sessions,
+                "train_subjects": arm.train_subjects,
                 "wall_s": arm.seconds,
                 "val_curve": arm.curve,
             }

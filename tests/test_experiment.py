@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_the_operating_point_experiment_scores_every_impostor_pair_unless_told_o
 ):
     seen = []
 
-    def record(config, shards, out, arms, *, overrides):  # the arms' shared overrides, instead of training
+    def record(config, shards, out, arms, *, overrides, arm_configs):  # the arms' shared overrides, instead of training
         seen.append(TrainConfig.load(config, list(overrides)).eval.impostors_per_session)
         out.mkdir()
         (out / "results.md").write_text("")
@@ -173,3 +174,55 @@ def test_an_arm_setting_what_every_stage_sets_again_is_refused_before_anything_r
     assert result.exit_code == 1
     assert "loss.name is set by every stage of train.stages, so overriding it changes nothing" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_subjects_experiment_trains_the_recipe_and_its_control_at_every_size():
+    from pipeline.experiment import subjects_arms
+
+    arms, configs = subjects_arms([1000, 0], control="control.yaml")
+    assert arms == {"subjects-1000": ["data.train_subjects=1000"],
+                    "subjects-1000-control": ["data.train_subjects=1000"],
+                    "subjects-all": ["data.train_subjects=0"], "subjects-all-control": ["data.train_subjects=0"]}
+    assert configs == {"subjects-1000-control": "control.yaml", "subjects-all-control": "control.yaml"}
+    assert subjects_arms([500]) == ({"subjects-500": ["data.train_subjects=500"]}, {})
+
+
+def _results(folder: Path, arms: dict[str, tuple[int, float]]) -> Path:
+    """An experiment's results.json: arm → (training subjects, test EER), every metric = the EER."""
+    from pipeline.experiment_summary import METRICS
+
+    folder.mkdir()
+    rows = [{"arm": arm, "train_subjects": subjects, "steps": 10, "sessions": 80, **dict.fromkeys(METRICS, eer)}
+            for arm, (subjects, eer) in arms.items()]
+    (folder / "results.json").write_text(json.dumps({"arms": rows}))
+    return folder
+
+
+def test_a_summary_gives_each_arm_over_seeds_and_the_recipes_lead_over_its_control_against_subjects(tmp_path):
+    from pipeline.experiment_summary import summarize
+
+    leads = {100: [0.10, 0.12, 0.14], 1000: [0.20, 0.22, 0.24], 10000: [0.30, 0.32, 0.34]}  # +10 points a decade
+    folders = [_results(tmp_path / f"seed{seed}", {
+        **{f"subjects-{n}": (n, 0.05 * (1 - lead[seed])) for n, lead in leads.items()},
+        **{f"subjects-{n}-control": (n, 0.05) for n in leads},
+    }) for seed in range(3)]
+    summary = summarize(folders, tmp_path / "summary", predict_at=100_000)
+    row = {row["arm"]: row for row in summary["arms"]}["subjects-100"]
+    assert row["seeds"] == 3 and row["eer"] == pytest.approx((0.05 * 0.88, 0.05 * 0.02))
+    lead = {lead["arm"]: lead for lead in summary["leads"]}["subjects-1000"]
+    assert lead["eer"]["per_seed"] == pytest.approx([0.20, 0.22, 0.24])
+    assert lead["kvc_eer"]["mean_sd"] == pytest.approx((0.22, 0.02))
+    trend = summary["trends"]["eer"]
+    assert (trend["slope"], trend["predicted"]) == (pytest.approx(0.10), pytest.approx(0.42))
+    assert trend["low"] < 0.42 < trend["high"]
+    assert (tmp_path / "summary" / "lead.png").stat().st_size > 0
+    assert "42.0 %" in (tmp_path / "summary" / "summary.md").read_text()
+
+
+def test_a_summary_of_folders_with_different_arms_is_refused_naming_the_folder(tmp_path):
+    from pipeline.experiment_summary import summarize
+
+    first = _results(tmp_path / "a", {"eer-area": (100, 0.1)})
+    other = _results(tmp_path / "b", {"triplet-all": (100, 0.1)})
+    with pytest.raises(ValueError, match=f"{other}: its arms \\['triplet-all'\\] differ"):
+        summarize([first, other], tmp_path / "out")

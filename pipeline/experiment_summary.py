@@ -1,0 +1,167 @@
+"""An experiment repeated over seeds, in one table: each arm's mean ± sd, and a recipe's lead over
+its control.
+
+A comparison counts only beyond the spread over seeds (docs/results.md, "The benchmarks"), so a
+study runs the same experiment with ``run.seed=0,1,2`` into one folder each and summarises the
+folders here. An arm ``X`` with an arm ``X-control`` beside it gets its relative lead,
+``(control − X) / control``, in each folder (the same seed), then mean ± sd. When those arms
+trained on different numbers of subjects (``eerpipe experiment subjects``), the lead is plotted
+against the subjects and its trend, linear in log subjects, extrapolated with a 95 % prediction
+interval: the question a 1,000-subject study asks about a 100,000-subject corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.experiment import CONTROL_SUFFIX
+
+METRICS = {  # results.json key: the table's title
+    "eer": "EER", "kvc_eer": "KVC EER",
+    "per_subject_eer": "per-subject EER", "kvc_per_subject_eer": "KVC per-subject EER",
+    "fnmr_at_fmr_1%": "FNMR@1%FMR", "fnmr_at_fmr_0.1%": "FNMR@0.1%FMR",
+    "kvc_fnmr_at_fmr_1%": "KVC FNMR@1%FMR", "kvc_fnmr_at_fmr_0.1%": "KVC FNMR@0.1%FMR",
+}
+LEAD_METRICS = ("eer", "kvc_eer")  # the test EER under both protocols
+
+
+@dataclass(frozen=True)
+class Trend:
+    """``lead = intercept + slope · log10(subjects)``, fitted on every seed's lead."""
+
+    intercept: float
+    slope: float
+    at: int  # subjects of the prediction
+    predicted: float
+    low: float  # 95 % prediction interval of one more seed's lead there
+    high: float
+
+
+def summarize(folders: list[Path], out: Path, predict_at: int | None = None) -> dict[str, Any]:
+    """Write ``summary.md``, ``summary.json`` and, for leads at several training-set sizes,
+    ``lead.png`` in ``out``; return the summary."""
+    runs = [_arms(folder) for folder in folders]
+    names = list(runs[0])
+    for folder, run in zip(folders, runs):
+        if set(run) != set(names):
+            raise ValueError(f"{folder}: its arms {sorted(run)} differ from {folders[0]}'s {sorted(names)}: "
+                             "summarise folders of the same experiment")
+    rows = [_arm_row(name, [run[name] for run in runs]) for name in names]
+    leads = [_lead_row(name, runs) for name in names if f"{name}{CONTROL_SUFFIX}" in runs[0]]
+    sizes = {lead["train_subjects"] for lead in leads}
+    trends = {metric: _trend(leads, metric, predict_at) for metric in LEAD_METRICS} if len(sizes) > 1 else {}
+    summary = {"folders": [str(folder) for folder in folders], "arms": rows, "leads": leads,
+               "trends": {metric: trend.__dict__ for metric, trend in trends.items() if trend}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(_markdown(rows, leads, trends, len(folders)))
+    if len(sizes) > 1:
+        _plot_leads(leads, trends, out / "lead.png")
+    return summary
+
+
+def _arms(folder: Path) -> dict[str, dict[str, Any]]:
+    path = folder / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no experiment results (eerpipe experiment … --out {folder} writes them)")
+    return {row["arm"]: row for row in json.loads(path.read_text())["arms"]}
+
+
+def _arm_row(name: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"arm": name, "seeds": len(seeds)}
+    for key in ("train_subjects", "steps", "sessions"):
+        row[key] = seeds[0].get(key)
+    for key in METRICS:
+        row[key] = _mean_sd([seed[key] for seed in seeds])
+    return row
+
+
+def _lead_row(name: str, runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The relative lead of arm ``name`` over its control, in each folder, then mean ± sd."""
+    row: dict[str, Any] = {"arm": name, "train_subjects": runs[0][name].get("train_subjects")}
+    for key in LEAD_METRICS:
+        per_seed = [1 - run[name][key] / run[f"{name}{CONTROL_SUFFIX}"][key] for run in runs]
+        row[key] = {"per_seed": per_seed, "mean_sd": _mean_sd(per_seed)}
+    return row
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (none from one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _trend(leads: list[dict[str, Any]], metric: str, predict_at: int | None) -> Trend | None:
+    """Least squares over every (log10 subjects, seed's lead) point; the interval is Student's t
+    for one new observation at ``predict_at`` (none without a size to predict at or with fewer
+    than three points)."""
+    from scipy import stats
+
+    x = np.array([math.log10(lead["train_subjects"]) for lead in leads for _ in lead[metric]["per_seed"]])
+    y = np.array([value for lead in leads for value in lead[metric]["per_seed"]])
+    if predict_at is None or len(x) < 3:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    scale = math.sqrt(float(residual @ residual) / (len(x) - 2))
+    at = math.log10(predict_at)
+    spread = scale * math.sqrt(1 + 1 / len(x) + (at - x.mean()) ** 2 / float(((x - x.mean()) ** 2).sum()))
+    predicted, half = intercept + slope * at, float(stats.t.ppf(0.975, len(x) - 2)) * spread
+    return Trend(float(intercept), float(slope), predict_at, float(predicted), float(predicted - half),
+                 float(predicted + half))
+
+
+def _pct(value: tuple[float, float | None]) -> str:
+    mean, sd = value
+    return f"{100 * mean:.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}")
+
+
+def _markdown(rows: list[dict[str, Any]], leads: list[dict[str, Any]], trends: dict[str, Trend | None],
+              folders: int) -> str:
+    lines = [f"Mean ± sample sd over {folders} folders (seeds); test split, %.", "",
+             "| arm | training subjects | steps | sessions | " + " | ".join(METRICS.values()) + " |",
+             "|:--|" + "--:|" * (3 + len(METRICS))]
+    for row in rows:
+        lines.append(f"| {row['arm']} | {row['train_subjects']} | {row['steps']} | {row['sessions']} | "
+                     + " | ".join(_pct(row[key]) for key in METRICS) + " |")
+    if leads:
+        lines += ["", f"Relative lead over the `{CONTROL_SUFFIX}` arm, 1 − EER / control's EER, %:", "",
+                  "| arm | training subjects | session EER lead | KVC EER lead |", "|:--|--:|--:|--:|"]
+        lines += [f"| {lead['arm']} | {lead['train_subjects']} | {_pct(lead['eer']['mean_sd'])} | "
+                  f"{_pct(lead['kvc_eer']['mean_sd'])} |" for lead in leads]
+    for metric, trend in trends.items():
+        if trend:
+            lines += ["", f"{METRICS[metric]} lead = {100 * trend.intercept:.2f} {100 * trend.slope:+.2f} · "
+                      f"log10(subjects) %; at {trend.at:,} subjects {100 * trend.predicted:.1f} % (95 % prediction "
+                      f"interval {100 * trend.low:.1f} … {100 * trend.high:.1f} %)"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_leads(leads: list[dict[str, Any]], trends: dict[str, Trend | None], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.subplots()
+    subjects = [lead["train_subjects"] for lead in leads]
+    for metric in LEAD_METRICS:
+        means = [100 * lead[metric]["mean_sd"][0] for lead in leads]
+        spreads = [100 * (lead[metric]["mean_sd"][1] or 0) for lead in leads]
+        line = axes.errorbar(subjects, means, yerr=spreads, marker="o", capsize=3, label=METRICS[metric])
+        trend = trends.get(metric)
+        if trend:
+            xs = np.geomspace(min(subjects), trend.at, 50)
+            axes.plot(xs, 100 * (trend.intercept + trend.slope * np.log10(xs)), linestyle="--",
+                      color=line[0].get_color(), alpha=0.6)
+            axes.errorbar([trend.at], [100 * trend.predicted], yerr=[[100 * (trend.predicted - trend.low)],
+                          [100 * (trend.high - trend.predicted)]], marker="s", capsize=3, color=line[0].get_color())
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set(xscale="log", xlabel="training subjects", ylabel="relative test EER lead over the control (%)",
+             title="Lead against training subjects (mean ± sd over seeds)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
