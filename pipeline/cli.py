@@ -79,6 +79,10 @@ def evaluate(
     ),
     out: str = typer.Option("evaluation", "--out", help="Local folder for metrics.json, report.md and det.png."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, help="Sessions per forward pass."),
+    participants: Optional[Path] = typer.Option(
+        None, "--participants",
+        help="Score only the split's subjects listed in this file (one id per line), e.g. one source of a benchmark."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Official KVC metrics of an exported model on a split of a shard set."""
@@ -89,7 +93,7 @@ def evaluate(
     report, folder = run_evaluation(
         checkpoint, shards, split=split, protocol=protocol_name(protocol),
         impostors=None if impostors is None else _impostors(impostors), out_dir=out,
-        batch_size=batch_size, progress=not quiet,
+        batch_size=batch_size, progress=not quiet, participants=participants,
     )
     typer.echo(report_to_markdown(report))
     typer.echo(f"\nwritten: {folder}/metrics.json, {folder}/report.md, {folder}/det.png")
@@ -121,19 +125,32 @@ _SHARDS = typer.Option(..., "--shards", help="The shard set's folder or URL (its
 _CONFIG = typer.Option(None, "--config", "-c", help="YAML training config shared by every arm.")
 _OUT = typer.Option(Path("experiment"), "--out", help="Folder for results.md/json, det.png and val_eer.png.")
 _OVERRIDES = typer.Argument(None, help="section.key=value overrides applied to every arm (an arm's own keys win).")
+_PARTICIPANTS = typer.Option(None, "--participants",
+                             help="Also score the test subjects listed in this file, named by its stem; repeat it "
+                                  "for each source of a combined benchmark.")
 
 
 def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]],
-              overrides: Optional[list[str]], arm_configs: Optional[dict[str, str]] = None) -> None:
+              overrides: Optional[list[str]], arm_configs: Optional[dict[str, str]] = None,
+              participants: Optional[list[Path]] = None) -> None:
     from pipeline.cluster import use_local_ray_settings
 
     use_local_ray_settings()
     from pipeline.experiment import run_experiment
 
+    groups = _participant_groups(participants or [])
     run_experiment(str(config) if config else None, shards, out, arms, overrides=overrides or [],
-                   arm_configs=arm_configs)
+                   arm_configs=arm_configs, participants=groups)
     typer.echo((out / "results.md").read_text())
     typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
+
+
+def _participant_groups(paths: list[Path]) -> dict[str, Path]:
+    """``--participants`` lists by name (the file's stem), or a one-line error for two of one name."""
+    groups = {path.stem: path for path in paths}
+    if len(groups) != len(paths):
+        raise ValueError(f"--participants: two lists share a file name ({[str(path) for path in paths]})")
+    return groups
 
 
 def _impostors(text: str) -> int | Literal["all"]:
@@ -169,12 +186,14 @@ def ablation(
     config: Optional[Path] = _CONFIG,
     out: Path = _OUT,
     arms: str = typer.Option("", "--arms", help="Comma-separated subset of the arms (default: all)."),
+    participants: Optional[list[Path]] = _PARTICIPANTS,
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """Every loss with the same model, batches, optimizer, seed and steps."""
     from pipeline.experiment import chosen_arms
 
-    _run_arms(config, shards, out, chosen_arms([a for a in arms.split(",") if a]), overrides)
+    _run_arms(config, shards, out, chosen_arms([a for a in arms.split(",") if a]), overrides,
+              participants=participants)
 
 
 @experiment.command("batch-size")
@@ -184,11 +203,12 @@ def batch_size(
     config: Optional[Path] = _CONFIG,
     out: Path = _OUT,
     subjects: str = typer.Option("4,8,16,32", "--subjects", help="Subjects per rank per batch (P), comma-separated."),
+    participants: Optional[list[Path]] = _PARTICIPANTS,
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """EER against the number of subjects per global batch (P × ranks, gathered)."""
     arms = {f"P{p}": [f"data.subjects_per_batch={p}"] for p in _integers("--subjects", subjects)}
-    _run_arms(config, shards, out, arms, overrides)
+    _run_arms(config, shards, out, arms, overrides, participants=participants)
 
 
 @experiment.command()
@@ -201,6 +221,7 @@ def subjects(
                               help="Training subjects, comma-separated; 0: the whole training split."),
     control: Optional[Path] = typer.Option(None, "--control",
                                            help="A baseline's config, trained at every size too (subjects-N-control)."),
+    participants: Optional[list[Path]] = _PARTICIPANTS,
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """The same recipe on nested subsets of the training subjects, at the same steps (give the
@@ -209,7 +230,7 @@ def subjects(
     from pipeline.experiment import subjects_arms
 
     arms, arm_configs = subjects_arms(_integers("--sizes", sizes), str(control) if control else None)
-    _run_arms(config, shards, out, arms, overrides, arm_configs)
+    _run_arms(config, shards, out, arms, overrides, arm_configs, participants)
 
 
 @experiment.command()
@@ -238,6 +259,7 @@ def memory(
     losses: str = typer.Option("eer-area,multisimilarity", "--losses", help="Ablation arms that get each memory."),
     encoders: str = typer.Option("momentum,current", "--encoders",
                                  help="Who embeds the queue: momentum (an EMA of the model), current (the model)."),
+    participants: Optional[list[Path]] = _PARTICIPANTS,
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """Each loss with each cross-batch memory size and encoder, at the same budget."""
@@ -245,7 +267,7 @@ def memory(
 
     arms = memory_arms([a for a in losses.split(",") if a], _integers("--sizes", sizes),
                        [e for e in encoders.split(",") if e])
-    _run_arms(config, shards, out, arms, overrides)
+    _run_arms(config, shards, out, arms, overrides, participants=participants)
 
 
 @experiment.command("operating-point")
@@ -263,6 +285,7 @@ def operating_point(
         None, "--band",
         help="Add an arm, target-fmr-band-<t>-<b>: the FNMR averaged over FMRs from --fmr up to this one.",
     ),
+    participants: Optional[list[Path]] = _PARTICIPANTS,
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
     """EERLoss at the EER point vs at a fixed FMR (and at a persistent threshold, or an FMR band):
@@ -274,7 +297,8 @@ def operating_point(
     from pipeline.experiment import operating_point_arms
 
     arms = operating_point_arms(fmr, threshold_momentum, band)
-    _run_arms(config, shards, out, arms, ["eval.impostors_per_session=all", *(overrides or [])])
+    _run_arms(config, shards, out, arms, ["eval.impostors_per_session=all", *(overrides or [])],
+              participants=participants)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class Arm:
     train_subjects: int  # subjects of the training set (data.train_subjects rounds up to whole shards)
     report: dict[str, Any]  # session protocol
     kvc_report: dict[str, Any]  # KVC enrolment-set protocol
+    groups: dict[str, dict[str, float | None]]  # a participant list's name: its test subjects' metrics
     truth: np.ndarray
     scores: np.ndarray
 
@@ -151,9 +152,12 @@ def run_experiment(
     validations: int = 10,
     show_progress: bool = True,
     arm_configs: Mapping[str, str] | None = None,
+    participants: Mapping[str, Path] | None = None,
 ) -> list[Arm]:
     """Train and score every arm; write the tables and figures; return the arms. ``arm_configs``
-    gives an arm its own config file instead of ``config_path`` (a recipe's control)."""
+    gives an arm its own config file instead of ``config_path`` (a recipe's control);
+    ``participants`` names lists of test subjects (one per source of a combined benchmark) that
+    are also scored on their own."""
     from pipeline.evaluation.commands import embed_split
     from pipeline.training import train
     from pipeline.training.schedule import training_shards
@@ -164,6 +168,8 @@ def run_experiment(
     configs = {name: _arm_config(arm_configs.get(name, config_path), shards, [*overrides, *arm_overrides], validations)
                for name, arm_overrides in arms.items()}
     manifest = load_manifest(shards)
+    participants = participants or {}
+    _check_participants(participants, manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -173,10 +179,11 @@ def run_experiment(
         embedded = embed_split(result.best_model, shards, split="test")
         sessions, kvc = embedded.score("session"), embedded.score("kvc")
         subjects = sum(shard.samples for shard in training_shards(config.final_stage, manifest))
+        groups = {group: _both_protocols(embedded.only(path)) for group, path in participants.items()}
         results.append(
             Arm(name, arm_overrides, recipe_loss(config), OURS in config.final_stage.loss.name.split("+"),
                 result.run_dir, result.curve, result.metrics["time/train_s"], result.metrics["step"], result.sessions,
-                subjects, sessions.report, kvc.report, sessions.truth, sessions.scores)
+                subjects, sessions.report, kvc.report, groups, sessions.truth, sessions.scores)
         )
     _write(out, results)
     return results
@@ -199,6 +206,18 @@ def _arm_config(config_path: str | None, shards: str, overrides: list[str], vali
     config.train.max_failures = max(config.train.max_failures, 3)  # a crashed worker resumes the arm
     config.run.name = arm_run_name(recipe_loss(config), config.digest())
     return config
+
+
+def _check_participants(participants: Mapping[str, Path], manifest: Any) -> None:
+    """Each list readable and naming at least two test subjects: refused before the first arm
+    trains, not after."""
+    from sharding.participants import read_participants
+
+    test_shards = {shard.name for shard in manifest.shards_of("test")}
+    test = {subject for subject, shard in manifest.subjects.items() if shard in test_shards}
+    for path in participants.values():
+        if len(test.intersection(read_participants(path))) < 2:
+            raise ValueError(f"{path}: lists fewer than 2 of the test split's subjects")
 
 
 def _refuse_overridden_by_every_stage(config: TrainConfig, overrides: list[str]) -> None:
@@ -253,6 +272,7 @@ def _write(out: Path, arms: list[Arm]) -> None:
                 "run_dir": arm.run_dir,
                 **_test_metrics(arm.report),
                 **_test_metrics(arm.kvc_report, "kvc_"),
+                "groups": arm.groups,
                 "final_val_eer": arm.curve[-1][1] if arm.curve else None,
                 "steps_to_best_baseline": reached,
                 "steps": arm.steps,
@@ -276,6 +296,11 @@ def _write(out: Path, arms: list[Arm]) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", ncols=2)
     figure.savefig(out / "val_eer.png", dpi=120)
+
+
+def _both_protocols(embedded: Any) -> dict[str, float | None]:
+    """The test metrics of an embedded split under both protocols (``kvc_`` keys for KVC's)."""
+    return {**_test_metrics(embedded.score("session").report), **_test_metrics(embedded.score("kvc").report, "kvc_")}
 
 
 def _test_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float | None]:

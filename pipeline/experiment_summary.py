@@ -45,24 +45,31 @@ class Trend:
 
 def summarize(folders: list[Path], out: Path, predict_at: int | None = None) -> dict[str, Any]:
     """Write ``summary.md``, ``summary.json`` and, for leads at several training-set sizes,
-    ``lead.png`` in ``out``; return the summary."""
+    ``lead.png`` in ``out``, for all test subjects and for each participant list the experiment
+    scored (``--participants``: ``lead-NAME.png``); return the summary."""
     runs = [_arms(folder) for folder in folders]
     names = list(runs[0])
     for folder, run in zip(folders, runs):
         if set(run) != set(names):
             raise ValueError(f"{folder}: its arms {sorted(run)} differ from {folders[0]}'s {sorted(names)}: "
                              "summarise folders of the same experiment")
-    rows = [_arm_row(name, [run[name] for run in runs]) for name in names]
-    leads = [_lead_row(name, runs) for name in names if f"{name}{CONTROL_SUFFIX}" in runs[0]]
-    sizes = {lead["train_subjects"] for lead in leads}
-    trends = {metric: _trend(leads, metric, predict_at) for metric in LEAD_METRICS} if len(sizes) > 1 else {}
-    summary = {"folders": [str(folder) for folder in folders], "arms": rows, "leads": leads,
-               "trends": {metric: trend.__dict__ for metric, trend in trends.items() if trend}}
     out.mkdir(parents=True, exist_ok=True)
+    parts: list[str | None] = [None, *runs[0][names[0]].get("groups", {})]
+    summary: dict[str, Any] = {"folders": [str(folder) for folder in folders]}
+    text = []
+    for part in parts:  # every test subject, then each participant list's
+        rows = [_arm_row(name, [_metrics(run[name], part) for run in runs]) for name in names]
+        leads = [_lead_row(name, runs, part) for name in names if f"{name}{CONTROL_SUFFIX}" in runs[0]]
+        sizes = {lead["train_subjects"] for lead in leads}
+        trends = {metric: _trend(leads, metric, predict_at) for metric in LEAD_METRICS} if len(sizes) > 1 else {}
+        summary[part or "all"] = {"arms": rows, "leads": leads,
+                                  "trends": {metric: trend.__dict__ for metric, trend in trends.items() if trend}}
+        title = "all test subjects" if part is None else f"the test subjects of {part}"
+        text.append(f"## {title}\n\n" + _markdown(rows, leads, trends, len(folders)))
+        if len(sizes) > 1:
+            _plot_leads(leads, trends, out / f"lead{'' if part is None else '-' + part}.png", title)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(_markdown(rows, leads, trends, len(folders)))
-    if len(sizes) > 1:
-        _plot_leads(leads, trends, out / "lead.png")
+    (out / "summary.md").write_text("\n".join(text))
     return summary
 
 
@@ -71,6 +78,11 @@ def _arms(folder: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"{path}: no experiment results (eerpipe experiment … --out {folder} writes them)")
     return {row["arm"]: row for row in json.loads(path.read_text())["arms"]}
+
+
+def _metrics(row: dict[str, Any], part: str | None) -> dict[str, Any]:
+    """An arm's results on every test subject (``part`` None) or on one participant list's."""
+    return row if part is None else {**row, **row["groups"][part]}
 
 
 def _arm_row(name: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,11 +94,12 @@ def _arm_row(name: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _lead_row(name: str, runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+def _lead_row(name: str, runs: list[dict[str, dict[str, Any]]], part: str | None) -> dict[str, Any]:
     """The relative lead of arm ``name`` over its control, in each folder, then mean ± sd."""
     row: dict[str, Any] = {"arm": name, "train_subjects": runs[0][name].get("train_subjects")}
+    control = f"{name}{CONTROL_SUFFIX}"
     for key in LEAD_METRICS:
-        per_seed = [1 - run[name][key] / run[f"{name}{CONTROL_SUFFIX}"][key] for run in runs]
+        per_seed = [1 - _metrics(run[name], part)[key] / _metrics(run[control], part)[key] for run in runs]
         row[key] = {"per_seed": per_seed, "mean_sd": _mean_sd(per_seed)}
     return row
 
@@ -142,7 +155,7 @@ def _markdown(rows: list[dict[str, Any]], leads: list[dict[str, Any]], trends: d
     return "\n".join(lines) + "\n"
 
 
-def _plot_leads(leads: list[dict[str, Any]], trends: dict[str, Trend | None], path: Path) -> None:
+def _plot_leads(leads: list[dict[str, Any]], trends: dict[str, Trend | None], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
@@ -161,7 +174,7 @@ def _plot_leads(leads: list[dict[str, Any]], trends: dict[str, Trend | None], pa
                           [100 * (trend.high - trend.predicted)]], marker="s", capsize=3, color=line[0].get_color())
     axes.axhline(0, color="grey", linewidth=0.8)
     axes.set(xscale="log", xlabel="training subjects", ylabel="relative test EER lead over the control (%)",
-             title="Lead against training subjects (mean ± sd over seeds)")
+             title=f"Lead against training subjects, {title} (mean ± sd over seeds)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)

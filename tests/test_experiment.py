@@ -80,7 +80,7 @@ def test_the_operating_point_experiment_scores_every_impostor_pair_unless_told_o
 ):
     seen = []
 
-    def record(config, shards, out, arms, *, overrides, arm_configs):  # the arms' shared overrides, instead of training
+    def record(config, shards, out, arms, *, overrides, **_):  # the arms' shared overrides, instead of training
         seen.append(TrainConfig.load(config, list(overrides)).eval.impostors_per_session)
         out.mkdir()
         (out / "results.md").write_text("")
@@ -188,11 +188,13 @@ def test_the_subjects_experiment_trains_the_recipe_and_its_control_at_every_size
 
 
 def _results(folder: Path, arms: dict[str, tuple[int, float]]) -> Path:
-    """An experiment's results.json: arm → (training subjects, test EER), every metric = the EER."""
+    """An experiment's results.json: arm → (training subjects, test EER), every metric = the EER;
+    on the test subjects of participant list "first" the same, on "second" twice as high."""
     from pipeline.experiment_summary import METRICS
 
     folder.mkdir()
-    rows = [{"arm": arm, "train_subjects": subjects, "steps": 10, "sessions": 80, **dict.fromkeys(METRICS, eer)}
+    rows = [{"arm": arm, "train_subjects": subjects, "steps": 10, "sessions": 80, **dict.fromkeys(METRICS, eer),
+             "groups": {"first": dict.fromkeys(METRICS, eer), "second": dict.fromkeys(METRICS, 2 * eer)}}
             for arm, (subjects, eer) in arms.items()]
     (folder / "results.json").write_text(json.dumps({"arms": rows}))
     return folder
@@ -207,15 +209,20 @@ def test_a_summary_gives_each_arm_over_seeds_and_the_recipes_lead_over_its_contr
         **{f"subjects-{n}-control": (n, 0.05) for n in leads},
     }) for seed in range(3)]
     summary = summarize(folders, tmp_path / "summary", predict_at=100_000)
-    row = {row["arm"]: row for row in summary["arms"]}["subjects-100"]
+    assert summary.keys() == {"folders", "all", "first", "second"}  # every test subject, then each list's
+    row = {row["arm"]: row for row in summary["all"]["arms"]}["subjects-100"]
     assert row["seeds"] == 3 and row["eer"] == pytest.approx((0.05 * 0.88, 0.05 * 0.02))
-    lead = {lead["arm"]: lead for lead in summary["leads"]}["subjects-1000"]
-    assert lead["eer"]["per_seed"] == pytest.approx([0.20, 0.22, 0.24])
-    assert lead["kvc_eer"]["mean_sd"] == pytest.approx((0.22, 0.02))
-    trend = summary["trends"]["eer"]
+    second = {row["arm"]: row for row in summary["second"]["arms"]}["subjects-100"]
+    assert second["kvc_eer"] == pytest.approx((0.1 * 0.88, 0.1 * 0.02))
+    for part in ("all", "second"):  # the same relative lead on a list whose EERs are all twice as high
+        lead = {lead["arm"]: lead for lead in summary[part]["leads"]}["subjects-1000"]
+        assert lead["eer"]["per_seed"] == pytest.approx([0.20, 0.22, 0.24])
+        assert lead["kvc_eer"]["mean_sd"] == pytest.approx((0.22, 0.02))
+    trend = summary["all"]["trends"]["eer"]
     assert (trend["slope"], trend["predicted"]) == (pytest.approx(0.10), pytest.approx(0.42))
     assert trend["low"] < 0.42 < trend["high"]
-    assert (tmp_path / "summary" / "lead.png").stat().st_size > 0
+    for figure in ("lead.png", "lead-first.png", "lead-second.png"):
+        assert (tmp_path / "summary" / figure).stat().st_size > 0
     assert "42.0 %" in (tmp_path / "summary" / "summary.md").read_text()
 
 
@@ -226,3 +233,20 @@ def test_a_summary_of_folders_with_different_arms_is_refused_naming_the_folder(t
     other = _results(tmp_path / "b", {"triplet-all": (100, 0.1)})
     with pytest.raises(ValueError, match=f"{other}: its arms \\['triplet-all'\\] differ"):
         summarize([first, other], tmp_path / "out")
+
+
+def test_an_embedded_split_scores_one_participant_lists_subjects_on_their_own(tmp_path):
+    import numpy as np
+    import torch
+
+    from pipeline.evaluation.commands import EmbeddedSplit
+
+    labels = np.repeat(np.arange(4), 3)  # subjects a, b, c, d with 3 sessions each
+    split = EmbeddedSplit(torch.randn(12, 8), labels, {}, "test", ["a", "b", "c", "d"])
+    (tmp_path / "source.txt").write_text("# one source\nb\nd\nzz\n")
+    part = split.only(tmp_path / "source.txt")
+    assert part.labels.tolist() == [1, 1, 1, 3, 3, 3]
+    assert torch.equal(part.embeddings, split.embeddings[[3, 4, 5, 9, 10, 11]])
+    (tmp_path / "one.txt").write_text("c\n")
+    with pytest.raises(ValueError, match="one.txt: lists 1 of the test split's subjects"):
+        split.only(tmp_path / "one.txt")

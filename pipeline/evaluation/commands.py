@@ -44,10 +44,14 @@ class Scored:
 def score_split(
     checkpoint: str, shards: str, *, split: str = "test", protocol: ProtocolName | None = None,
     impostors: Impostors | None = None, batch_size: int = 1024, progress: bool = False,
+    participants: Path | None = None,
 ) -> Scored:
     """Embed every session of ``split`` with an exported model and run ``protocol`` with
-    ``impostors`` per session (default: as the model was validated)."""
+    ``impostors`` per session (default: as the model was validated), on the split's subjects
+    listed in ``participants`` if given."""
     embedded = embed_split(checkpoint, shards, split=split, batch_size=batch_size, progress=progress)
+    if participants is not None:
+        embedded = embedded.only(participants)
     return embedded.score(protocol, impostors)
 
 
@@ -59,6 +63,21 @@ class EmbeddedSplit:
     labels: np.ndarray
     export: dict[str, Any]
     split: str
+    subject_ids: list[str]  # subject_ids[label]
+
+    def only(self, participants: Path) -> "EmbeddedSplit":
+        """The sessions of the subjects listed in ``participants`` (one id per line): one part of a
+        benchmark combined from several sources, reported on its own."""
+        from sharding.participants import read_participants
+
+        listed = set(read_participants(participants))
+        kept = np.array([subject in listed for subject in self.subject_ids], dtype=bool)
+        if kept.sum() < 2:
+            raise ValueError(f"{participants}: lists {kept.sum()} of the {self.split} split's subjects; "
+                             "a verification report needs at least 2")
+        rows = kept[self.labels]
+        return EmbeddedSplit(self.embeddings[torch.from_numpy(rows)], self.labels[rows], self.export,
+                             f"{self.split} ({participants.stem})", self.subject_ids)
 
     def score(self, protocol: ProtocolName | None = None, impostors: Impostors | None = None) -> Scored:
         """The report under ``protocol`` with ``impostors`` per session (default: the export's),
@@ -86,7 +105,7 @@ def embed_split(
     with progress_bar(progress) as bar:
         batches = bar.track(loader, total=len(loader), description=f"embedding {split} batches")
         embeddings, labels, _ = embed(model, batches, precision=validated_precision(export))
-    return EmbeddedSplit(embeddings, labels, export, split)
+    return EmbeddedSplit(embeddings, labels, export, split, loader.subject_ids)
 
 
 def evaluate(
@@ -99,14 +118,19 @@ def evaluate(
     out_dir: str | Path = "evaluation",
     batch_size: int = 1024,
     progress: bool = False,
+    participants: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`score_split`, then ``metrics.json``, ``report.md`` and ``det.png`` in ``out_dir``."""
+    from sharding.participants import read_participants
+
     protocol = protocol_name(protocol)  # refused before the embedding, not after
     check_out_folder(out_dir)
+    if participants is not None:
+        read_participants(participants)  # a bad list, before the embedding
     with naming_a_missing_bucket(checkpoint, shards):
         scored = score_split(
             checkpoint, shards, split=split, protocol=protocol, impostors=impostors, batch_size=batch_size,
-            progress=progress,
+            progress=progress, participants=participants,
         )
     return scored.report, write_report(out_dir, scored)
 
