@@ -23,6 +23,11 @@ PATH_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The per-keystroke features a model can be fed (computed by pipeline/data/features.py). Named here,
+# the lowest layer that needs them, so that a config is checked without importing the loaders.
+FEATURES: tuple[str, ...] = ("keycode", "hold", "flight", "inter_release", "release_press")
+DEFAULT_FEATURES: tuple[str, ...] = ("keycode", "hold", "flight")
+
 MAX_LEN = 4096  # keys per session: far above any corpus's sessions (KVC's and Aalto's hold hundreds), and
 # a bound on the loader's [B, max_len, F] arrays (100,000 took a 24 GiB machine to 96 % memory)
 
@@ -84,7 +89,7 @@ class DataSection:
     train_subjects: int = 0  # 0: the whole training split; N: its first shards holding ≥ N subjects (nested)
     sessions_per_subject: int = 8  # K
     max_len: int = 100
-    features: list[str] = field(default_factory=lambda: ["keycode", "hold", "flight"])
+    features: list[str] = field(default_factory=lambda: list(DEFAULT_FEATURES))
     short_subjects: Literal["skip", "repeat"] = "skip"  # see pipeline/data/stream.py
     loader_workers: int = 0
     eval_batch_size: int = 1024
@@ -105,8 +110,6 @@ class DataSection:
 
     def _check_features(self) -> None:
         """Known feature names, each once: an unknown one would fail in every loader worker."""
-        from pipeline.data.features import FEATURES
-
         unknown = [name for name in self.features if not isinstance(name, str) or name not in FEATURES]
         if not self.features or unknown or len(set(self.features)) != len(self.features):
             raise ValueError(f"data.features must name distinct features of {list(FEATURES)}, got {self.features!r}")

@@ -24,8 +24,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_FEATURES: tuple[str, ...] = ("keycode", "hold", "flight")
-FEATURES: tuple[str, ...] = ("keycode", "hold", "flight", "inter_release", "release_press")
+from pipeline.config import DEFAULT_FEATURES, FEATURES
+
+__all__ = ["DEFAULT_FEATURES", "FEATURES", "check_features", "featurize"]
+
 MAX_SECONDS = 30.0
 
 
