@@ -43,7 +43,7 @@ checkpoints are selected by the FNMR at ``low``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +109,18 @@ def running_threshold_of(criterion: nn.Module) -> RunningThreshold | None:
     """The persistent threshold of the loss's EERLoss (itself or a term of a sum), or ``None``."""
     thresholds = [m.running_threshold for m in criterion.modules() if isinstance(m, EERLoss)]
     return next((threshold for threshold in thresholds if threshold is not None), None)
+
+
+def threshold_resume_problem(saved: Mapping[str, Any], momentum: float) -> str | None:
+    """Why a checkpoint's parts cannot continue a loss whose threshold has ``momentum`` (``None``:
+    they can): a persistent threshold continues only from a checkpoint that saved one, and a
+    checkpoint that saved one continues only with one. The momentum itself may change on a
+    relaunch, like the learning rate: d̄ continues from its saved value at the new rate."""
+    theirs, mine = "threshold" in saved, bool(momentum)
+    if theirs == mine:
+        return None
+    return (f"saved {'with' if theirs else 'without'} a persistent threshold (threshold_momentum > 0), "
+            f"this run has {'one' if mine else 'none'}")
 
 
 def _eer(**kwargs: Any) -> Criterion:

@@ -259,43 +259,33 @@ def _built(what: str, build: Callable[[], Any]) -> Any:
 
 
 def _check_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
-    """A checkpoint continues only the model, the stream, the memory and the persistent threshold
-    it was saved with: the loader's own resume check (batch shape, ranks, workers, manifest…), the
-    model's settings, the memory's size and encoder and whether the loss carries a threshold."""
+    """A checkpoint continues only what it was saved with; each part of it says what that means
+    for it: the stream (the loader's fingerprint: batch shape, ranks, workers, manifest…), the
+    model's settings, the memory and the persistent threshold (the opt-in parts)."""
+    from pipeline.losses.registry import threshold_resume_problem
+    from pipeline.training.memory import memory_resume_problem
+
+    problems = (_stream_resume_problem(config, saved), _model_resume_problem(config, saved),
+                memory_resume_problem(config, saved), threshold_resume_problem(saved, config.loss.threshold_momentum))
+    problem = next((problem for problem in problems if problem), None)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+
+
+def _stream_resume_problem(config: TrainConfig, saved: dict[str, Any]) -> str | None:
     from pipeline.training.components import train_loader
 
-    if "loader" in saved:
-        loader = train_loader(config, rank=0, world=config.train.num_workers)
-        try:
-            loader.load_state_dict(saved["loader"])
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+    if "loader" not in saved:
+        return None
+    try:
+        train_loader(config, rank=0, world=config.train.num_workers).load_state_dict(saved["loader"])
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _model_resume_problem(config: TrainConfig, saved: dict[str, Any]) -> str | None:
     model = saved.get("config", {}).get("model")
     if model is not None and model != asdict(config.model):
-        raise ValueError(f"{where}: saved for model {model}, this run trains {asdict(config.model)}")
-    _check_memory_resumable(config, where, saved)
-    _check_threshold_resumable(config, where, saved)
-
-
-def _check_memory_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
-    """The memory's queue and momentum encoder continue only with the same size and encoder."""
-    saved_memory = saved.get("config", {}).get("loss", {}).get("memory") if "memory" in saved else None
-    theirs, mine = _memory_shape(saved_memory or {"size": 0}), _memory_shape(asdict(config.loss.memory))
-    if theirs != mine:
-        raise ValueError(f"{where}: saved with cross-batch memory {theirs}, this run has {mine}")
-
-
-def _memory_shape(memory: dict[str, Any]) -> str:
-    return f"size={memory['size']} encoder={memory['encoder']}" if memory["size"] else "none"
-
-
-def _check_threshold_resumable(config: TrainConfig, where: str, saved: dict[str, Any]) -> None:
-    """A persistent threshold continues only from a checkpoint that saved one (and a checkpoint
-    that saved one continues only with one), as the memory does. Its momentum may change on a
-    relaunch, like the learning rate: d̄ continues from its saved value at the new rate."""
-    theirs, mine = "threshold" in saved, bool(config.loss.threshold_momentum)
-    if theirs != mine:
-        raise ValueError(
-            f"{where}: saved {'with' if theirs else 'without'} a persistent threshold (threshold_momentum > 0), "
-            f"this run has {'one' if mine else 'none'}"
-        )
+        return f"saved for model {model}, this run trains {asdict(config.model)}"
+    return None

@@ -23,6 +23,7 @@ queue spans more than an epoch. Such a pair is accepted: it is genuine either wa
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -33,6 +34,19 @@ from pipeline.distributed import GatheredBatch, gather_batch
 from pipeline.losses.eer import Memory
 from pipeline.models.precision import autocast
 from pipeline.training.clock import clock
+
+
+def memory_resume_problem(config: TrainConfig, saved: dict[str, Any]) -> str | None:
+    """Why a checkpoint's memory part cannot continue this run's (``None``: it can): the queue
+    and the momentum encoder continue only with the same size and encoder, and a run without a
+    memory continues only a checkpoint without one."""
+    saved_memory = saved.get("config", {}).get("loss", {}).get("memory") if "memory" in saved else None
+    theirs, mine = _memory_shape(saved_memory or {"size": 0}), _memory_shape(asdict(config.loss.memory))
+    return f"saved with cross-batch memory {theirs}, this run has {mine}" if theirs != mine else None
+
+
+def _memory_shape(memory: dict[str, Any]) -> str:
+    return f"size={memory['size']} encoder={memory['encoder']}" if memory["size"] else "none"
 
 
 def memory_of(config: TrainConfig, model: nn.Module) -> CrossBatchMemory | None:
