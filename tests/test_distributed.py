@@ -12,7 +12,7 @@ import torch.distributed as dist
 from pipeline.distributed import gather_batch, gather_embeddings, use_rank0_buffers
 from pipeline.losses.eer import EERLoss
 from pipeline.losses.registry import build_loss
-from pipeline.training.verifier import Verifier
+from pipeline.training.model_with_loss import ModelWithLoss
 from tests.gloo_ranks import run_on_ranks
 
 FEATURES, EMBEDDING = 6, 4
@@ -67,7 +67,7 @@ def train_step(
 
 
 class MaskedModel(torch.nn.Module):
-    """The test model called as the Verifier calls a keystroke model: ``model(features, mask)``."""
+    """The test model called as the ModelWithLoss calls a keystroke model: ``model(features, mask)``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,13 +85,13 @@ VERIFIED = {
 }
 
 
-def verifier_step(features: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[float, list[torch.Tensor]]:
-    """One step through :class:`Verifier` (gather, then the loss, sharded or not), gradients averaged."""
+def model_with_loss_step(features: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[float, list[torch.Tensor]]:
+    """One step through :class:`ModelWithLoss` (gather, then the loss, sharded or not), gradients averaged."""
     loss_name, shard_pairs = VERIFIED[name]
-    verifier = Verifier(MaskedModel().double(), build_loss(loss_name, EMBEDDING), shard_pairs=shard_pairs)
-    loss, _ = verifier(features, None, labels)
+    module = ModelWithLoss(MaskedModel().double(), build_loss(loss_name, EMBEDDING), shard_pairs=shard_pairs)
+    loss, _ = module(features, None, labels)
     loss.backward()
-    grads = [p.grad for p in verifier.model.parameters()]
+    grads = [p.grad for p in module.model.parameters()]
     if dist.is_initialized():
         for grad in grads:
             dist.all_reduce(grad)
@@ -112,7 +112,7 @@ def rank_main(rank: int, world: int) -> dict:
         for name, loss_fn in LOSSES.items():
             results[split, name] = train_step(features[rows], labels[rows], loss_fn)
         for name in VERIFIED:
-            results[split, name] = verifier_step(features[rows], labels[rows], name)
+            results[split, name] = model_with_loss_step(features[rows], labels[rows], name)
         own = gather_batch(torch.zeros(sizes[rank], 1), labels[rows]).rows
         results[split, "rows"] = (own.start, own.stop)
     return results
@@ -147,12 +147,12 @@ def test_two_ranks_match_one_process_holding_the_global_batch(
 def test_the_training_module_matches_one_process_whether_pairs_are_sharded_or_replicated(
     rank_results: list[dict], split: str, name: str
 ) -> None:
-    """The Verifier feeds the loss float32 embeddings: partial sums added in another order round
+    """The ModelWithLoss feeds the loss float32 embeddings: partial sums added in another order round
     differently, by about 1e-6 of the largest gradient here (as much as float32 against float64
     in one process), so gradients are compared relative to their largest magnitude. Exactness
     itself is tested in float64 (tests/test_eer_sharded.py)."""
     features, labels = global_batch()
-    loss, grads = verifier_step(features, labels, name)
+    loss, grads = model_with_loss_step(features, labels, name)
     for rank, results in enumerate(rank_results):
         rank_loss, rank_grads = results[split, name]
         assert rank_loss == pytest.approx(loss, rel=TOLERANCE, abs=TOLERANCE), rank

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-import pipeline.training.verifier
+import pipeline.training.model_with_loss
 from pipeline.config import TrainConfig
 from pipeline.data import SamplerConfig, SubjectBatchLoader
 from pipeline.losses.registry import build_loss
@@ -104,8 +104,8 @@ def step(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Step]:
         for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
             patch.setenv(key, value)
-        gather = pipeline.training.verifier.gather_batch
-        patch.setattr(pipeline.training.verifier, "gather_batch",
+        gather = pipeline.training.model_with_loss.gather_batch
+        patch.setattr(pipeline.training.model_with_loss, "gather_batch",
                       lambda *args: note_returned(recorded, "gathered batch", gather(*args)))
         try:
             recorded.engine = train_one_step(config, shards, recorded)
@@ -126,7 +126,7 @@ def train_one_step(config: TrainConfig, shards: str, step: Step) -> Any:
     criterion = build_loss(config.loss.name, config.model.embedding_size, TRAIN_SUBJECTS, **config.loss.options)
     engine = build_engine(config, 1, Schedule(1, 1, 1), model, criterion)
     for name, module in engine.module.named_modules():
-        module.register_forward_hook(step.module_hook(name or "verifier"), with_kwargs=True)
+        module.register_forward_hook(step.module_hook(name or "model_with_loss"), with_kwargs=True)
     for name, parameter in engine.module.named_parameters():
         parameter.register_hook(step.gradient_hook(name))
     sampler = SamplerConfig(subjects_per_batch=SUBJECTS, sessions_per_subject=SESSIONS, max_len=config.data.max_len)
@@ -148,7 +148,8 @@ def test_the_batch_the_embeddings_the_gathered_batch_and_the_loss_are_on_the_gpu
 
 def test_every_module_s_inputs_and_outputs_are_on_the_gpu(step):
     called = {where.removesuffix(" out") for where, _, _ in step.seen if where.endswith(" out")}
-    assert {"verifier", "model", "criterion", "model.gru1", "model.self_attention", "model.convs.2.conv"} <= called
+    assert {"model_with_loss", "model", "criterion", "model.gru1", "model.self_attention",
+            "model.convs.2.conv"} <= called
     assert step.off_the_gpu() == []
 
 

@@ -1,5 +1,5 @@
 """The cross-batch memory: a FIFO queue of earlier global batches, filled by a momentum encoder
-or by the model itself, that the Verifier's loss scores the batch against (one process here;
+or by the model itself, that the ModelWithLoss's loss scores the batch against (one process here;
 the sharded loss with a memory: tests/test_eer_sharded.py; resuming a run: tests/test_train.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pipeline.config import MemorySection, TrainConfig
 from pipeline.distributed import GatheredBatch
 from pipeline.losses.registry import build_loss
 from pipeline.training.memory import CrossBatchMemory, memory_of
-from pipeline.training.verifier import Verifier
+from pipeline.training.model_with_loss import ModelWithLoss
 
 FEATURES, EMBEDDING = 3, 4
 
@@ -114,18 +114,18 @@ def test_a_run_without_memory_settings_has_no_memory():
     assert memory_of(TrainConfig.load(None, ["loss.memory.size=8"]), MeanModel()).size == 8
 
 
-def test_the_verifier_scores_the_batch_against_the_memory_then_enqueues_the_batch():
+def test_the_model_with_loss_scores_the_batch_against_the_memory_then_enqueues_the_batch():
     torch.manual_seed(0)
     model, criterion = MeanModel(), build_loss("multisimilarity", EMBEDDING)
     queue = memory(size=12)
     enqueue(queue, 1)
-    verifier = Verifier(model, criterion, memory=queue)
+    module = ModelWithLoss(model, criterion, memory=queue)
     features, mask, labels = batch(2)
     remembered = queue.rows(torch.device("cpu"))
-    loss, _ = verifier(features, mask, labels, step=1)
+    loss, _ = module(features, mask, labels, step=1)
     torch.testing.assert_close(loss, criterion(model(features, mask), labels, memory=remembered))
     assert queue.rows(torch.device("cpu"))[1].tolist() == [10, 10, 11, 11, 12, 12, 20, 20, 21, 21, 22, 22]
-    assert verifier.memory_metrics()["train/memory_rows"] == 12
+    assert module.memory_metrics()["train/memory_rows"] == 12
 
 
 def test_the_momentum_encoder_normalises_with_the_batch_s_statistics_and_drops_nothing():

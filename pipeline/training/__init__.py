@@ -2,7 +2,7 @@
 
 ``entry`` (``train``: a run or a staged run) · ``driver`` (checks, lock, launch, result) ·
 ``stages`` (staged training) · ``worker`` (the loop each
-rank runs) · ``verifier`` (model, gather, loss) · ``memory`` (the cross-batch queue and its
+rank runs) · ``model_with_loss`` (model, gather, loss) · ``memory`` (the cross-batch queue and its
 momentum encoder) · ``engine`` (DeepSpeed settings) · ``schedule`` (step counts, learning rate) ·
 ``state`` (the run's progress) · ``checkpointer`` (save, restore, safe loading) ·
 ``ray_snapshot`` (which checkpoint Ray resumes) · ``validator`` (val metrics, best export) ·

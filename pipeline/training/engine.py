@@ -10,14 +10,14 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.training.checkpointer import install_safe_loading
 from pipeline.training.memory import CrossBatchMemory
+from pipeline.training.model_with_loss import ModelWithLoss
 from pipeline.training.schedule import Schedule, lr_factor
-from pipeline.training.verifier import Verifier
 
 
 def deepspeed_config(config: TrainConfig, world: int) -> dict[str, Any]:
     """DeepSpeed settings from the training config; the config's own checks (``pipeline.config``)
     keep these within what DeepSpeed honours. DeepSpeed always holds fp32 weights and reduces
-    fp32 gradients: ``train.precision: bf16`` is autocast inside :class:`Verifier`
+    fp32 gradients: ``train.precision: bf16`` is autocast inside :class:`ModelWithLoss`
     (``pipeline/models/precision.py`` says why not DeepSpeed's ``bf16`` block)."""
     train = config.train
     micro_batch = config.data.subjects_per_batch * config.data.sessions_per_subject
@@ -45,14 +45,14 @@ def build_engine(
     config: TrainConfig, world: int, schedule: Schedule, model: nn.Module, criterion: nn.Module,
     memory: CrossBatchMemory | None = None,
 ) -> Any:
-    """``deepspeed.initialize`` over :class:`Verifier`, with warm-up + decay over the whole
+    """``deepspeed.initialize`` over :class:`ModelWithLoss`, with warm-up + decay over the whole
     schedule and checkpoints loaded without running code."""
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op: skip its JIT build
     warmup, kind = config.train.warmup_steps, config.train.schedule
     engine, *_ = deepspeed.initialize(
-        model=Verifier(model, criterion, shard_pairs=config.loss.pairs == "sharded", memory=memory,
+        model=ModelWithLoss(model, criterion, shard_pairs=config.loss.pairs == "sharded", memory=memory,
                        precision=config.train.precision),
         config=deepspeed_config(config, world),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(

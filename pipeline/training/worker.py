@@ -2,7 +2,7 @@
 
 Each step: this rank's P × K batch, copied to the engine's device → embeddings all-gathered with
 gradients → the loss on the global batch, and on its pairs with a cross-batch memory if the run
-has one (:class:`~pipeline.training.verifier.Verifier`); DeepSpeed averages the gradients, which
+has one (:class:`~pipeline.training.model_with_loss.ModelWithLoss`); DeepSpeed averages the gradients, which
 makes them those of one process holding the global batch. Validation, checkpoints and reports
 happen at the steps the config names; a checkpoint's report is a barrier on all ranks.
 """

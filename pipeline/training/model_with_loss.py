@@ -12,7 +12,7 @@ from pipeline.training.clock import clock
 from pipeline.training.memory import CrossBatchMemory
 
 
-class Verifier(nn.Module):
+class ModelWithLoss(nn.Module):
     """Model and loss in one module, with the cross-rank gather between them.
 
     One module so that DeepSpeed optimises the loss's own weights too (ArcFace, CosFace), and
