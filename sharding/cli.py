@@ -62,13 +62,17 @@ def synth(
     seed: int = typer.Option(0, help="Everything is a deterministic function of the seed."),
     difficulty: float = typer.Option(1.0, help="Scale of intra-subject variability (1.0 = calibrated)."),
     enrol_sessions: int = typer.Option(ENROL_SESSIONS, help="Enrolment sessions per evaluation subject."),
+    dev_set: bool = typer.Option(True, "--dev-set/--no-dev-set",
+                                 help="--no-dev-set: the evaluation files only (shard the dev subjects with "
+                                      "--source synth:SUBJECTS:SEED instead)."),
 ) -> None:
     """Write a synthetic corpus as KVC-onGoing files plus the comparisons' ground truth."""
     held_out = max(2, subjects // 10) if test_subjects is None else test_subjects
     paths = write_kvc(out, scenario=scenario, subjects=subjects, test_subjects=held_out,
-                      seed=seed, difficulty=difficulty, enrol_sessions=enrol_sessions)
+                      seed=seed, difficulty=difficulty, enrol_sessions=enrol_sessions, dev_set=dev_set)
     for path in vars(paths).values():
-        _console.print(f"wrote {path}", highlight=False)
+        if dev_set or path != paths.dev_set:
+            _console.print(f"wrote {path}", highlight=False)
 
 
 @_clean_errors

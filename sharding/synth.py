@@ -306,7 +306,9 @@ def evaluation_set(corpus: SynthCorpus, indices: range, enrol_sessions: int = EN
     rng = np.random.default_rng([corpus.seed, _STREAM_EVAL])
     owners, arrays, enrol = [], [], []
     for i in indices:
-        for k, array in enumerate(corpus.subject(i).values()):
+        subject = corpus.subject(i)
+        assert len(subject) == corpus.sessions_per_subject  # every synthetic subject has them all
+        for k, array in enumerate(subject.values()):
             owners.append(corpus.subject_id(i))
             arrays.append(array)
             enrol.append(k < enrol_sessions)
@@ -316,16 +318,15 @@ def evaluation_set(corpus: SynthCorpus, indices: range, enrol_sessions: int = EN
     sessions = {name_of[j]: arrays[j] for j in order}
     subject_of = {name_of[j]: owners[j] for j in range(len(arrays))}
 
-    owners_arr, enrol_arr = np.array(owners), np.array(enrol)
+    per_subject = corpus.sessions_per_subject
+    verification = np.flatnonzero(~np.array(enrol))  # a session's owner is index // per_subject
     comparisons: list[tuple[str, str]] = []
     labels: list[int] = []
-    for subject in dict.fromkeys(owners):
-        mine = owners_arr == subject
-        enrolled = np.flatnonzero(mine & enrol_arr)
-        own = np.flatnonzero(mine & ~enrol_arr)
-        others = np.flatnonzero(~mine & ~enrol_arr)
+    for position in range(len(indices)):
+        mine = np.arange(position * per_subject, (position + 1) * per_subject)
+        enrolled, own = mine[:enrol_sessions], mine[enrol_sessions:]
         genuine = [(name_of[int(a)], name_of[int(b)]) for a in enrolled for b in own]
-        probes = rng.choice(others, size=len(genuine), replace=len(others) < len(genuine))
+        probes = _other_subjects_sessions(verification, position, per_subject, len(genuine), rng)
         impostor = [(name_of[int(enrolled[k % len(enrolled)])], name_of[int(b)])
                     for k, b in enumerate(probes)]
         pairs = genuine + impostor
@@ -336,23 +337,36 @@ def evaluation_set(corpus: SynthCorpus, indices: range, enrol_sessions: int = EN
     return sessions, comparisons, labels, subject_of
 
 
+def _other_subjects_sessions(verification: np.ndarray, position: int, per_subject: int, count: int,
+                             rng: np.random.Generator) -> np.ndarray:
+    """``count`` verification sessions of subjects other than the one at ``position``, at random
+    with replacement: redrawing the few that hit the subject's own keeps the cost linear in the
+    evaluation set (a mask of every other session per subject made 15,000 subjects quadratic)."""
+    probes = rng.choice(verification, size=count)
+    while (own := np.flatnonzero(probes // per_subject == position)).size:
+        probes[own] = rng.choice(verification, size=own.size)
+    return probes
+
+
 def write_kvc(root: str | Path, *, scenario: str = "desktop", subjects: int, test_subjects: int,
               seed: int = 0, difficulty: float = 1.0, enrol_sessions: int = ENROL_SESSIONS,
-              ) -> KVCFiles:
+              dev_set: bool = True) -> KVCFiles:
     """Write a synthetic corpus as KVC-onGoing files plus a ground-truth file.
 
     Subjects ``0..subjects-1`` form the dev set; the next ``test_subjects`` subjects are
     held out into ``*_test_sessions.npy`` and ``*_comparisons.txt``. The ground truth
     (``*_ground_truth.json``: ``labels`` per comparison, 1 = genuine, and ``session_subject``)
-    is what the challenge keeps secret.
+    is what the challenge keeps secret. ``dev_set=False`` writes the evaluation files only: a
+    dev set of KVC's size is one pickled dict held whole in memory, while ``eerpipe shard
+    --source synth:SUBJECTS:SEED`` streams the same subjects into shards.
     """
     if subjects < 1:
         raise ValueError("--subjects must be at least 1")
     corpus = SynthCorpus(scenario, seed, difficulty)
     paths = kvc_paths(root, scenario)
     paths.dev_set.parent.mkdir(parents=True, exist_ok=True)
-    # numpy's stubs do not know that np.save pickles a dict (allow_pickle)
-    np.save(paths.dev_set, corpus.dev_set(range(subjects)), allow_pickle=True)  # type: ignore[arg-type]
+    if dev_set:  # numpy's stubs do not know that np.save pickles a dict (allow_pickle)
+        np.save(paths.dev_set, corpus.dev_set(range(subjects)), allow_pickle=True)  # type: ignore[arg-type]
     sessions, comparisons, labels, subject_of = evaluation_set(
         corpus, range(subjects, subjects + test_subjects), enrol_sessions)
     np.save(paths.test_sessions, sessions, allow_pickle=True)  # type: ignore[arg-type]  # a pickled dict

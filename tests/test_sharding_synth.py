@@ -80,3 +80,28 @@ def test_difficulty_is_calibrated_for_a_handcrafted_baseline(tmp_path: Path) -> 
         sessions, comparisons, labels, _ = evaluation_set(corpus, range(300))
         rates.append(eer(labels, baseline_scores(sessions, comparisons))[0])
     assert rates[0] < default - 0.05 and rates[1] > default + 0.05, (rates, default)
+
+
+def test_an_evaluation_set_s_impostors_cost_what_its_comparisons_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVC's 15,000 evaluation subjects: impostor sessions are drawn among every other subject's
+    verification sessions without scanning them all per subject (that made the set quadratic);
+    the elements the draws look at stay within a few per comparison."""
+    corpus = SynthCorpus(seed=0)
+    made = {i: corpus.subject(i) for i in range(300)}  # the subjects' synthesis is not counted
+    monkeypatch.setattr(SynthCorpus, "subject", lambda self, index: made[index])
+    scanned = []
+    flatnonzero = np.flatnonzero
+    monkeypatch.setattr(np, "flatnonzero", lambda a: scanned.append(np.size(a)) or flatnonzero(a))
+    sessions, comparisons, labels, owner = evaluation_set(corpus, range(300))
+    assert sum(scanned) <= 3 * len(comparisons) + len(sessions)
+    impostors = [(a, b) for (a, b), label in zip(comparisons, labels) if not label]
+    assert len(impostors) == len(comparisons) // 2 and all(owner[a] != owner[b] for a, b in impostors)
+    assert len({owner[b] for _, b in impostors}) > 280  # drawn across the other subjects
+
+
+def test_the_evaluation_files_alone_hold_the_subjects_after_the_dev_set(tmp_path: Path) -> None:
+    """How a rehearsal at KVC's size writes them: the dev subjects are sharded from synth:N instead."""
+    paths = write_kvc(tmp_path, subjects=50, test_subjects=3, seed=0, dev_set=False)
+    assert not paths.dev_set.exists()
+    owners = set(json.loads(paths.ground_truth.read_text())["session_subject"].values())
+    assert owners == {SynthCorpus(seed=0).subject_id(i) for i in (50, 51, 52)}
