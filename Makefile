@@ -16,7 +16,7 @@ GPU_GOALS := bench-gpu smoke-gpu test-gpu
 # The image the manifests name (k8s/components/cluster/kustomization.yaml `images:`).
 IMAGE     ?= registry.example.com/eerpipe:0.1.0
 
-.PHONY: demo test test-fast lint bench $(GPU_GOALS) image clean
+.PHONY: demo test test-fast lint bench rehearsal $(GPU_GOALS) image clean
 
 # A GPU target on a machine without a CUDA GPU stops here, in one line and with exit status 2,
 # before anything is built: its venv alone is gigabytes of CUDA libraries.
@@ -68,6 +68,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The KVC desktop sizes end to end (115,120 + 15,000 synthetic users, S3 on a local moto server),
+# at most an hour on 2 cores: bench/rehearsal.py; REHEARSAL_SUBJECTS=… for a smaller corpus.
+rehearsal: $(STAMP)
+	$(BIN)/python -m bench.rehearsal
 
 bench-gpu: $(GPU_STAMP)
 	$(GPU_BIN)/python -m bench.gpu

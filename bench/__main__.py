@@ -10,12 +10,14 @@ import importlib
 import sys
 from pathlib import Path
 
-GPU_ONLY = {"gpu", "smoke_gpu"}  # `make bench-gpu`, `make smoke-gpu`: exit 2 without CUDA
+# Run by their own targets: `make bench-gpu` and `make smoke-gpu` (exit 2 without CUDA), and
+# `make rehearsal` (the mission's sizes end to end: up to an hour).
+SEPARATE = {"gpu", "smoke_gpu", "rehearsal"}
 
 
 def main(selected: list[str]) -> None:
     names = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
-    names = [name for name in names if name not in GPU_ONLY]
+    names = [name for name in names if name not in SEPARATE]
     for name in selected or names:
         print(f"\n=== bench.{name} ===", flush=True)
         importlib.import_module(f"bench.{name}").main()

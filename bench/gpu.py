@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from common.loopback import free_port
 from pipeline.config import TrainConfig
 from pipeline.data import Batch, SamplerConfig, SubjectBatchLoader
 from pipeline.losses.eer import EERLoss
@@ -130,12 +130,6 @@ def single_rank_group() -> None:
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def step_engine(config: TrainConfig, subjects: int) -> Any:

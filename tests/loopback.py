@@ -1,5 +1,6 @@
 """Loopback helpers for the real servers and process groups the tests start: a free TCP port
-on 127.0.0.1, and a server there that never answers (the outage the timeouts are tested on)."""
+on 127.0.0.1 (``common.loopback``), and a server there that never answers (the outage the
+timeouts are tested on)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from common.loopback import free_port
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+__all__ = ["free_port", "server_that_never_answers"]
 
 
 @contextmanager
