@@ -7,7 +7,6 @@ parameters of a straight run on the same cluster, bit for bit.
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from pipeline.cluster import LOCAL_RAY_ENV
 from pipeline.training import train
 from sharding.writer import write_shards
-from tests.test_train import assert_same_parameters, config, new_checkpoint_steps
+from tests.test_train import assert_same_parameters, config, train_acting_after_a_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -92,24 +91,9 @@ def test_a_run_that_loses_a_node_resumes_from_s3_on_a_fresh_node_and_ends_as_a_s
     write_shards("synth:240:0", shards, subjects_per_shard=60, val_subjects=30, test_subjects=30)
     straight = train(config(shards, f"{s3_url}/runs", "straight"), show_progress=False)
 
-    run = config(shards, f"{s3_url}/runs", "node-lost", "train.max_failures=2")
-    new_steps = new_checkpoint_steps(f"{s3_url}/runs/node-lost")
     removed: list[Path] = []
-    ended = threading.Event()
-
-    def lose_a_node() -> None:
-        while not new_steps():
-            if ended.wait(0.05):
-                return
-        removed.append(two_nodes.remove_a_training_node())
-
-    watcher = threading.Thread(target=lose_a_node)
-    watcher.start()
-    try:
-        lost = train(run, show_progress=False)
-    finally:
-        ended.set()
-        watcher.join()
+    lost = train_acting_after_a_checkpoint(config(shards, f"{s3_url}/runs", "node-lost", "train.max_failures=2"),
+                                           lambda _: removed.append(two_nodes.remove_a_training_node()))
     assert removed and not removed[0].exists()  # a node went, with its local files, mid-run
     assert lost.metrics["step"] == straight.metrics["step"]
     assert lost.run_dir.startswith("s3://") and lost.final_model.startswith("s3://")

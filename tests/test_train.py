@@ -169,15 +169,31 @@ def new_checkpoint_steps(run_url: str) -> Callable[[], list[str]]:
     return lambda: sorted(steps() - before)
 
 
-def kill_a_worker_after_a_new_checkpoint(
-    new_steps: Callable[[], list[str]], seen: list[str], killed: list[int], ended: threading.Event
-) -> None:
-    """Once ``new_steps()`` names a checkpoint, note it in ``seen`` and SIGKILL one training worker
-    (none if the run ``ended`` first)."""
-    while not seen:
-        if ended.wait(0.05):
-            return
-        seen.extend(new_steps())
+def train_acting_after_a_checkpoint(run: TrainConfig, act: Callable[[list[str]], None]) -> TrainResult:
+    """Train ``run`` while a thread waits for its first new checkpoint, then calls ``act`` with the
+    step tags it saw (nothing, if the run ended first)."""
+    new_steps = new_checkpoint_steps(run.run_dir)
+    ended = threading.Event()
+
+    def watch() -> None:
+        seen: list[str] = []
+        while not seen:
+            if ended.wait(0.05):
+                return
+            seen = new_steps()
+        act(seen)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return train(run, show_progress=False)
+    finally:
+        ended.set()
+        watcher.join()
+
+
+def kill_a_training_worker() -> int:
+    """SIGKILL one training worker of this test's cluster; its pid."""
     for process in psutil.Process().children(recursive=True):  # this test's cluster only
         try:
             title = " ".join([process.name(), *process.cmdline()])
@@ -185,8 +201,8 @@ def kill_a_worker_after_a_new_checkpoint(
             continue
         if "RayTrainWorker" in title:
             os.kill(process.pid, signal.SIGKILL)
-            killed.append(process.pid)
-            return
+            return process.pid
+    raise AssertionError("no training worker to kill")
 
 
 @pytest.fixture(scope="module")
@@ -225,17 +241,14 @@ def run_on_s3(shards, ray_cluster, s3_endpoint, straight_run) -> RunOnS3:
 
     seen: list[str] = []
     killed: list[int] = []
-    ended = threading.Event()
-    killer = threading.Thread(target=kill_a_worker_after_a_new_checkpoint,
-                              args=(new_checkpoint_steps(run_url), seen, killed, ended))
+
+    def kill(steps: list[str]) -> None:
+        seen.extend(steps)
+        killed.append(kill_a_training_worker())
+
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        killer.start()
-        try:
-            relaunched = train(relaunch, show_progress=False)
-        finally:
-            ended.set()
-            killer.join()
+        relaunched = train_acting_after_a_checkpoint(relaunch, kill)
     return RunOnS3(forked, str(refused.value), latest, previous, [str(w.message) for w in warned],
                    seen[0] if seen else "", killed, relaunched)
 
