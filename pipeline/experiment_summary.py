@@ -173,8 +173,8 @@ def _plot_leads(leads: list[dict[str, Any]], trends: dict[str, Trend | None], pa
             axes.errorbar([trend.at], [100 * trend.predicted], yerr=[[100 * (trend.predicted - trend.low)],
                           [100 * (trend.high - trend.predicted)]], marker="s", capsize=3, color=line[0].get_color())
     axes.axhline(0, color="grey", linewidth=0.8)
-    axes.set(xscale="log", xlabel="training subjects", ylabel="relative test EER lead over the control (%)",
-             title=f"Lead against training subjects, {title} (mean ± sd over seeds)")
+    axes.set(xscale="log", xlabel="training subjects", ylabel="test EER lead over the control, % (mean ± sd)",
+             title=f"Lead against training subjects: {title}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
