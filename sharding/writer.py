@@ -32,7 +32,6 @@ cannot be read; what was published before stays, whole, for a re-run to resume f
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import io
 import json
@@ -40,7 +39,6 @@ import multiprocessing
 import os
 import shlex
 import signal
-import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -52,14 +50,12 @@ from multiprocessing import get_context
 from typing import Any
 
 import fsspec
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
-from rich.text import Text
 from webdataset import TarWriter
 
 from sharding import output
 from sharding.format import MANIFEST_NAME, Manifest, ShardInfo, encode_subject
 from sharding.lock import OutputLock, output_lock
+from sharding.parent_death import die_with_parent
 from sharding.plan import (
     FORMER_MAX_SUBJECTS_PER_SHARD,
     MAX_SUBJECTS_PER_SHARD,
@@ -68,12 +64,11 @@ from sharding.plan import (
     check_options,
     plan_shards,
 )
+from sharding.progress import shard_progress
 from sharding.source_spec import parse_source, source_arguments
 from sharding.sources import Source
 from sharding.storage import check_writable, failures_named, open_fs
 from sharding.validate import MIN_SESSIONS, Rejected, clean_subject
-
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @dataclass
@@ -93,28 +88,7 @@ def _init_worker(job: _Job) -> None:
     global _JOB
     _JOB = job
     if job.parent != os.getpid():
-        _die_with_parent(job.parent)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Make this worker die with the sharding process, even if that one is SIGKILLed.
-
-    A killed parent never shuts its pool down, and forked workers blocked on the task queue
-    would otherwise live on forever. Linux kills us itself (``PR_SET_PDEATHSIG``); elsewhere
-    a watchdog thread notices that we were re-parented.
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    else:
-        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        threading.Event().wait(1.0)
-    os._exit(1)
+        die_with_parent(job.parent)
 
 
 def write_shards(source: Source | str, url: str, *, seed: int = 0,
@@ -271,7 +245,7 @@ def _run(plan: list[PlannedShard], job: _Job, workers: int, progress: bool,
     """Apply ``task`` (picklable) to every planned shard, in worker processes; records in
     plan order."""
     records: dict[str, dict] = {}
-    bar = _progress(progress)
+    bar = shard_progress(progress)
     with bar:
         progress_task = bar.add_task("sharding", total=sum(len(s.subjects) for s in plan))
         for shard, record in _results(plan, job, workers, task):
@@ -326,20 +300,6 @@ def _released_on_sigterm(lock: OutputLock) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-class _SpeedColumn(ProgressColumn):
-    """Mean rate since the start: shards finish in bursts, so a windowed rate would jump."""
-
-    def render(self, task: Task) -> Text:
-        rate = task.completed / task.elapsed if task.elapsed else 0.0
-        return Text(f"{rate:,.0f} subjects/s", style="progress.data.speed")
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _SpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled)
 
 
 def _worker_fs() -> tuple[_Job, fsspec.AbstractFileSystem, str]:
