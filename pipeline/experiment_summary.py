@@ -8,6 +8,12 @@ folders here. An arm ``X`` with an arm ``X-control`` beside it gets its relative
 trained on different numbers of subjects (``eerpipe experiment subjects``), the lead is plotted
 against the subjects and its trend, linear in log subjects, extrapolated with a 95 % prediction
 interval: the question a 1,000-subject study asks about a 100,000-subject corpus.
+
+One experiment run once per loss (the batch-size sweep with ``loss.name=eer``, then
+``loss.name=multisimilarity``) has the same arms in every folder but other losses: each loss is a
+series of its own, summarised beside the others, and when the arms differ in their batch, the
+test EER of every series is plotted against the sessions per step (``batch.png``): whether one
+loss gains more from the batch than another is read off the slopes.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ class Trend:
 def summarize(folders: list[Path], out: Path, predict_at: int | None = None) -> dict[str, Any]:
     """Write ``summary.md``, ``summary.json`` and, for leads at several training-set sizes,
     ``lead.png`` in ``out``, for all test subjects and for each participant list the experiment
-    scored (``--participants``: ``lead-NAME.png``); return the summary."""
+    scored (``--participants``: ``lead-NAME.png``); with arms at several batches, ``batch.png``.
+    Return the summary: per part, or per series (loss) and then per part when there are several."""
     runs = [_arms(folder) for folder in folders]
     names = list(runs[0])
     for folder, run in zip(folders, runs):
@@ -54,10 +61,37 @@ def summarize(folders: list[Path], out: Path, predict_at: int | None = None) -> 
             raise ValueError(f"{folder}: its arms {sorted(run)} differ from {folders[0]}'s {sorted(names)}: "
                              "summarise folders of the same experiment")
     out.mkdir(parents=True, exist_ok=True)
-    parts: list[str | None] = [None, *runs[0][names[0]].get("groups", {})]
+    series = _series(runs)
     summary: dict[str, Any] = {"folders": [str(folder) for folder in folders]}
-    text = []
-    for part in parts:  # every test subject, then each participant list's
+    text, batches = [], {}
+    for label, members in series.items():
+        parts, markdown = _summarize_series(members, out, predict_at, label if len(series) > 1 else "")
+        summary.update({label: parts} if len(series) > 1 else parts)
+        text.append(markdown)
+        batches[label] = parts["all"]["arms"]
+    if _differ_in_batch(next(iter(batches.values()))):
+        _plot_batches(batches, out / "batch.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text("\n".join(text))
+    return summary
+
+
+def _series(runs: list[dict[str, dict[str, Any]]]) -> dict[str, list[dict[str, dict[str, Any]]]]:
+    """The folders' runs grouped by their arms' losses, named by those losses."""
+    series: dict[str, list[dict[str, dict[str, Any]]]] = {}
+    for run in runs:
+        losses = sorted({str(row.get("loss", "")) for row in run.values()})
+        series.setdefault(", ".join(losses), []).append(run)
+    return series
+
+
+def _summarize_series(runs: list[dict[str, dict[str, Any]]], out: Path, predict_at: int | None,
+                      label: str) -> tuple[dict[str, Any], str]:
+    """One series' summary, per part (every test subject, then each participant list's), and its
+    markdown; its lead plots named after the part (and the series, when there are several)."""
+    names = list(runs[0])
+    summary, text = {}, []
+    for part in [None, *runs[0][names[0]].get("groups", {})]:
         rows = [_arm_row(name, [_metrics(run[name], part) for run in runs]) for name in names]
         leads = [_lead_row(name, runs, part) for name in names if f"{name}{CONTROL_SUFFIX}" in runs[0]]
         sizes = {lead["train_subjects"] for lead in leads}
@@ -65,12 +99,11 @@ def summarize(folders: list[Path], out: Path, predict_at: int | None = None) -> 
         summary[part or "all"] = {"arms": rows, "leads": leads,
                                   "trends": {metric: trend.__dict__ for metric, trend in trends.items() if trend}}
         title = "all test subjects" if part is None else f"the test subjects of {part}"
-        text.append(f"## {title}\n\n" + _markdown(rows, leads, trends, len(folders)))
+        text.append(f"## {label + ': ' if label else ''}{title}\n\n" + _markdown(rows, leads, trends, len(runs)))
         if len(sizes) > 1:
-            _plot_leads(leads, trends, out / f"lead{'' if part is None else '-' + part}.png", title)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text("\n".join(text))
-    return summary
+            name = "-".join(["lead", *([label.replace(", ", "_")] if label else []), *([part] if part else [])])
+            _plot_leads(leads, trends, out / f"{name}.png", title)
+    return summary, "\n".join(text)
 
 
 def _arms(folder: Path) -> dict[str, dict[str, Any]]:
@@ -177,4 +210,32 @@ def _plot_leads(leads: list[dict[str, Any]], trends: dict[str, Trend | None], pa
              title=f"Lead against training subjects: {title}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+
+
+def _sessions_per_step(row: dict[str, Any]) -> float:
+    return row["sessions"] / row["steps"]
+
+
+def _differ_in_batch(rows: list[dict[str, Any]]) -> bool:
+    """Arms that trained the same subjects on batches of different sizes: a batch sweep."""
+    return len({row["train_subjects"] for row in rows}) == 1 and len({_sessions_per_step(row) for row in rows}) > 1
+
+
+def _plot_batches(series: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Each series' test EER (mean ± sd over seeds) against its arms' sessions per step, one panel
+    per protocol."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9.6, 4.2), layout="constrained")
+    for axes, metric in zip(figure.subplots(1, len(LEAD_METRICS)), LEAD_METRICS):
+        for label, rows in series.items():
+            rows = sorted(rows, key=_sessions_per_step)
+            axes.errorbar([_sessions_per_step(row) for row in rows], [100 * row[metric][0] for row in rows],
+                          yerr=[100 * (row[metric][1] or 0) for row in rows], marker="o", capsize=3, label=label)
+        axes.set(xlabel="sessions per step (global batch)", ylabel=f"test {METRICS[metric]}, %",
+                 title=f"{METRICS[metric]} against the batch, mean ± sd")
+        axes.set_xscale("log", base=2)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)

@@ -187,13 +187,16 @@ def test_the_subjects_experiment_trains_the_recipe_and_its_control_at_every_size
     assert subjects_arms([500]) == ({"subjects-500": ["data.train_subjects=500"]}, {})
 
 
-def _results(folder: Path, arms: dict[str, tuple[int, float]]) -> Path:
+def _results(folder: Path, arms: dict[str, tuple[int, float]], loss: str = "eer", steps: dict[str, int] | None = None
+             ) -> Path:
     """An experiment's results.json: arm → (training subjects, test EER), every metric = the EER;
-    on the test subjects of participant list "first" the same, on "second" twice as high."""
+    on the test subjects of participant list "first" the same, on "second" twice as high; each arm
+    of ``loss``, trained for 80 sessions in 10 steps (or in its ``steps``)."""
     from pipeline.experiment_summary import METRICS
 
     folder.mkdir()
-    rows = [{"arm": arm, "train_subjects": subjects, "steps": 10, "sessions": 80, **dict.fromkeys(METRICS, eer),
+    rows = [{"arm": arm, "loss": loss, "train_subjects": subjects, "steps": (steps or {}).get(arm, 10), "sessions": 80,
+             **dict.fromkeys(METRICS, eer),
              "groups": {"first": dict.fromkeys(METRICS, eer), "second": dict.fromkeys(METRICS, 2 * eer)}}
             for arm, (subjects, eer) in arms.items()]
     (folder / "results.json").write_text(json.dumps({"arms": rows}))
@@ -224,6 +227,22 @@ def test_a_summary_gives_each_arm_over_seeds_and_the_recipes_lead_over_its_contr
     for figure in ("lead.png", "lead-first.png", "lead-second.png"):
         assert (tmp_path / "summary" / figure).stat().st_size > 0
     assert "42.0 %" in (tmp_path / "summary" / "summary.md").read_text()
+
+
+def test_a_batch_sweep_run_once_per_loss_is_summarised_as_one_series_per_loss(tmp_path):
+    from pipeline.experiment_summary import summarize
+
+    steps = {"P16": 4, "P64": 1}  # the same sessions in 4 steps of 20 or in 1 of 80
+    folders = [_results(tmp_path / f"{loss}-seed{seed}", {"P16": (100, eer), "P64": (100, eer - 0.01 * seed)},
+                        loss=loss, steps=steps)
+               for loss, eer in (("eer", 0.05), ("multisimilarity", 0.06)) for seed in range(2)]
+    summary = summarize(folders, tmp_path / "summary")
+    assert summary.keys() == {"folders", "eer", "multisimilarity"}
+    assert summary["eer"].keys() == {"all", "first", "second"}
+    rows = {row["arm"]: row for row in summary["multisimilarity"]["all"]["arms"]}
+    assert rows["P16"]["eer"] == pytest.approx((0.06, 0.0)) and rows["P64"]["eer"][0] == pytest.approx(0.055)
+    assert (tmp_path / "summary" / "batch.png").stat().st_size > 0
+    assert "## multisimilarity: the test subjects of second" in (tmp_path / "summary" / "summary.md").read_text()
 
 
 def test_a_summary_of_folders_with_different_arms_is_refused_naming_the_folder(tmp_path):
