@@ -287,6 +287,18 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(run
     assert_same_parameters(run_on_s3.relaunched.final_model, straight_run.final_model)
 
 
+def test_a_relaunch_of_a_finished_run_launches_nothing_and_reports_the_same(shards, straight_run, tmp_path,
+                                                                            monkeypatch):
+    import pipeline.training.entry
+
+    shutil.copytree(straight_run.run_dir, tmp_path / "straight")
+    monkeypatch.setattr(pipeline.training.entry, "launch", lambda *args, **kwargs: pytest.fail("launched"))
+    again = train(config(shards, str(tmp_path), "straight", *EXTRAS), show_progress=False)
+    assert (again.metrics, again.curve, again.sessions) == (straight_run.metrics, straight_run.curve,
+                                                            straight_run.sessions)
+    assert again.final_model == export_path(str(tmp_path / "straight"), "final")
+
+
 def test_a_relaunch_with_a_different_batch_shape_or_model_is_refused_before_training(shards, straight_run):
     storage = str(Path(straight_run.run_dir).parent)
     with pytest.raises(ValueError, match="subjects_per_batch changed since the state was saved"):

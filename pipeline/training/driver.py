@@ -96,6 +96,26 @@ def run_result(config: TrainConfig, result: Any) -> TrainResult:
     )
 
 
+def trained_to_the_end(config: TrainConfig) -> bool:
+    """Whether the run (or stage) has trained to its end: its final export is written there,
+    atomically, after its last checkpoint."""
+    from sharding.storage import open_fs
+
+    fs, path = open_fs(export_path(config.run_dir, "final"))
+    fs.invalidate_cache()  # a listing cached before the run trained
+    return fs.isfile(path)
+
+
+def recorded_result(config: TrainConfig) -> TrainResult:
+    """A finished run's result, read from Ray's record of its checkpoints instead of launching it."""
+    from ray.train import Result
+
+    from pipeline.cluster import ray_storage
+
+    path, filesystem = ray_storage(config.run_dir)
+    return run_result(config, Result.from_path(path, storage_filesystem=filesystem))
+
+
 def _fit(trainer: Any, run_dir: str) -> Any:
     """``trainer.fit()``, its failure reduced to one line (a full disk on a worker reads as
     ``OSError: [Errno 28] No space left on device`` naming the run)."""

@@ -64,6 +64,13 @@ def end_step(config: TrainConfig, schedule: Schedule) -> int:
     return min(schedule.total_steps, config.train.max_steps or schedule.total_steps)
 
 
+def scheduled_end(config: TrainConfig) -> int:
+    """:func:`end_step` of ``config`` on its shard set (the manifest is read)."""
+    from sharding.format import load_manifest
+
+    return end_step(config, schedule_of(config, load_manifest(config.data.shards)))
+
+
 def sessions_per_step(config: TrainConfig) -> int:
     """Sessions in a global batch: P subjects × K sessions on every rank."""
     return config.data.subjects_per_batch * config.data.sessions_per_subject * config.train.num_workers

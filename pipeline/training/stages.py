@@ -16,7 +16,15 @@ across stages, beside a ``stage`` metric.
 from __future__ import annotations
 
 from pipeline.config import TrainConfig
-from pipeline.training.driver import TrainResult, check_run_storage, launch, prepare, run_lock, run_result
+from pipeline.training.driver import (
+    TrainResult,
+    check_run_storage,
+    launch,
+    prepare,
+    recorded_result,
+    run_lock,
+    trained_to_the_end,
+)
 from pipeline.training.state import StageContext
 
 STAGES_FOLDER = "stages"
@@ -37,12 +45,12 @@ def train_stages(config: TrainConfig, resume_from: str | None, show_progress: bo
     with run_lock(config.run_dir):
         offsets = _checked_step_offsets(config, stages)
         for index, (stage, offset) in enumerate(zip(stages, offsets)):
-            if _finished(stage):
+            if trained_to_the_end(stage):
                 results.append(_finished_result(config, index, stage))
                 continue
             context = StageContext(index, offset, config.run.name, config.run.storage, config.to_dict())
             results.append(launch(*prepare(stage), show_progress=show_progress, stage=context))
-            if not _finished(stage):  # stopped as if preempted (train.stop_after_epochs)
+            if not trained_to_the_end(stage):  # stopped as if preempted (train.stop_after_epochs)
                 break
         else:
             _publish_exports(stages[-1].run_dir, config.run_dir)
@@ -72,8 +80,7 @@ def _checked_step_offsets(config: TrainConfig, stages: list[TrainConfig]) -> lis
     """The driver's checks of every stage, before any starts, a refusal naming the stage; returns
     each stage's first step in the staged run. A later stage's warm start is checked without its
     file, which the stage before writes: every stage trains the same model on the same features."""
-    from pipeline.training.schedule import end_step, schedule_of
-    from sharding.format import load_manifest
+    from pipeline.training.schedule import scheduled_end
     from sharding.storage import StorageError
 
     offsets, steps = [], 0
@@ -86,33 +93,18 @@ def _checked_step_offsets(config: TrainConfig, stages: list[TrainConfig]) -> lis
             prepare(checked)
         except (ValueError, FileNotFoundError, StorageError) as error:  # each a one-line refusal
             raise type(error)(f"train.stages[{index}] ({config.train.stages[index]['name']}): {error}") from None
-        steps += end_step(stage, schedule_of(stage, load_manifest(stage.data.shards)))
+        steps += scheduled_end(stage)
     return offsets
 
 
-def _finished(stage: TrainConfig) -> bool:
-    """Whether the stage has trained to its end: its final export is written there, atomically."""
-    from pipeline.exports import export_path
-    from sharding.storage import open_fs
-
-    fs, path = open_fs(export_path(stage.run_dir, "final"))
-    fs.invalidate_cache()  # a listing cached before the stage ran
-    return fs.isfile(path)
-
-
 def _finished_result(config: TrainConfig, index: int, stage: TrainConfig) -> TrainResult:
-    """A finished stage's result, read from Ray's record of its checkpoints instead of launching
-    it again; refused, naming the stage, when the stage's settings now end at another step (its
-    model would be kept as trained, and the later stages would log at shifted steps)."""
-    from ray.train import Result
+    """A finished stage's result, without launching it again; refused, naming the stage, when
+    the stage's settings now end at another step (its model would be kept as trained, and the
+    later stages would log at shifted steps)."""
+    from pipeline.training.schedule import scheduled_end
 
-    from pipeline.cluster import ray_storage
-    from pipeline.training.schedule import end_step, schedule_of
-    from sharding.format import load_manifest
-
-    path, filesystem = ray_storage(stage.run_dir)
-    result = run_result(stage, Result.from_path(path, storage_filesystem=filesystem))
-    wanted = end_step(stage, schedule_of(stage, load_manifest(stage.data.shards)))
+    result = recorded_result(stage)
+    wanted = scheduled_end(stage)
     if result.metrics["step"] != wanted:
         raise ValueError(
             f"train.stages[{index}] ({config.train.stages[index]['name']}): finished at step "
