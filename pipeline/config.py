@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -258,7 +259,12 @@ class TrainConfig:
             key, sep, value = override.partition("=")
             if not sep or "." not in key:
                 raise ValueError(f"override {override!r} must look like section.key=value")
-            _set(data, key, parse_yaml(value, f"override {override!r}"), f"override {override!r}")
+            where, parsed = f"override {override!r}", parse_yaml(value, f"override {override!r}")
+            stage_key = STAGE_OVERRIDE.fullmatch(key)
+            if stage_key:
+                _set_in_stage(data, stage_key[1], stage_key[2], parsed, where)
+            else:
+                _set(data, key, parsed, where)
         return cls.from_dict(data)
 
     def __post_init__(self) -> None:
@@ -329,6 +335,23 @@ class TrainConfig:
 # What a stage may not override: the staged run's identity and its one W&B run; and what every
 # stage shares, since each stage after the first starts from the previous stage's weights.
 NOT_PER_STAGE = ("run", "wandb", "model", "data.features", "train.stages", "train.init_from")
+
+
+# ``train.stages[1].train.lr=1e-2`` or ``train.stages[large-batch].train.lr=1e-2``: one stage's setting
+STAGE_OVERRIDE = re.compile(r"train\.stages\[([^\]]+)\]\.(\w+\..+)")
+
+
+def _set_in_stage(data: dict[str, Any], selector: str, key: str, value: Any, where: str) -> None:
+    """Set ``key`` in the stage of ``data``'s ``train.stages`` that ``selector`` names (its index
+    or its name), over the stage's own value of it, whichever form the file gave it in."""
+    stages = data.get("train", {}).get("stages") or []
+    names = [stage.get("name") if isinstance(stage, dict) else None for stage in stages]
+    index = int(selector) if selector.isdigit() else names.index(selector) if selector in names else None
+    if index is None or index >= len(stages):
+        raise ValueError(f"{where}: train.stages has no stage {selector!r} (its stages: {names})")
+    stage = stages[index]
+    settings = dict(_settings({name: setting for name, setting in stage.items() if name != "name"}))
+    stages[index] = {"name": stage["name"], **settings, key: value}
 
 
 def _refuse_in_stage(key: str) -> None:

@@ -42,6 +42,21 @@ def test_the_real_data_recipe_and_its_control_share_the_first_stage_and_see_the_
     assert (large_batch.train.epochs, large_batch.train.lr) == (more_steps.train.epochs, more_steps.train.lr)
 
 
+def test_an_override_reaches_one_stage_by_its_index_or_its_name_over_the_stages_own_setting():
+    recipe = TrainConfig.load(CONFIGS / "aalto-desktop.yaml", [
+        "train.stages[1].train.lr=1e-2", "train.stages[large-batch].data.subjects_per_batch=256",
+        "train.stages[0].train.steps=1216", "train.lr=3e-2",
+    ])
+    ms, large_batch = recipe.stage(0), recipe.stage(1)
+    assert (ms.train.steps, ms.train.lr, ms.data.subjects_per_batch) == (1216, 3e-2, 16)
+    assert (large_batch.train.steps, large_batch.train.lr, large_batch.data.subjects_per_batch) == (160, 1e-2, 256)
+    with pytest.raises(ValueError, match=r"override 'train.stages\[fine-tune\].train.lr=1': train.stages has no "
+                                         r"stage 'fine-tune' \(its stages: \['multisimilarity', 'large-batch'\]\)"):
+        TrainConfig.load(CONFIGS / "aalto-desktop.yaml", ["train.stages[fine-tune].train.lr=1"])
+    with pytest.raises(ValueError, match=r"train.stages\[1\] \(large-batch\): model.embedding_size is the staged"):
+        TrainConfig.load(CONFIGS / "aalto-desktop.yaml", ["train.stages[1].model.embedding_size=32"])
+
+
 def test_overrides_reach_nested_keys_and_parse_yaml_values():
     config = TrainConfig.load(None, ["train.lr=3e-4", "loss.options={variant: direct}", "data.features=[keycode,hold]"])
     assert config.train.lr == 3e-4
