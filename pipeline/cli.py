@@ -196,6 +196,25 @@ def ablation(
               participants=participants)
 
 
+@experiment.command()
+@_expected
+def compare(
+    shards: str = _SHARDS,
+    config: Optional[Path] = _CONFIG,
+    out: Path = _OUT,
+    arm: list[str] = typer.Option(..., "--arm", help="NAME: OVERRIDES (shell-quoted, space-separated; none: the "
+                                                      "config as it is), one arm; repeat it for each."),
+    participants: Optional[list[Path]] = _PARTICIPANTS,
+    overrides: Optional[list[str]] = _OVERRIDES,
+) -> None:
+    """Named arms, each the config with its own overrides: a screen of a recipe's choices (model,
+    sequence length, a stage's rate or length: train.stages[NAME].train.lr=…), read on the
+    validation EER; an arm X beside an arm X-control gets its lead in the summary."""
+    from pipeline.experiment import named_arms
+
+    _run_arms(config, shards, out, named_arms(arm), overrides, participants=participants)
+
+
 @experiment.command("batch-size")
 @_expected
 def batch_size(

@@ -12,7 +12,8 @@ overrides): it is compared at its steps and sessions summed over its stages, and
 when its last stage trains EERLoss. Each arm validates and checkpoints at the same steps (each
 stage of a staged arm at the same share of its own), which gives the validation-EER-vs-step curves.
 
-Outputs in ``out``: ``results.md`` and ``results.json`` (test split, under both verification
+Outputs in ``out``: ``results.md`` and ``results.json`` (the final validation EER, which choices
+are made on; the test split, under both verification
 protocols — session against session, and KVC's enrolment sets (``kvc_`` keys): global EER, mean
 per-subject EER, AUC, FNMR at FMR 1 % and 0.1 %; steps to reach the best baseline's final
 validation EER, steps and training sessions seen, training wall time), ``det.png`` (one DET
@@ -62,6 +63,24 @@ def chosen_arms(names: list[str]) -> dict[str, list[str]]:
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; choose from {sorted(ABLATION_ARMS)}")
     return {name: ABLATION_ARMS[name] for name in names or ABLATION_ARMS}
+
+
+def named_arms(specs: list[str]) -> dict[str, list[str]]:
+    """Arms from ``NAME: OVERRIDES`` (the overrides shell-quoted and space-separated; none: the
+    config as it is), or a one-line error naming the spec."""
+    import re
+    import shlex
+
+    arms: dict[str, list[str]] = {}
+    for spec in specs:
+        name, colon, overrides = (part.strip() for part in spec.partition(":"))
+        if not colon or not re.fullmatch(r"[\w.+-]+", name):
+            raise ValueError(f"--arm {spec!r} must look like 'NAME: section.key=value …' (a name of letters, digits, "
+                             "'.', '+', '-' or '_')")
+        if name in arms:
+            raise ValueError(f"--arm {spec!r}: an arm named {name!r} is given twice")
+        arms[name] = shlex.split(overrides)
+    return arms
 
 
 def memory_arms(losses: list[str], sizes: list[int], encoders: list[str]) -> dict[str, list[str]]:
@@ -321,15 +340,15 @@ def _markdown(rows: list[dict[str, Any]], best_baseline: str | None) -> str:
     measured = ("eer", "per_subject_eer", "auc", "fnmr_at_fmr_1%", "fnmr_at_fmr_0.1%")
     titles = ("EER", "mean per-subject EER", "AUC", "FNMR@1%FMR", "FNMR@0.1%FMR")
     lines = [
-        "| arm | loss | " + " | ".join(f"{t} %" for t in titles) + " | " + " | ".join(f"KVC {t} %" for t in titles)
+        "| arm | loss | final val EER % | " + " | ".join(f"{t} %" for t in titles) + " | " + " | ".join(f"KVC {t} %" for t in titles)
         + f" | steps to {best_baseline or 'best baseline'}'s final val EER | steps | sessions | wall s |",
-        "|:--|:--|" + "--:|" * (2 * len(titles) + 4),
+        "|:--|:--|" + "--:|" * (2 * len(titles) + 5),
     ]
     for row in rows:
         reached = "–" if row["steps_to_best_baseline"] is None else str(row["steps_to_best_baseline"])
         cells = [pct(row[key]) for key in measured] + [pct(row[f"kvc_{key}"]) for key in measured]
         lines.append(
-            f"| {row['arm']} | {row['loss']} | " + " | ".join(cells)
+            f"| {row['arm']} | {row['loss']} | {pct(row['final_val_eer'])} | " + " | ".join(cells)
             + f" | {reached} | {row['steps']} | {row['sessions']} | {row['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -28,8 +28,8 @@ import numpy as np
 
 from pipeline.experiment import CONTROL_SUFFIX
 
-METRICS = {  # results.json key: the table's title
-    "eer": "EER", "kvc_eer": "KVC EER",
+METRICS = {  # results.json key: the table's title; the validation split's, then the test split's
+    "final_val_eer": "final val EER", "eer": "EER", "kvc_eer": "KVC EER",
     "per_subject_eer": "per-subject EER", "kvc_per_subject_eer": "KVC per-subject EER",
     "fnmr_at_fmr_1%": "FNMR@1%FMR", "fnmr_at_fmr_0.1%": "FNMR@0.1%FMR",
     "kvc_fnmr_at_fmr_1%": "KVC FNMR@1%FMR", "kvc_fnmr_at_fmr_0.1%": "KVC FNMR@0.1%FMR",
@@ -169,7 +169,8 @@ def _pct(value: tuple[float, float | None]) -> str:
 
 def _markdown(rows: list[dict[str, Any]], leads: list[dict[str, Any]], trends: dict[str, Trend | None],
               folders: int) -> str:
-    lines = [f"Mean ± sample sd over {folders} folders (seeds); test split, %.", "",
+    lines = [f"Mean ± sample sd over {folders} folders (seeds), %: the validation EER at the end of training "
+             "(choose on it), then the test split's metrics.", "",
              "| arm | training subjects | steps | sessions | " + " | ".join(METRICS.values()) + " |",
              "|:--|" + "--:|" * (3 + len(METRICS))]
     for row in rows:

@@ -187,6 +187,29 @@ def test_the_subjects_experiment_trains_the_recipe_and_its_control_at_every_size
     assert subjects_arms([500]) == ({"subjects-500": ["data.train_subjects=500"]}, {})
 
 
+def test_a_screen_names_each_arm_and_its_overrides_quoted_as_in_a_shell():
+    from pipeline.experiment import named_arms
+
+    arms = named_arms(["shipped:", "wide: model.options.hidden=128 model.embedding_size=128",
+                       "band: 'loss.options={low: 0.001, high: 0.004}' train.stages[1].train.lr=1e-2"])
+    assert arms == {"shipped": [], "wide": ["model.options.hidden=128", "model.embedding_size=128"],
+                    "band": ["loss.options={low: 0.001, high: 0.004}", "train.stages[1].train.lr=1e-2"]}
+    for spec, message in (("wide model.options.hidden=128", "must look like 'NAME: section.key=value"),
+                          ("../up: train.lr=1", "must look like"), ):
+        with pytest.raises(ValueError, match=message):
+            named_arms([spec])
+    with pytest.raises(ValueError, match="an arm named 'a' is given twice"):
+        named_arms(["a: train.lr=1", "a: train.lr=2"])
+
+
+def test_a_screen_with_a_malformed_arm_is_refused_in_one_line_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(app, ["experiment", "compare", "--shards", str(tmp_path / "none"), "--out",
+                                      str(tmp_path / "out"), "--arm", "shipped:", "--arm", "wide=128"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: --arm 'wide=128' must look like")
+    assert not (tmp_path / "out").exists()
+
+
 def _results(folder: Path, arms: dict[str, tuple[int, float]], loss: str = "eer", steps: dict[str, int] | None = None
              ) -> Path:
     """An experiment's results.json: arm → (training subjects, test EER), every metric = the EER;
