@@ -340,7 +340,8 @@ def _markdown(rows: list[dict[str, Any]], best_baseline: str | None) -> str:
     measured = ("eer", "per_subject_eer", "auc", "fnmr_at_fmr_1%", "fnmr_at_fmr_0.1%")
     titles = ("EER", "mean per-subject EER", "AUC", "FNMR@1%FMR", "FNMR@0.1%FMR")
     lines = [
-        "| arm | loss | final val EER % | " + " | ".join(f"{t} %" for t in titles) + " | " + " | ".join(f"KVC {t} %" for t in titles)
+        "| arm | loss | final val EER % | " + " | ".join(f"{t} %" for t in titles) + " | "
+        + " | ".join(f"KVC {t} %" for t in titles)
         + f" | steps to {best_baseline or 'best baseline'}'s final val EER | steps | sessions | wall s |",
         "|:--|:--|" + "--:|" * (2 * len(titles) + 5),
     ]
