@@ -289,10 +289,10 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(run
 
 def test_a_relaunch_of_a_finished_run_launches_nothing_and_reports_the_same(shards, straight_run, tmp_path,
                                                                             monkeypatch):
-    import pipeline.training.entry
+    import pipeline.training.driver
 
     shutil.copytree(straight_run.run_dir, tmp_path / "straight")
-    monkeypatch.setattr(pipeline.training.entry, "launch", lambda *args, **kwargs: pytest.fail("launched"))
+    monkeypatch.setattr(pipeline.training.driver, "launch", lambda *args, **kwargs: pytest.fail("launched"))
     again = train(config(shards, str(tmp_path), "straight", *EXTRAS), show_progress=False)
     assert (again.metrics, again.curve, again.sessions) == (straight_run.metrics, straight_run.curve,
                                                             straight_run.sessions)

@@ -50,6 +50,24 @@ def run_lock(run_dir: str) -> Iterator[None]:
         yield
 
 
+def train_run(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True) -> TrainResult:
+    """Run (or resume) the run ``config`` to the end of its schedule. Its folder is locked before
+    its checks, which read it (and may repair Ray's snapshot there): a second launch of a running
+    run is refused before it touches the run's files. A run that has trained to the end its
+    settings give is not launched again: its result is read from its files."""
+    from pipeline.training.schedule import scheduled_end
+
+    config = config.with_absolute_paths()
+    check_run_storage(config)
+    with run_lock(config.run_dir):
+        config, resume_from = prepare(config, resume_from)
+        if not resume_from and trained_to_the_end(config):
+            result = recorded_result(config)
+            if result.metrics["step"] == scheduled_end(config):  # else settings that now end elsewhere go on
+                return result
+        return launch(config, resume_from, show_progress)
+
+
 def launch(config: TrainConfig, resume_from: str | None = None, show_progress: bool = True,
            stage: StageContext | None = None) -> TrainResult:
     """One Ray Train run of ``config`` checked by :func:`prepare`: a run, or the ``stage`` of a
