@@ -386,9 +386,15 @@ def test_a_running_job_can_be_stopped_and_its_run_cannot_be_doubled(cluster: Clu
     doubled = cluster.eerpipe(*submit_args(cluster, "long", "train.epochs=1000"))
     assert doubled.returncode == 1 and f"already has job {job_id}" in doubled.stderr
 
+    lock = cluster.root / "runs" / "long" / "_lock.json"
+    deadline = time.monotonic() + 120
+    while "step " not in cluster.client().get_job_logs(job_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert lock.exists()  # training, its run locked
     stopped = cluster.eerpipe("stop", "long", "--wait")
     assert stopped.returncode == 0 and f"stopping {job_id}" in stopped.stdout
     assert str(cluster.client().get_job_status(job_id)) == "STOPPED"
+    assert not lock.exists()  # released on SIGTERM: resumable at once, not after the lease
 
 
 @pytest.mark.slow  # last: the resume has run in the background since run tiny's first job ended
