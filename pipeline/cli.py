@@ -312,7 +312,9 @@ def operating_point(
 
     Validation and test score every impostor pair (``eval.impostors_per_session=all``, unless an
     override says otherwise): at FMR 0.1 % a sample of ten per session leaves a few dozen
-    comparisons past the threshold, too few to pick a checkpoint or to compare two models."""
+    comparisons past the threshold, too few to pick a checkpoint or to compare two models. A test
+    split too large for that (its report would not fit in memory) is refused before any arm
+    trains: give a count, e.g. eval.impostors_per_session=1000."""
     from pipeline.experiment import operating_point_arms
 
     arms = operating_point_arms(fmr, threshold_momentum, band)

@@ -189,6 +189,8 @@ def run_experiment(
     manifest = load_manifest(shards)
     participants = participants or {}
     _check_participants(participants, manifest)
+    for name, config in configs.items():
+        _check_test_scoring_fits(name, config, manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -237,6 +239,20 @@ def _check_participants(participants: Mapping[str, Path], manifest: Any) -> None
     for path in participants.values():
         if len(test.intersection(read_participants(path))) < 2:
             raise ValueError(f"{path}: lists fewer than 2 of the test split's subjects")
+
+
+def _check_test_scoring_fits(name: str, config: TrainConfig, manifest: Any) -> None:
+    """The arm's test scoring under both protocols fits in memory (every impostor pair of a large
+    split may not): refused before any arm trains."""
+    from dataclasses import asdict
+
+    from pipeline.evaluation.protocol import check_report_fits, protocol_from
+
+    test = manifest.shards_of("test")
+    sessions, subjects = sum(shard.sessions for shard in test), sum(shard.samples for shard in test)
+    for protocol in ("session", "kvc"):
+        check_report_fits(protocol_from(asdict(config.final_stage.eval), protocol), sessions, subjects,
+                          f"arm {name}, the test split")
 
 
 def _refuse_overridden_by_every_stage(config: TrainConfig, overrides: list[str]) -> None:

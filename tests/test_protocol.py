@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation.protocol import EnrolmentSets, SessionPairs, comparisons, protocol_from, verify
+from pipeline.evaluation.protocol import (
+    EnrolmentSets,
+    SessionPairs,
+    check_report_fits,
+    comparisons,
+    every_comparison_count,
+    protocol_from,
+    verify,
+)
 
 SUBJECTS, SESSIONS = 20, 15
 
@@ -123,6 +131,25 @@ def test_all_impostor_sets_meets_every_other_subject_s_set() -> None:
     assert (~genuine).sum() == SUBJECTS * (SESSIONS - 5) * (SUBJECTS - 1)
     met = claimed[~genuine].reshape(-1, SUBJECTS - 1)
     assert all(len(set(row)) == SUBJECTS - 1 for row in met.tolist())
+
+
+def test_every_comparison_is_counted_before_a_split_is_scored() -> None:
+    labels = split_labels()
+    for protocol in (SessionPairs("all"), EnrolmentSets(5, "all")):
+        scored = protocol.compare(torch.randn(len(labels), 8), labels, "cosine")
+        assert every_comparison_count(protocol, len(labels), SUBJECTS) == len(scored.truth)
+    assert every_comparison_count(SessionPairs(10), len(labels), SUBJECTS) is None  # a drawn count: bounded
+
+
+def test_every_impostor_pair_of_a_split_too_large_for_memory_is_refused_naming_a_count_that_fits() -> None:
+    check_report_fits(SessionPairs("all"), 4_500, 300, "the test split")  # 10 M comparisons, 1.5 GB
+    with pytest.raises(ValueError, match=r"the test split: eval.impostors_per_session=all makes 49,999,995,000,000 "
+                                         r"comparisons of its 10,000,000 sessions under the session protocol, about "
+                                         r"\d+ GB to score, more than the \d+ GB it may take \(three quarters of the "
+                                         r"memory available\); set a count per session "
+                                         r"instead \(e.g. eval.impostors_per_session=\d+\)"):
+        check_report_fits(SessionPairs("all"), 10_000_000, 1_000_000, "the test split")
+    check_report_fits(SessionPairs(1000), 10_000_000, 1_000_000, "the test split")
 
 
 def test_the_config_names_the_protocol_and_the_session_protocol_is_the_default() -> None:

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from pipeline.evaluation.embedding import embed, embed_sessions, progress_bar
-from pipeline.evaluation.protocol import Impostors, ProtocolName, pair_scores, protocol_from, protocol_name, verify
+from pipeline.evaluation.protocol import (
+    Impostors,
+    ProtocolName,
+    check_report_fits,
+    pair_scores,
+    protocol_from,
+    protocol_name,
+    verify,
+)
 from pipeline.evaluation.submission import read_test_set, write_predictions
 from pipeline.exports import load_model
 from sharding.format import ShardIntegrityError
@@ -86,6 +94,7 @@ class EmbeddedSplit:
         if impostors is not None:
             settings = {**settings, "impostors_per_session": impostors}
         chosen = protocol_from(settings, protocol)
+        check_report_fits(chosen, len(self.labels), len(np.unique(self.labels)), f"the {self.split} split")
         verified = verify(self.embeddings, self.labels, chosen, settings["distance"])
         title = f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol"
         return Scored(verified.report, verified.truth, verified.scores, title)

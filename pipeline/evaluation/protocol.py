@@ -23,7 +23,9 @@ comparisons pass. Ten impostors per session on a split of 300 subjects put that 
 comparisons, so two models' numbers there differ by sampling as much as by training
 (docs/results.md, "Where the results disagree"). Every impostor pair costs ``n²/2``
 comparisons for ``n`` sessions — millions for a split of a few hundred subjects, affordable at
-each validation — and leaves no draw to depend on.
+each validation — and leaves no draw to depend on. Their exact report holds every comparison in
+memory several times over (:data:`REPORT_BYTES_PER_COMPARISON`): a split of 1,200 subjects of 15
+sessions makes 162 M, 24 GB. :func:`check_report_fits` refuses such a scoring before it starts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, Protocol, cast, get_args
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -237,6 +240,41 @@ def _prepared(embeddings: torch.Tensor, distance: str) -> torch.Tensor:
 def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     """Distance along the last axis between :func:`_prepared` rows (broadcasting)."""
     return 1 - (a * b).sum(-1) if distance == "cosine" else (a - b).norm(dim=-1)
+
+
+# Peak memory of one comparison scored into the full report (its indices, score, the ROC's and
+# the per-subject sweep's sorted copies): 23.7 GB for the 162 M session pairs of 18,000 sessions
+# of 1,200 subjects (measured 2026-12-06).
+REPORT_BYTES_PER_COMPARISON: Final = 150
+
+
+def every_comparison_count(protocol: VerificationProtocol, sessions: int, subjects: int) -> int | None:
+    """How many comparisons ``protocol`` makes with every impostor (``"all"``) on a split of
+    ``sessions`` sessions of ``subjects`` subjects (at most that, under enrolment sets); None for a
+    protocol that draws a fixed number per session."""
+    if isinstance(protocol, SessionPairs) and protocol.impostors_per_session == ALL:
+        return sessions * (sessions - 1) // 2
+    if isinstance(protocol, EnrolmentSets) and protocol.impostor_sets == ALL:
+        return max(sessions - subjects * protocol.enrolment_sessions, 0) * subjects
+    return None
+
+
+def check_report_fits(protocol: VerificationProtocol, sessions: int, subjects: int, where: str) -> None:
+    """Refuse, in one line naming the setting and a count that fits, scoring every impostor
+    comparison of a split whose report would need more than three quarters of this machine's
+    available memory."""
+    count = every_comparison_count(protocol, sessions, subjects)
+    available = psutil.virtual_memory().available
+    usable = available * 3 // 4  # the rest for the process's own (its embeddings, other arms' results)
+    if count is None or count * REPORT_BYTES_PER_COMPARISON <= usable:
+        return
+    fitting = max(1, usable // (2 * REPORT_BYTES_PER_COMPARISON * sessions))
+    raise ValueError(
+        f"{where}: eval.impostors_per_session=all makes {count:,} comparisons of its {sessions:,} sessions under "
+        f"the {protocol.name} protocol, about {count * REPORT_BYTES_PER_COMPARISON / 1e9:.0f} GB to score, more than "
+        f"the {usable / 1e9:.0f} GB it may take (three quarters of the memory available); set a count per "
+        f"session instead (e.g. eval.impostors_per_session={fitting})"
+    )
 
 
 @dataclass(frozen=True)
