@@ -176,6 +176,21 @@ def test_an_arm_setting_what_every_stage_sets_again_is_refused_before_anything_r
     assert not (tmp_path / "out").exists()
 
 
+def test_an_experiment_whose_every_pair_test_scoring_would_not_fit_in_memory_is_refused_before_any_arm_trains(
+    tmp_path, monkeypatch
+):
+    import pipeline.evaluation.protocol
+    from sharding.writer import write_shards
+
+    write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
+    monkeypatch.setattr(pipeline.evaluation.protocol, "REPORT_BYTES_PER_COMPARISON", 10**15)  # as a huge split
+    result = CliRunner().invoke(app, ["experiment", "operating-point", "--shards", str(tmp_path / "shards"), "-c",
+                                      str(CONFIG), "--out", str(tmp_path / "out"), f"run.storage={tmp_path / 'runs'}"])
+    assert result.exit_code == 1
+    assert "arm target-eer, the test split: eval.impostors_per_session=all makes" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
 def test_the_subjects_experiment_trains_the_recipe_and_its_control_at_every_size():
     from pipeline.experiment import subjects_arms
 
