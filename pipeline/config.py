@@ -337,7 +337,7 @@ class TrainConfig:
 NOT_PER_STAGE = ("run", "wandb", "model", "data.features", "train.stages", "train.init_from")
 
 
-# ``train.stages[1].train.lr=1e-2`` or ``train.stages[large-batch].train.lr=1e-2``: one stage's setting
+# ``train.stages[1].train.lr=1e-2`` or ``train.stages[eer].train.lr=1e-2``: one stage's setting
 STAGE_OVERRIDE = re.compile(r"train\.stages\[([^\]]+)\]\.(\w+\..+)")
 
 
