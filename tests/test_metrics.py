@@ -25,6 +25,8 @@ from pipeline.metrics import (
     roc_auc,
     verification_report,
 )
+from pipeline.metrics import per_subject as per_subject_module
+from pipeline.metrics.per_subject import per_subject_metrics
 
 TOL = 1e-12
 
@@ -172,6 +174,23 @@ def test_per_subject_block_on_many_subjects_with_ties():
     scores = (rng.integers(0, 8, n) + 2 * labels).astype(float)
     subjects = np.char.add("user", rng.integers(0, 80, n).astype(str))  # string ids, as in KVC
     assert_reports_equal(verification_report(labels, scores, subjects), official_report(labels, scores, subjects))
+
+
+def test_per_subject_metrics_swept_a_few_subjects_at_a_time_are_bit_identical(monkeypatch):
+    """A split scored on every impostor pair is swept in groups of subjects to bound memory;
+    no value may change (a subject larger than a group is a group of its own)."""
+    rng = np.random.default_rng(3)
+    n = 6_000
+    labels = (rng.random(n) < 0.2).astype(np.int8)
+    scores = (rng.integers(0, 8, n) + 2 * labels).astype(float)
+    subjects = (rng.random(n) ** 2 * 60).astype(int)  # 20 to 800 comparisons a subject
+    subjects[np.flatnonzero(labels == 1)[:5]] = 99  # genuine comparisons only: skipped
+    whole = per_subject_metrics(labels, scores, subjects)
+    assert 99 in whole.skipped
+    monkeypatch.setattr(per_subject_module, "SWEEP_COMPARISONS", 150)  # several subjects, or one, a group
+    in_groups = per_subject_metrics(labels, scores, subjects)
+    for field in ("subjects", "eer", "eer_threshold", "auc", "accuracy", "rank1", "skipped"):
+        np.testing.assert_array_equal(getattr(in_groups, field), getattr(whole, field))
 
 
 def test_a_genuine_score_tied_with_the_best_impostor_is_not_rank_1():

@@ -25,7 +25,8 @@ comparisons, so two models' numbers there differ by sampling as much as by train
 comparisons for ``n`` sessions — millions for a split of a few hundred subjects, affordable at
 each validation — and leaves no draw to depend on. Their exact report holds every comparison in
 memory several times over (:data:`REPORT_BYTES_PER_COMPARISON`): a split of 1,200 subjects of 15
-sessions makes 162 M, 24 GB. :func:`check_report_fits` refuses such a scoring before it starts.
+sessions makes 162 M, 11 GB. :func:`check_report_fits` refuses a scoring that would not fit before
+it starts.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class SessionPairs:
     def compare(self, embeddings: torch.Tensor, labels: np.ndarray, distance: str) -> Comparisons:
         first, second, truth = comparisons(labels, self.impostors_per_session, self.seed)
         scores = pair_scores(embeddings, first, second, distance)
-        return Comparisons(truth.astype(int), scores, np.asarray(labels)[first])
+        return Comparisons(truth.astype(np.int8), scores, np.asarray(labels)[first])
 
 
 def comparisons(
@@ -160,7 +161,7 @@ class EnrolmentSets:
             probes = embeddings[torch.as_tensor(probe[start:stop])]  # [c, D]
             enrolled = embeddings[members[torch.as_tensor(claimed[start:stop])]]  # [c, E, D]
             scores.append(-_distance(probes[:, None], enrolled, distance).mean(1).double().numpy())
-        return Comparisons(truth.astype(int), np.concatenate(scores), set_labels[claimed])
+        return Comparisons(truth.astype(np.int8), np.concatenate(scores), set_labels[claimed])
 
     def draw(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(sets [S, E], set_labels [S], probe [C], claimed [C], is_genuine [C])`` as row indices.
@@ -242,10 +243,11 @@ def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     return 1 - (a * b).sum(-1) if distance == "cosine" else (a - b).norm(dim=-1)
 
 
-# Peak memory of one comparison scored into the full report (its indices, score, the ROC's and
-# the per-subject sweep's sorted copies): 23.7 GB for the 162 M session pairs of 18,000 sessions
-# of 1,200 subjects (measured 2026-12-06).
-REPORT_BYTES_PER_COMPARISON: Final = 150
+# Peak memory of one comparison scored into the full report, at sklearn's ROC (its sorted copies,
+# beside the comparisons' scores, truth and subjects; the per-subject sweep takes a group of subjects
+# at a time): 70 bytes measured on the 40.5 M session pairs of 600 subjects of 15 sessions, 2.84 GB
+# (150 before the sweep was grouped; 2026-12-06). 75 leaves a margin.
+REPORT_BYTES_PER_COMPARISON: Final = 75
 
 
 def every_comparison_count(protocol: VerificationProtocol, sessions: int, subjects: int) -> int | None:

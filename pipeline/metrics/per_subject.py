@@ -33,6 +33,13 @@ class PerSubject:
     skipped: NDArray
 
 
+# Comparisons swept at once (~0.5 GB): the sweep holds ~120 bytes per comparison, so a split scored
+# on every impostor pair (162 M comparisons for 1,200 subjects of 15 sessions: 19 GB at once) is swept
+# a group of subjects at a time. Each subject's numbers depend on its own comparisons only, in their
+# own order: the groups change no bit of the result.
+SWEEP_COMPARISONS = 1 << 22
+
+
 def per_subject_metrics(
     labels: NDArray[np.int8], scores: NDArray[np.float64], subjects: ArrayLike
 ) -> PerSubject:
@@ -43,18 +50,49 @@ def per_subject_metrics(
             f"subjects must give one id per comparison: {subjects.shape} ids, {labels.shape} scores"
         )
     ids, codes = np.unique(subjects, return_inverse=True)
-    n_genuine = np.bincount(codes, weights=labels, minlength=len(ids))
+    n_genuine = np.bincount(codes, weights=labels, minlength=len(ids)).astype(np.int64)
     n_all = np.bincount(codes, minlength=len(ids))
     ok = (n_genuine > 0) & (n_genuine < n_all)
     if not ok.any():
         raise ValueError(
             "no subject has both a genuine and an impostor comparison: per-subject metrics are undefined"
         )
+    order = np.argsort(codes, kind="stable")  # each subject's comparisons together, in input order
+    ends = np.cumsum(n_all)
+    groups = [_subject_metrics(labels[rows], scores[rows], codes[rows] - first, n_genuine[first:stop],
+                               n_all[first:stop] - n_genuine[first:stop])
+              for first, stop in _subject_groups(n_all, ok)
+              for rows in [order[ends[first] - n_all[first]: ends[stop - 1]]]]
+    eer, eer_threshold, auc, accuracy, rank1 = (np.concatenate(values) for values in zip(*groups))
+    return PerSubject(ids[ok], eer, eer_threshold, auc, accuracy, rank1, skipped=ids[~ok])
+
+
+def _subject_groups(n_all: NDArray[np.int64], ok: NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """``(first, stop)`` ranges of subject codes, each starting and ending at a subject with a curve
+    and holding at most :data:`SWEEP_COMPARISONS` comparisons (or one subject, however many)."""
+    groups, first, size = [], None, 0
+    for code in np.flatnonzero(ok):
+        if first is not None and size + n_all[code] > SWEEP_COMPARISONS:
+            groups.append((first, stop))
+            first = None
+        if first is None:
+            first, size = int(code), 0
+        size, stop = size + int(n_all[code]), int(code) + 1
+    groups.append((first, stop))
+    return groups
+
+
+def _subject_metrics(
+    labels: NDArray[np.int8], scores: NDArray[np.float64], codes: NDArray[np.int64],
+    n_genuine: NDArray[np.int64], n_impostor: NDArray[np.int64],
+) -> tuple[NDArray[np.float64], ...]:
+    """(EER, its threshold, AUC, accuracy, rank-1) of each subject with a curve among ``codes``
+    (0 … len(n_genuine) − 1; subjects without one are dropped here)."""
+    ok = (n_genuine > 0) & (n_impostor > 0)
     keep = ok[codes]
     labels, scores = labels[keep], scores[keep]
     codes = (np.cumsum(ok) - 1)[codes[keep]]  # renumber the kept subjects 0..S-1
-    n_pos = n_genuine[ok].astype(np.int64)
-    n_neg = n_all[ok] - n_pos
+    n_pos, n_neg = n_genuine[ok], n_impostor[ok]
 
     sweep = _Sweep.of(labels, scores, codes)
     fmr, tmr, thresholds, curve_subject = sweep.roc(n_pos, n_neg)
@@ -68,7 +106,7 @@ def per_subject_metrics(
     ranked_first = sweep.impostors_at_or_above()[genuine] == 0
     rank1 = np.bincount(sweep.subject[genuine], weights=ranked_first, minlength=len(n_pos)) / n_pos
     # numpy's stubs type bincount as integer even with float weights
-    return PerSubject(ids[ok], eer, eer_threshold, auc, accuracy, rank1, skipped=ids[~ok])  # type: ignore[arg-type]
+    return eer, eer_threshold, auc, accuracy, rank1  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
