@@ -132,7 +132,7 @@ _PARTICIPANTS = typer.Option(None, "--participants",
 
 def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, list[str]],
               overrides: Optional[list[str]], arm_configs: Optional[dict[str, str]] = None,
-              participants: Optional[list[Path]] = None) -> None:
+              participants: Optional[list[Path]] = None, test_impostors: Optional[str] = None) -> None:
     from pipeline.cluster import use_local_ray_settings
 
     use_local_ray_settings()
@@ -140,7 +140,8 @@ def _run_arms(config: Optional[Path], shards: str, out: Path, arms: dict[str, li
 
     groups = _participant_groups(participants or [])
     run_experiment(str(config) if config else None, shards, out, arms, overrides=overrides or [],
-                   arm_configs=arm_configs, participants=groups)
+                   arm_configs=arm_configs, participants=groups,
+                   test_impostors=None if test_impostors is None else _impostors(test_impostors, "--test-impostors"))
     typer.echo((out / "results.md").read_text())
     typer.echo(f"written: {out}/results.md, results.json, det.png, val_eer.png")
 
@@ -153,13 +154,13 @@ def _participant_groups(paths: list[Path]) -> dict[str, Path]:
     return groups
 
 
-def _impostors(text: str) -> int | Literal["all"]:
-    """``--impostors``: a positive whole number or ``all``, or a one-line error."""
+def _impostors(text: str, option: str = "--impostors") -> int | Literal["all"]:
+    """A count of impostors per session: a positive whole number or ``all``, or a one-line error."""
     if text == "all":
         return "all"
     if text.isdigit() and int(text) > 0:
         return int(text)
-    raise ValueError(f"--impostors takes a positive whole number or 'all', got {text!r}")
+    raise ValueError(f"{option} takes a positive whole number or 'all', got {text!r}")
 
 
 def _written_or_none(url: str) -> str:
@@ -304,6 +305,10 @@ def operating_point(
         None, "--band",
         help="Add an arm, target-fmr-band-<t>-<b>: the FNMR averaged over FMRs from --fmr up to this one.",
     ),
+    test_impostors: Optional[str] = typer.Option(
+        None, "--test-impostors",
+        help="Impostors per session on the test split: a count, or all (every pair). Default: as validated.",
+    ),
     participants: Optional[list[Path]] = _PARTICIPANTS,
     overrides: Optional[list[str]] = _OVERRIDES,
 ) -> None:
@@ -314,12 +319,14 @@ def operating_point(
     override says otherwise): at FMR 0.1 % a sample of ten per session leaves a few dozen
     comparisons past the threshold, too few to pick a checkpoint or to compare two models. A test
     split too large for that (its report would not fit in memory) is refused before any arm
-    trains: give a count, e.g. eval.impostors_per_session=1000."""
+    trains: give a count, e.g. eval.impostors_per_session=1000. To validate on a sample and test on
+    every pair: eval.impostors_per_session=1000 --test-impostors all; run again with it, a finished
+    experiment's arms are only scored."""
     from pipeline.experiment import operating_point_arms
 
     arms = operating_point_arms(fmr, threshold_momentum, band)
     _run_arms(config, shards, out, arms, ["eval.impostors_per_session=all", *(overrides or [])],
-              participants=participants)
+              participants=participants, test_impostors=test_impostors)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrainConfig
+
+if TYPE_CHECKING:  # the command line loads scoring (torch, sklearn) only when an arm is scored
+    from pipeline.evaluation.protocol import Impostors
+    from pipeline.metrics.verification import Roc
 
 # The losses compared by `eerpipe experiment ablation`, scored by cosine distance (the geometry
 # EERLoss and pytorch-metric-learning's losses train) except Set2set, which trains raw distances.
@@ -157,8 +159,7 @@ class Arm:
     report: dict[str, Any]  # session protocol
     kvc_report: dict[str, Any]  # KVC enrolment-set protocol
     groups: dict[str, dict[str, float | None]]  # a participant list's name: its test subjects' metrics
-    truth: np.ndarray
-    scores: np.ndarray
+    det: Roc  # session protocol, for the DET plot (not its comparisons: every pair of a split is large)
 
 
 def run_experiment(
@@ -172,11 +173,14 @@ def run_experiment(
     show_progress: bool = True,
     arm_configs: Mapping[str, str] | None = None,
     participants: Mapping[str, Path] | None = None,
+    test_impostors: Impostors | None = None,
 ) -> list[Arm]:
     """Train and score every arm; write the tables and figures; return the arms. ``arm_configs``
     gives an arm its own config file instead of ``config_path`` (a recipe's control);
     ``participants`` names lists of test subjects (one per source of a combined benchmark) that
-    are also scored on their own."""
+    are also scored on their own; ``test_impostors`` scores the test split with that many impostors
+    per session instead of the validation's count (every pair on test, a sample to validate). An
+    experiment run again finds its arms trained and only scores them."""
     from pipeline.evaluation.commands import embed_split
     from pipeline.training import train
     from pipeline.training.schedule import training_shards
@@ -190,7 +194,7 @@ def run_experiment(
     participants = participants or {}
     _check_participants(participants, manifest)
     for name, config in configs.items():
-        _check_test_scoring_fits(name, config, manifest)
+        _check_test_scoring_fits(name, config, manifest, test_impostors)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -198,13 +202,13 @@ def run_experiment(
         config = configs[name]
         result = train(config, show_progress=show_progress)
         embedded = embed_split(result.best_model, shards, split="test")
-        sessions, kvc = embedded.score("session"), embedded.score("kvc")
+        sessions, kvc = embedded.score("session", test_impostors), embedded.score("kvc", test_impostors)
         subjects = sum(shard.samples for shard in training_shards(config.final_stage, manifest))
-        groups = {group: _both_protocols(embedded.only(path)) for group, path in participants.items()}
+        groups = {group: _both_protocols(embedded.only(path), test_impostors) for group, path in participants.items()}
         results.append(
             Arm(name, arm_overrides, recipe_loss(config), OURS in config.final_stage.loss.name.split("+"),
                 result.run_dir, result.curve, result.metrics["time/train_s"], result.metrics["step"], result.sessions,
-                subjects, sessions.report, kvc.report, groups, sessions.truth, sessions.scores)
+                subjects, sessions.report, kvc.report, groups, sessions.curve)
         )
     _write(out, results)
     return results
@@ -241,18 +245,21 @@ def _check_participants(participants: Mapping[str, Path], manifest: Any) -> None
             raise ValueError(f"{path}: lists fewer than 2 of the test split's subjects")
 
 
-def _check_test_scoring_fits(name: str, config: TrainConfig, manifest: Any) -> None:
+def _check_test_scoring_fits(name: str, config: TrainConfig, manifest: Any, test_impostors: Impostors | None) -> None:
     """The arm's test scoring under both protocols fits in memory (every impostor pair of a large
-    split may not): refused before any arm trains."""
+    split may not): refused before any arm trains, naming the setting that asked for it."""
     from dataclasses import asdict
 
     from pipeline.evaluation.protocol import check_report_fits, protocol_from
 
+    settings, setting = asdict(config.final_stage.eval), "eval.impostors_per_session"
+    if test_impostors is not None:
+        settings, setting = {**settings, "impostors_per_session": test_impostors}, "--test-impostors"
     test = manifest.shards_of("test")
     sessions, subjects = sum(shard.sessions for shard in test), sum(shard.samples for shard in test)
     for protocol in ("session", "kvc"):
-        check_report_fits(protocol_from(asdict(config.final_stage.eval), protocol), sessions, subjects,
-                          f"arm {name}, the test split")
+        check_report_fits(protocol_from(settings, protocol), sessions, subjects, f"arm {name}, the test split",
+                          setting)
 
 
 def _refuse_overridden_by_every_stage(config: TrainConfig, overrides: list[str]) -> None:
@@ -320,7 +327,7 @@ def _write(out: Path, arms: list[Arm]) -> None:
     (out / "results.json").write_text(
         json.dumps({"best_baseline": best_baseline and best_baseline.name, "arms": rows}, indent=2))
     (out / "results.md").write_text(_markdown(rows, best_baseline.name if best_baseline else None))
-    plot_det({arm.name: (arm.truth, arm.scores) for arm in arms}, out / "det.png")
+    plot_det({arm.name: arm.det for arm in arms}, out / "det.png")
 
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
     axes = figure.subplots()
@@ -333,9 +340,10 @@ def _write(out: Path, arms: list[Arm]) -> None:
     figure.savefig(out / "val_eer.png", dpi=120)
 
 
-def _both_protocols(embedded: Any) -> dict[str, float | None]:
+def _both_protocols(embedded: Any, impostors: Impostors | None) -> dict[str, float | None]:
     """The test metrics of an embedded split under both protocols (``kvc_`` keys for KVC's)."""
-    return {**_test_metrics(embedded.score("session").report), **_test_metrics(embedded.score("kvc").report, "kvc_")}
+    return {**_test_metrics(embedded.score("session", impostors).report),
+            **_test_metrics(embedded.score("kvc", impostors).report, "kvc_")}
 
 
 def _test_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float | None]:

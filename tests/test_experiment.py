@@ -92,6 +92,14 @@ def test_the_operating_point_experiment_scores_every_impostor_pair_unless_told_o
     assert seen == [scored]
 
 
+def test_a_test_impostor_count_that_is_not_a_count_is_refused_before_anything_runs(tmp_path):
+    result = CliRunner().invoke(app, ["experiment", "operating-point", "--shards", str(tmp_path), "-c", str(CONFIG),
+                                      "--out", str(tmp_path / "out"), "--test-impostors", "every"])
+    assert result.exit_code == 1
+    assert "--test-impostors takes a positive whole number or 'all', got 'every'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("momentum", ["1", "0"])  # 0 would train the plain FMR arm again under another name
 def test_a_threshold_momentum_outside_0_to_1_is_refused_before_the_first_arm_trains(tmp_path, momentum):
     from sharding.writer import write_shards
@@ -176,8 +184,12 @@ def test_an_arm_setting_what_every_stage_sets_again_is_refused_before_anything_r
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("given, setting", [
+    ([], "eval.impostors_per_session"),
+    (["--test-impostors", "all", "eval.impostors_per_session=5"], "--test-impostors"),  # a sample validates
+])
 def test_an_experiment_whose_every_pair_test_scoring_would_not_fit_in_memory_is_refused_before_any_arm_trains(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, given, setting
 ):
     import pipeline.evaluation.protocol
     from sharding.writer import write_shards
@@ -185,9 +197,10 @@ def test_an_experiment_whose_every_pair_test_scoring_would_not_fit_in_memory_is_
     write_shards("synth:80:0", str(tmp_path / "shards"), subjects_per_shard=40, val_subjects=5, test_subjects=5)
     monkeypatch.setattr(pipeline.evaluation.protocol, "REPORT_BYTES_PER_COMPARISON", 10**15)  # as a huge split
     result = CliRunner().invoke(app, ["experiment", "operating-point", "--shards", str(tmp_path / "shards"), "-c",
-                                      str(CONFIG), "--out", str(tmp_path / "out"), f"run.storage={tmp_path / 'runs'}"])
+                                      str(CONFIG), "--out", str(tmp_path / "out"), *given,
+                                      f"run.storage={tmp_path / 'runs'}"])
     assert result.exit_code == 1
-    assert "arm target-eer, the test split: eval.impostors_per_session=all makes" in result.output
+    assert f"arm target-eer, the test split: {setting}=all makes" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 

@@ -27,6 +27,7 @@ from pipeline.metrics import (
 )
 from pipeline.metrics import per_subject as per_subject_module
 from pipeline.metrics.per_subject import per_subject_metrics
+from pipeline.metrics.verification import Roc, validate
 
 TOL = 1e-12
 
@@ -305,12 +306,10 @@ def test_det_plot_writes_a_png_with_several_curves(tmp_path):
     rng = np.random.default_rng(0)
     labels = (rng.random(5_000) < 0.2).astype(int)
     curves = {
-        "good": (labels, rng.normal(size=5_000) + 3 * labels),
-        "weak": (labels, rng.normal(size=5_000) + labels),
+        "good": Roc.of(*validate(labels, rng.normal(size=5_000) + 3 * labels)),
+        "weak": Roc.of(*validate(labels, rng.normal(size=5_000) + labels)),
     }
     path = plot_det(curves, tmp_path / "plots" / "det.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one curve"):
         plot_det({}, tmp_path / "empty.png")
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        plot_det({"broken": ([1, 0], [np.nan, 0.0])}, tmp_path / "broken.png")

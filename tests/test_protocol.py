@@ -142,7 +142,7 @@ def test_every_comparison_is_counted_before_a_split_is_scored() -> None:
 
 
 def test_every_impostor_pair_of_a_split_too_large_for_memory_is_refused_naming_a_count_that_fits() -> None:
-    check_report_fits(SessionPairs("all"), 4_500, 300, "the test split")  # 10 M comparisons, 1.5 GB
+    check_report_fits(SessionPairs("all"), 4_500, 300, "the test split")  # 10 M comparisons, 0.75 GB
     with pytest.raises(ValueError, match=r"the test split: eval.impostors_per_session=all makes 49,999,995,000,000 "
                                          r"comparisons of its 10,000,000 sessions under the session protocol, about "
                                          r"\d+ GB to score, more than the \d+ GB it may take \(three quarters of the "

@@ -372,6 +372,30 @@ def test_an_ablation_trains_every_arm_on_the_same_budget_and_writes_tables_and_f
         assert (ablation / figure).stat().st_size > 0
 
 
+def test_an_experiment_run_again_with_test_impostors_only_scores_its_trained_arms_on_every_test_pair(
+    shards, ablation, tmp_path, monkeypatch
+):
+    """Validate on a sample, test on every pair: the arms keep their runs and curves; the test
+    numbers are those of every impostor pair, as `eerpipe evaluate --impostors all` gives them."""
+    import pipeline.training.driver
+    from pipeline.evaluation.commands import score_split
+    from pipeline.experiment import ABLATION_ARMS, run_experiment
+
+    monkeypatch.setattr(pipeline.training.driver, "launch", lambda *args, **kwargs: pytest.fail("launched"))
+    run_experiment(
+        str(CONFIG), shards, tmp_path, {"triplet-all": ABLATION_ARMS["triplet-all"]},
+        overrides=[f"run.storage={ablation / 'runs'}", "train.max_steps=4", "wandb.enabled=false"],
+        validations=2, show_progress=False, test_impostors="all",
+    )
+    (trained,) = [row for row in json.loads((ablation / "results.json").read_text())["arms"]
+                  if row["arm"] == "triplet-all"]
+    (rescored,) = json.loads((tmp_path / "results.json").read_text())["arms"]
+    assert (rescored["run_dir"], rescored["val_curve"]) == (trained["run_dir"], trained["val_curve"])
+    for protocol, prefix in (("session", ""), ("kvc", "kvc_")):
+        every_pair = score_split(trained["run_dir"], shards, protocol=protocol, impostors="all").report["global"]
+        assert rescored[f"{prefix}eer"] == every_pair["eer"]
+
+
 def test_a_warm_started_run_begins_from_the_exported_weights(ablation, straight_run):
     """The ablation's EERLoss arm is one, at rate 0: it ends with the export's weights, which it
     began from (BatchNorm's running statistics move even at rate 0)."""

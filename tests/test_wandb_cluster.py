@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import TrainConfig
+from pipeline.metrics.verification import Roc, validate
 from pipeline.training.metrics_sink import MetricsSink
 from pipeline.training.wandb_run import FolderMirror, check_wandb
 from sharding.storage import open_fs
@@ -89,8 +90,8 @@ def test_every_metric_and_the_det_plot_are_logged_against_the_training_step(tmp_
     config = config_of(str(tmp_path), "axes", "wandb.mode=offline")
     sink = MetricsSink(config, rank=0)
     sink.log(metrics(2), 2)
-    truth = np.array([True, True, False, False, False])
-    sink.log(metrics(4) | {"val/eer": 0.25}, 4, det=(truth, np.array([0.9, 0.4, 0.5, 0.1, 0.2])))
+    truth = np.array([1, 1, 0, 0, 0])
+    sink.log(metrics(4) | {"val/eer": 0.25}, 4, det=Roc.of(*validate(truth, np.array([0.9, 0.4, 0.5, 0.1, 0.2]))))
     sink.finish()
     (log,) = Path(config.run_dir, "wandb").glob("offline-run-*/run-*.wandb")
     assert metric_axes(log)["*"] == "step" and set(metric_axes(log).values()) == {"step"}

@@ -34,6 +34,7 @@ from pipeline.evaluation.protocol import (
 )
 from pipeline.evaluation.submission import read_test_set, write_predictions
 from pipeline.exports import load_model
+from pipeline.metrics.verification import Roc
 from sharding.format import ShardIntegrityError
 from sharding.storage import StorageError, check_writable, open_fs
 from sharding.synth import SCENARIOS
@@ -41,11 +42,12 @@ from sharding.synth import SCENARIOS
 
 @dataclass
 class Scored:
-    """A model's verification of one split: the report and the comparisons behind it."""
+    """A model's verification of one split: the report, the comparisons behind it and their ROC."""
 
     report: dict[str, Any]
     truth: np.ndarray
     scores: np.ndarray
+    curve: Roc
     name: str
 
 
@@ -94,10 +96,11 @@ class EmbeddedSplit:
         if impostors is not None:
             settings = {**settings, "impostors_per_session": impostors}
         chosen = protocol_from(settings, protocol)
-        check_report_fits(chosen, len(self.labels), len(np.unique(self.labels)), f"the {self.split} split")
+        check_report_fits(chosen, len(self.labels), len(np.unique(self.labels)), f"the {self.split} split",
+                          "eval.impostors_per_session" if impostors is None else "--impostors")
         verified = verify(self.embeddings, self.labels, chosen, settings["distance"])
         title = f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol"
-        return Scored(verified.report, verified.truth, verified.scores, title)
+        return Scored(verified.report, verified.truth, verified.scores, verified.curve, title)
 
 
 def embed_split(
@@ -232,7 +235,7 @@ def write_report(out_dir: str | Path, scored: Scored) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(scored.report, indent=2))
     (out / "report.md").write_text(f"# Verification report: {scored.name}\n\n{report_to_markdown(scored.report)}\n")
-    plot_det({scored.name: (scored.truth, scored.scores)}, out / "det.png")
+    plot_det({scored.name: scored.curve}, out / "det.png")
     return out
 
 

@@ -261,10 +261,11 @@ def every_comparison_count(protocol: VerificationProtocol, sessions: int, subjec
     return None
 
 
-def check_report_fits(protocol: VerificationProtocol, sessions: int, subjects: int, where: str) -> None:
-    """Refuse, in one line naming the setting and a count that fits, scoring every impostor
-    comparison of a split whose report would need more than three quarters of this machine's
-    available memory."""
+def check_report_fits(protocol: VerificationProtocol, sessions: int, subjects: int, where: str,
+                      setting: str = "eval.impostors_per_session") -> None:
+    """Refuse, in one line naming the setting (as the user gave it) and a count that fits, scoring
+    every impostor comparison of a split whose report would need more than three quarters of this
+    machine's available memory."""
     count = every_comparison_count(protocol, sessions, subjects)
     available = psutil.virtual_memory().available
     usable = available * 3 // 4  # the rest for the process's own (its embeddings, other arms' results)
@@ -272,10 +273,10 @@ def check_report_fits(protocol: VerificationProtocol, sessions: int, subjects: i
         return
     fitting = max(1, usable // (2 * REPORT_BYTES_PER_COMPARISON * sessions))
     raise ValueError(
-        f"{where}: eval.impostors_per_session=all makes {count:,} comparisons of its {sessions:,} sessions under "
+        f"{where}: {setting}=all makes {count:,} comparisons of its {sessions:,} sessions under "
         f"the {protocol.name} protocol, about {count * REPORT_BYTES_PER_COMPARISON / 1e9:.0f} GB to score, more than "
         f"the {usable / 1e9:.0f} GB it may take (three quarters of the memory available); set a count per "
-        f"session instead (e.g. eval.impostors_per_session={fitting})"
+        f"session instead (e.g. {setting}={fitting})"
     )
 
 

@@ -12,30 +12,30 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from numpy.typing import ArrayLike
 from scipy.special import ndtri
-from sklearn.metrics import det_curve
 
-from pipeline.metrics.verification import Roc, validate
+from pipeline.metrics.verification import Roc
 
 _TICKS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
 _LIMITS = (ndtri(0.0005), ndtri(0.97))
 
 
-def plot_det(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path) -> Path:
-    """Plot one DET curve per `name -> (labels, scores)` with its EER point marked; save a PNG at `path`."""
+def plot_det(curves: Mapping[str, Roc], path: str | Path) -> Path:
+    """Plot one DET curve per `name -> ROC` with its EER point marked; save a PNG at `path`.
+
+    The ROC the report was read from, not the comparisons: sorting every impostor pair of a large
+    split again (twice, for sklearn's DET and the EER) would take more memory than the report did.
+    """
     if not curves:
         raise ValueError("plot_det needs at least one curve")
     fig = Figure(figsize=(6.4, 6.0), layout="constrained")
     ax = fig.subplots()
     ax.plot(_LIMITS, _LIMITS, color="0.6", linestyle="--", linewidth=0.8, label="FMR = FNMR")
-    for name, (labels, scores) in curves.items():
-        labels, scores = validate(labels, scores)
-        # Points where only the FMR changes are dropped: they lie on a horizontal segment anyway.
-        fmr, fnmr, _ = det_curve(labels, scores, drop_intermediate=True)
-        eer, _ = Roc.of(labels, scores).eer()
+    for name, curve in curves.items():
+        eer, _ = curve.eer()
         with np.errstate(divide="ignore"):  # rates of 0 map to -inf and fall off the plot
-            (line,) = ax.plot(ndtri(fmr), ndtri(fnmr), linewidth=1.5, label=f"{name} (EER {100 * eer:.2f} %)")
+            (line,) = ax.plot(ndtri(curve.fmr), ndtri(curve.fnmr), linewidth=1.5,
+                              label=f"{name} (EER {100 * eer:.2f} %)")
         ax.plot(ndtri(eer), ndtri(eer), "o", color=line.get_color(), markersize=6)
     ticks = ndtri(np.array(_TICKS))
     labels_pct = [f"{100 * t:g}" for t in _TICKS]

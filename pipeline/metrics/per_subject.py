@@ -70,15 +70,15 @@ def per_subject_metrics(
 def _subject_groups(n_all: NDArray[np.int64], ok: NDArray[np.bool_]) -> list[tuple[int, int]]:
     """``(first, stop)`` ranges of subject codes, each starting and ending at a subject with a curve
     and holding at most :data:`SWEEP_COMPARISONS` comparisons (or one subject, however many)."""
-    groups, first, size = [], None, 0
-    for code in np.flatnonzero(ok):
-        if first is not None and size + n_all[code] > SWEEP_COMPARISONS:
-            groups.append((first, stop))
-            first = None
-        if first is None:
-            first, size = int(code), 0
-        size, stop = size + int(n_all[code]), int(code) + 1
-    groups.append((first, stop))
+    groups: list[tuple[int, int]] = []
+    size = 0
+    for code in map(int, np.flatnonzero(ok)):
+        count = int(n_all[code])
+        if groups and size + count <= SWEEP_COMPARISONS:
+            groups[-1], size = (groups[-1][0], code + 1), size + count
+        else:
+            groups.append((code, code + 1))
+            size = count
     return groups
 
 

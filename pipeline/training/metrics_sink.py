@@ -8,10 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.metrics.verification import Roc
 from pipeline.training.clock import STEP_PHASES, StepTimer
 from pipeline.training.state import StageContext
 from pipeline.training.wandb_run import WandbRun
@@ -69,9 +69,9 @@ class MetricsSink:
         if checkpoint is not None and self.wandb is not None:
             self.wandb.copy_to_storage()
 
-    def log(self, metrics: dict[str, Any], step: int, det: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def log(self, metrics: dict[str, Any], step: int, det: Roc | None = None) -> None:
         """W&B, rank 0 only: one row, its ``step`` the training step (of the staged run, beside its
-        ``stage``, for a stage); ``det``: a validation's (truth, scores), plotted as ``val/det``."""
+        ``stage``, for a stage); ``det``: a validation's ROC, plotted as ``val/det``."""
         if self.wandb is None:
             return
         position = {"step": step} if self.stage is None else {"step": self.stage.step_offset + step,
@@ -86,8 +86,8 @@ class MetricsSink:
 
 
 @contextmanager
-def _det_image(det: tuple[np.ndarray, np.ndarray] | None) -> Iterator[dict[str, Any]]:
-    """``{"val/det": image}`` of a validation's (truth, scores), or nothing; the plot's file
+def _det_image(det: Roc | None) -> Iterator[dict[str, Any]]:
+    """``{"val/det": image}`` of a validation's ROC, or nothing; the plot's file
     lives until W&B has read it (in ``log``)."""
     if det is None:
         yield {}

@@ -96,7 +96,7 @@ class Validator:
             config.data.shards, "val", batch_size=config.data.eval_batch_size, max_len=config.data.max_len,
             features=tuple(config.data.features), rank=rank, world_size=world, pin_memory=pins_memory(config),
         )
-        self.det: tuple[np.ndarray, np.ndarray] | None = None  # rank 0: last (truth, scores), for a DET
+        self.det: Roc | None = None  # rank 0: the last validation's ROC, for a DET plot
 
     def __call__(self, model: Any, state: RunState) -> dict[str, float]:
         """``val/…`` metrics on rank 0 (``{}`` elsewhere); every rank must call it (a collective)."""
@@ -109,7 +109,7 @@ class Validator:
             return {}
         settings = self.config.eval
         verified = verify(embeddings, labels, protocol_from(asdict(settings)), settings.distance)
-        self.det = (verified.truth, verified.scores)
+        self.det = verified.curve
         results = {f"val/{k}": v for k, v in verified.report["global"].items() if isinstance(v, float)}
         per_subject = verified.report.get("mean_per_subject", {})
         results.update({f"val/per_subject_{k}": v for k, v in per_subject.items() if isinstance(v, float)})
