@@ -320,8 +320,8 @@ def operating_point(
     comparisons past the threshold, too few to pick a checkpoint or to compare two models. A test
     split too large for that (its report would not fit in memory) is refused before any arm
     trains: give a count, e.g. eval.impostors_per_session=1000. To validate on a sample and test on
-    every pair: eval.impostors_per_session=1000 --test-impostors all; run again with it, a finished
-    experiment's arms are only scored."""
+    every pair: eval.impostors_per_session=1000 --test-impostors all (an experiment that already
+    trained, re-run so, only scores its arms)."""
     from pipeline.experiment import operating_point_arms
 
     arms = operating_point_arms(fmr, threshold_momentum, band)

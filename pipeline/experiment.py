@@ -16,8 +16,9 @@ Outputs in ``out``: ``results.md`` and ``results.json`` (the final validation EE
 are made on; the test split, under both verification
 protocols — session against session, and KVC's enrolment sets (``kvc_`` keys): global EER, mean
 per-subject EER, AUC, FNMR at FMR 1 % and 0.1 %; steps to reach the best baseline's final
-validation EER, steps and training sessions seen, training wall time), ``det.png`` (one DET
-curve per arm, session protocol) and ``val_eer.png``.
+validation EER, steps and training sessions seen, training wall time; ``test_impostors`` when the
+test split was scored with its own count of impostors per session), ``det.png`` (one DET curve
+per arm, session protocol) and ``val_eer.png``.
 """
 
 from __future__ import annotations
@@ -193,25 +194,35 @@ def run_experiment(
     manifest = load_manifest(shards)
     participants = participants or {}
     _check_participants(participants, manifest)
+    setting = "eval.impostors_per_session" if test_impostors is None else "--test-impostors"  # named if too large
     for name, config in configs.items():
-        _check_test_scoring_fits(name, config, manifest, test_impostors)
+        _check_test_scoring_fits(name, config, manifest, test_impostors, setting)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name, arm_overrides in arms.items():
         config = configs[name]
         result = train(config, show_progress=show_progress)
-        embedded = embed_split(result.best_model, shards, split="test")
-        sessions, kvc = embedded.score("session", test_impostors), embedded.score("kvc", test_impostors)
+        report, kvc_report, curve, groups = _test_reports(embed_split(result.best_model, shards, split="test"),
+                                                          participants, test_impostors, setting)
         subjects = sum(shard.samples for shard in training_shards(config.final_stage, manifest))
-        groups = {group: _both_protocols(embedded.only(path), test_impostors) for group, path in participants.items()}
         results.append(
             Arm(name, arm_overrides, recipe_loss(config), OURS in config.final_stage.loss.name.split("+"),
                 result.run_dir, result.curve, result.metrics["time/train_s"], result.metrics["step"], result.sessions,
-                subjects, sessions.report, kvc.report, groups, sessions.curve)
+                subjects, report, kvc_report, groups, curve)
         )
-    _write(out, results)
+    _write(out, results, test_impostors)
     return results
+
+
+def _test_reports(
+    embedded: Any, participants: Mapping[str, Path], impostors: Impostors | None, setting: str
+) -> tuple[dict[str, Any], dict[str, Any], Roc, dict[str, dict[str, float | None]]]:
+    """An arm's test reports under both protocols, its session ROC and each participant list's
+    metrics; the comparisons themselves (every pair of a large split: gigabytes) end here."""
+    sessions, kvc = embedded.score("session", impostors, setting), embedded.score("kvc", impostors, setting)
+    groups = {group: _both_protocols(embedded.only(path), impostors, setting) for group, path in participants.items()}
+    return sessions.report, kvc.report, sessions.curve, groups
 
 
 def _arm_config(config_path: str | None, shards: str, overrides: list[str], validations: int) -> TrainConfig:
@@ -245,16 +256,18 @@ def _check_participants(participants: Mapping[str, Path], manifest: Any) -> None
             raise ValueError(f"{path}: lists fewer than 2 of the test split's subjects")
 
 
-def _check_test_scoring_fits(name: str, config: TrainConfig, manifest: Any, test_impostors: Impostors | None) -> None:
+def _check_test_scoring_fits(
+    name: str, config: TrainConfig, manifest: Any, test_impostors: Impostors | None, setting: str
+) -> None:
     """The arm's test scoring under both protocols fits in memory (every impostor pair of a large
     split may not): refused before any arm trains, naming the setting that asked for it."""
     from dataclasses import asdict
 
     from pipeline.evaluation.protocol import check_report_fits, protocol_from
 
-    settings, setting = asdict(config.final_stage.eval), "eval.impostors_per_session"
+    settings = asdict(config.final_stage.eval)
     if test_impostors is not None:
-        settings, setting = {**settings, "impostors_per_session": test_impostors}, "--test-impostors"
+        settings = {**settings, "impostors_per_session": test_impostors}
     test = manifest.shards_of("test")
     sessions, subjects = sum(shard.sessions for shard in test), sum(shard.samples for shard in test)
     for protocol in ("session", "kvc"):
@@ -296,7 +309,7 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, value in curve if value <= target), None)
 
 
-def _write(out: Path, arms: list[Arm]) -> None:
+def _write(out: Path, arms: list[Arm], test_impostors: Impostors | None) -> None:
     from matplotlib.figure import Figure
 
     from pipeline.metrics import plot_det
@@ -324,9 +337,11 @@ def _write(out: Path, arms: list[Arm]) -> None:
                 "val_curve": arm.curve,
             }
         )
-    (out / "results.json").write_text(
-        json.dumps({"best_baseline": best_baseline and best_baseline.name, "arms": rows}, indent=2))
-    (out / "results.md").write_text(_markdown(rows, best_baseline.name if best_baseline else None))
+    (out / "results.json").write_text(json.dumps(
+        {"best_baseline": best_baseline and best_baseline.name, "test_impostors": test_impostors, "arms": rows},
+        indent=2))
+    scored = "" if test_impostors is None else f"\nTest split scored with {test_impostors} impostors per session.\n"
+    (out / "results.md").write_text(_markdown(rows, best_baseline.name if best_baseline else None) + scored)
     plot_det({arm.name: arm.det for arm in arms}, out / "det.png")
 
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
@@ -340,10 +355,10 @@ def _write(out: Path, arms: list[Arm]) -> None:
     figure.savefig(out / "val_eer.png", dpi=120)
 
 
-def _both_protocols(embedded: Any, impostors: Impostors | None) -> dict[str, float | None]:
+def _both_protocols(embedded: Any, impostors: Impostors | None, setting: str) -> dict[str, float | None]:
     """The test metrics of an embedded split under both protocols (``kvc_`` keys for KVC's)."""
-    return {**_test_metrics(embedded.score("session", impostors).report),
-            **_test_metrics(embedded.score("kvc", impostors).report, "kvc_")}
+    return {**_test_metrics(embedded.score("session", impostors, setting).report),
+            **_test_metrics(embedded.score("kvc", impostors, setting).report, "kvc_")}
 
 
 def _test_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float | None]:

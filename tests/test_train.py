@@ -389,7 +389,9 @@ def test_an_experiment_run_again_with_test_impostors_only_scores_its_trained_arm
     )
     (trained,) = [row for row in json.loads((ablation / "results.json").read_text())["arms"]
                   if row["arm"] == "triplet-all"]
-    (rescored,) = json.loads((tmp_path / "results.json").read_text())["arms"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["test_impostors"] == "all"
+    (rescored,) = results["arms"]
     assert (rescored["run_dir"], rescored["val_curve"]) == (trained["run_dir"], trained["val_curve"])
     for protocol, prefix in (("session", ""), ("kvc", "kvc_")):
         every_pair = score_split(trained["run_dir"], shards, protocol=protocol, impostors="all").report["global"]

@@ -89,15 +89,16 @@ class EmbeddedSplit:
         return EmbeddedSplit(self.embeddings[torch.from_numpy(rows)], self.labels[rows], self.export,
                              f"{self.split} ({participants.stem})", self.subject_ids)
 
-    def score(self, protocol: ProtocolName | None = None, impostors: Impostors | None = None) -> Scored:
+    def score(self, protocol: ProtocolName | None = None, impostors: Impostors | None = None,
+              setting: str = "--impostors") -> Scored:
         """The report under ``protocol`` with ``impostors`` per session (default: the export's),
-        with the export's distance."""
+        with the export's distance; a scoring too large for memory is refused naming ``setting``,
+        the caller's way to give another count."""
         settings = self.export["eval"]
         if impostors is not None:
             settings = {**settings, "impostors_per_session": impostors}
         chosen = protocol_from(settings, protocol)
-        check_report_fits(chosen, len(self.labels), len(np.unique(self.labels)), f"the {self.split} split",
-                          "eval.impostors_per_session" if impostors is None else "--impostors")
+        check_report_fits(chosen, len(self.labels), len(np.unique(self.labels)), f"the {self.split} split", setting)
         verified = verify(self.embeddings, self.labels, chosen, settings["distance"])
         title = f"{self.export['model']['name']} on {self.split}, {chosen.name} protocol"
         return Scored(verified.report, verified.truth, verified.scores, verified.curve, title)

@@ -25,8 +25,8 @@ comparisons, so two models' numbers there differ by sampling as much as by train
 comparisons for ``n`` sessions — millions for a split of a few hundred subjects, affordable at
 each validation — and leaves no draw to depend on. Their exact report holds every comparison in
 memory several times over (:data:`REPORT_BYTES_PER_COMPARISON`): a split of 1,200 subjects of 15
-sessions makes 162 M, 11 GB. :func:`check_report_fits` refuses a scoring that would not fit before
-it starts.
+sessions makes 162 M, 11.1 GB measured. :func:`check_report_fits` refuses a scoring that would not
+fit before it starts.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ Impostors = int | Literal["all"]
 class Comparisons:
     """Scored comparisons of one split."""
 
-    truth: np.ndarray  # int, 1 = genuine
+    truth: np.ndarray  # int8, 1 = genuine
     scores: np.ndarray  # float64, higher = more similar
     subjects: np.ndarray  # the label each comparison is attributed to
 
@@ -243,10 +243,11 @@ def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     return 1 - (a * b).sum(-1) if distance == "cosine" else (a - b).norm(dim=-1)
 
 
-# Peak memory of one comparison scored into the full report, at sklearn's ROC (its sorted copies,
-# beside the comparisons' scores, truth and subjects; the per-subject sweep takes a group of subjects
-# at a time): 70 bytes measured on the 40.5 M session pairs of 600 subjects of 15 sessions, 2.84 GB
-# (150 before the sweep was grouped; 2026-12-06). 75 leaves a margin.
+# Peak memory of one comparison scored into the full report, the comparison included (its score,
+# truth and subject, beside sklearn's sorted copies for the ROC, the peak; the per-subject sweep
+# takes a group of subjects at a time): 70 bytes measured on the 40.5 M session pairs of 600
+# subjects of 15 sessions, 2.84 GB, and 11.1 GB for the 161 M of 1,200 (150 before the sweep was
+# grouped; 2026-12-06). 75 leaves a margin.
 REPORT_BYTES_PER_COMPARISON: Final = 75
 
 

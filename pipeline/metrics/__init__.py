@@ -7,11 +7,12 @@
 from pipeline.metrics.det import plot_det
 from pipeline.metrics.per_subject import PerSubject, per_subject_metrics
 from pipeline.metrics.report import fnmr_key, report_to_markdown, verification_report
-from pipeline.metrics.verification import FMR_TARGETS, accuracy, eer, fnmr_at_fmr, rank_n, roc_auc, validate
+from pipeline.metrics.verification import FMR_TARGETS, Roc, accuracy, eer, fnmr_at_fmr, rank_n, roc_auc, validate
 
 __all__ = [
     "FMR_TARGETS",
     "PerSubject",
+    "Roc",
     "accuracy",
     "eer",
     "fnmr_at_fmr",

@@ -1,8 +1,8 @@
-"""Per-subject EER, AUC, accuracy and rank-1 for every subject at once.
+"""Per-subject EER, AUC, accuracy and rank-1 of every subject, a group of subjects at a time.
 
 The KVC report averages these over subjects. Calling `roc_curve` once per subject costs
 ~1-2 ms of fixed overhead each: tens of seconds to minutes for the 15,000-185,000 subjects of
-KVC. This module runs sklearn's ROC construction for all subjects in one sorted sweep instead, step
+KVC. This module runs sklearn's ROC construction for a group of subjects in one sorted sweep instead, step
 for step (one point per distinct score at the end of its tie block, collinear points dropped by the
 same second-difference test, a first point at +inf), so the FMR/FNMR values and hence EER,
 threshold and accuracy are bit-identical to a per-subject `roc_curve` loop; AUC differs only
@@ -69,7 +69,8 @@ def per_subject_metrics(
 
 def _subject_groups(n_all: NDArray[np.int64], ok: NDArray[np.bool_]) -> list[tuple[int, int]]:
     """``(first, stop)`` ranges of subject codes, each starting and ending at a subject with a curve
-    and holding at most :data:`SWEEP_COMPARISONS` comparisons (or one subject, however many)."""
+    and sweeping at most :data:`SWEEP_COMPARISONS` comparisons (or one subject, however many; the
+    subjects without a curve inside a range are sliced with it, then dropped)."""
     groups: list[tuple[int, int]] = []
     size = 0
     for code in map(int, np.flatnonzero(ok)):
@@ -111,7 +112,7 @@ def _subject_metrics(
 
 @dataclass(frozen=True)
 class _Sweep:
-    """All comparisons sorted by subject, then by score descending, with running counts per subject."""
+    """A group's comparisons sorted by subject, then by score descending, with running counts per subject."""
 
     subject: NDArray[np.int64]
     score: NDArray[np.float64]

@@ -42,7 +42,7 @@ def validate(labels: ArrayLike, scores: ArrayLike) -> tuple[NDArray[np.int8], ND
     n_bad = int(np.count_nonzero(~np.isfinite(scores)))
     if n_bad:
         raise ValueError(f"scores must be finite; {n_bad} of {len(scores)} are NaN or infinite")
-    labels = labels.astype(np.int8)
+    labels = labels.astype(np.int8, copy=False)
     n_genuine = int(np.count_nonzero(labels))
     if n_genuine == 0 or n_genuine == len(labels):
         raise ValueError(
