@@ -9,11 +9,13 @@ procedure (one sort of all impostor scores per genuine score) for rank-1.
 from __future__ import annotations
 
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import auc, roc_curve
 
+from pipeline.metrics import per_subject as per_subject_module
 from pipeline.metrics import per_subject_metrics, rank_n, validate, verification_report
 from pipeline.metrics.verification import Roc
 
@@ -28,6 +30,33 @@ def _seconds(fn: Callable[[], object], repeat: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _peak_gb(fn: Callable[[], object]) -> float:
+    """Peak memory NumPy allocated while ``fn`` ran, GB (tracemalloc sees NumPy's buffers)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 1e9
+    finally:
+        tracemalloc.stop()
+
+
+def _grouped_sweep_rows(rng: np.random.Generator) -> list[str]:
+    """The per-subject block of 16 M comparisons (every pair of a large split) a group of subjects at
+    a time, as shipped, against one sweep of them all: peak memory and time."""
+    y, s, ids = _synthetic(4_000, 4_000, rng)
+    y, s = validate(y, s)
+    grouped = _peak_gb(lambda: per_subject_metrics(y, s, ids)), _seconds(lambda: per_subject_metrics(y, s, ids), 1)
+    shipped, per_subject_module.SWEEP_COMPARISONS = per_subject_module.SWEEP_COMPARISONS, len(y)
+    try:
+        whole = _peak_gb(lambda: per_subject_metrics(y, s, ids)), _seconds(lambda: per_subject_metrics(y, s, ids), 1)
+    finally:
+        per_subject_module.SWEEP_COMPARISONS = shipped
+    return [f"per-subject block, 16 M comparisons in groups of {shipped:,}: "
+            f"peak {grouped[0]:.2f} GB, {grouped[1]:.2f} s",
+            f"  reference: one sweep: peak {whole[0]:.2f} GB ({whole[0] / grouped[0]:.1f}x), {whole[1]:.2f} s "
+            f"({whole[1] / grouped[1]:.2f}x)"]
 
 
 def _synthetic(n_subjects: int, per: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,6 +151,7 @@ def main() -> None:
     for name, seconds, ratio in rows:
         shown = "" if ratio is None else f"{ratio:9.0f}x" if ratio >= 10 else f"{ratio:9.2f}x"
         print(f"{name:{width}}  {seconds:10.3f}  {shown:>10}")
+    print("\n".join(_grouped_sweep_rows(rng)))
 
 
 if __name__ == "__main__":
