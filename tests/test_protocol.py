@@ -15,8 +15,8 @@ from pipeline.evaluation.protocol import (
     EnrolmentSets,
     SessionPairs,
     check_report_fits,
-    comparisons,
     every_comparison_count,
+    pair_scores,
     protocol_from,
     verify,
 )
@@ -105,13 +105,20 @@ def test_impostor_sets_are_capped_by_the_other_subjects() -> None:
     assert (~genuine).sum() == SUBJECTS * (SESSIONS - 5) * (SUBJECTS - 1)
 
 
-def test_all_impostors_compares_every_pair_of_sessions_once() -> None:
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_all_impostors_compares_every_pair_of_sessions_once_as_the_pairwise_scores_do(monkeypatch, distance) -> None:
+    """Row i against rows i+1 … (the upper triangle, row by row), blocks of rows at a time."""
+    import pipeline.evaluation.protocol
+
+    monkeypatch.setattr(pipeline.evaluation.protocol, "_ROW_BLOCK", 7)  # blocks that split subjects
     labels = split_labels()
-    first, second, genuine = comparisons(labels, "all")
-    pairs = {tuple(sorted(pair)) for pair in zip(first.tolist(), second.tolist())}
-    assert len(pairs) == len(first) == len(labels) * (len(labels) - 1) // 2
-    assert (genuine == (labels[first] == labels[second])).all()
-    assert genuine.sum() == SUBJECTS * SESSIONS * (SESSIONS - 1) // 2
+    embeddings = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(3))
+    scored = SessionPairs("all").compare(embeddings, labels, distance)
+    first, second = np.triu_indices(len(labels), 1)
+    np.testing.assert_array_equal(scored.truth, labels[first] == labels[second])
+    np.testing.assert_array_equal(scored.subjects, labels[first])
+    np.testing.assert_allclose(scored.scores, pair_scores(embeddings, first, second, distance), rtol=0, atol=1e-6)
+    assert scored.truth.sum() == SUBJECTS * SESSIONS * (SESSIONS - 1) // 2
 
 
 def test_with_every_impostor_pair_the_session_report_does_not_depend_on_the_order_of_the_rows() -> None:

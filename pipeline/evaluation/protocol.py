@@ -44,6 +44,7 @@ from pipeline.metrics import verification_report
 from pipeline.metrics.verification import Roc, validate
 
 _PAIR_CHUNK = 1 << 16
+_ROW_BLOCK = 256  # rows of an every-pair block: 256 × 18,000 sessions of float32 distances, 18 MB
 ProtocolName = Literal["session", "kvc"]
 
 
@@ -81,20 +82,42 @@ class SessionPairs:
     name: ClassVar[str] = "session"
 
     def compare(self, embeddings: torch.Tensor, labels: np.ndarray, distance: str) -> Comparisons:
+        if self.impostors_per_session == ALL:
+            return every_pair(embeddings, labels, distance)
         first, second, truth = comparisons(labels, self.impostors_per_session, self.seed)
         scores = pair_scores(embeddings, first, second, distance)
         return Comparisons(truth.astype(np.int8), scores, np.asarray(labels)[first])
 
 
-def comparisons(
-    labels: np.ndarray, impostors_per_session: Impostors = 10, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(first, second, is_genuine)`` row indices of the session-pairs protocol's comparisons."""
+def every_pair(embeddings: torch.Tensor, labels: np.ndarray, distance: str) -> Comparisons:
+    """Every unordered pair of rows once, in the upper triangle's row-major order (row ``i``
+    against rows ``i+1 …``), attributed to row ``i``'s subject.
+
+    A block of rows at a time against every later row, by one matrix product for the cosine
+    distance: no index arrays (two 8-byte indices per comparison, 2.6 GB for the 161 M pairs of
+    1,200 subjects) and no gathered rows. Scores equal :func:`pair_scores`' up to float32 rounding
+    (a product sums in another order)."""
     labels = np.asarray(labels)
-    if impostors_per_session == ALL:
-        first, second = np.triu_indices(len(labels), 1)
-        genuine = labels[first] == labels[second]
-        return first, second, genuine
+    prepared, n = _prepared(embeddings, distance), len(labels)
+    count = n * (n - 1) // 2
+    truth, scores, subjects = np.empty(count, np.int8), np.empty(count), np.empty(count, labels.dtype)
+    end = 0
+    for start in range(0, n, _ROW_BLOCK):
+        block = -_distances(prepared[start : start + _ROW_BLOCK], prepared[start:], distance).double().numpy()
+        for offset, row in enumerate(range(start, min(start + _ROW_BLOCK, n))):
+            begin, end = end, end + n - row - 1
+            scores[begin:end] = block[offset, offset + 1 :]
+            truth[begin:end] = labels[row + 1 :] == labels[row]
+            subjects[begin:end] = labels[row]
+    return Comparisons(truth, scores, subjects)
+
+
+def comparisons(
+    labels: np.ndarray, impostors_per_session: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(first, second, is_genuine)`` row indices of the session-pairs protocol's comparisons
+    with ``impostors_per_session`` drawn impostors (every pair: :func:`every_pair`)."""
+    labels = np.asarray(labels)
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order])) + 1
     first_parts, second_parts = [], []
@@ -241,6 +264,13 @@ def _prepared(embeddings: torch.Tensor, distance: str) -> torch.Tensor:
 def _distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
     """Distance along the last axis between :func:`_prepared` rows (broadcasting)."""
     return 1 - (a * b).sum(-1) if distance == "cosine" else (a - b).norm(dim=-1)
+
+
+def _distances(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distance between every row of ``a`` and every row of ``b`` (:func:`_prepared` rows), ``[len(a), len(b)]``."""
+    if distance == "cosine":
+        return 1 - a @ b.T
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # exact differences, as _distance
 
 
 # Peak memory of one comparison scored into the full report, the comparison included (its score,
